@@ -1,0 +1,100 @@
+# flair2-kit: every target creates .venv on first use, so a fresh machine needs only `make demo` / `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 0
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+
+# Knobs (override on the command line): make train FOLD=0 CONFIG=configs/unet_r34.yaml lr=1e-3
+DATA ?= data
+RAW ?= data/raw
+SYNTH ?= data/synth
+SUBSET ?= all
+SOURCE ?= ovh
+KEEP_ZIPS ?= 1
+K ?= 5
+SEED ?= 42
+SCHEME ?= stratified
+CONFIG ?= configs/unet_r34.yaml
+FOLD ?= 0
+GPUS ?= 1
+NODES ?= 1
+RESUME ?= 0
+RUNS ?= runs/unet_r34
+TTA ?=
+SPLIT ?= test
+PRED ?= predictions/$(notdir $(RUNS))
+NAME ?= $(notdir $(RUNS))
+LABELS ?=
+DEMO ?= data/demo
+KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
+	PRED NAME LABELS DEMO PYTHON ARGS
+# Every other VAR=value on the command line is a config override (key=value) for train/predict.
+OVERRIDES := $(filter-out $(addsuffix =%,$(KNOBS)),$(MAKEOVERRIDES)) $(ARGS)
+
+.DEFAULT_GOAL := help
+.PHONY: help venv synth index download folds train predict submit evaluate demo eda test test-all lint bench clean
+
+help: ## list every target
+	@grep -E '^[a-z][a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -r requirements.txt
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install requirements.txt (every target does this first)
+
+synth: $(STAMP) ## write a small synthetic dataset in the exact FLAIR #2 layout under SYNTH=data/synth
+	$(PY) -m src.synth --out $(SYNTH) $(ARGS)
+
+index: $(STAMP) ## index a data tree (ROOT=data/raw or data/synth) into DATA/index_{train,test}.csv
+	$(PY) -m src.index --root $(or $(ROOT),$(if $(wildcard $(RAW)),$(RAW),$(SYNTH))) --out $(DATA) $(ARGS)
+
+download: $(STAMP) ## download + verify + extract the real data (SUBSET=toy|aux|train|test|all, SOURCE=ovh|hf)
+	$(PY) -m src.download --subset $(SUBSET) --out $(RAW) --source $(SOURCE) --keep-zips $(KEEP_ZIPS) --index-out $(DATA) $(ARGS)
+
+folds: $(STAMP) ## split training domains into K folds by domain (K=5 SEED=42 SCHEME=stratified|hf)
+	$(PY) -m src.folds --data $(DATA) --k $(K) --seed $(SEED) --scheme $(SCHEME) $(ARGS)
+
+train: $(STAMP) ## train one fold: FOLD=0|all CONFIG=configs/x.yaml GPUS=1 RESUME=0 key=value...
+ifeq ($(GPUS)$(NODES),11)
+	$(PY) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
+else
+	$(VENV)/bin/torchrun --nnodes $(NODES) --nproc-per-node $(GPUS) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
+endif
+
+predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (TTA, fold/model ensemble) into PRED
+	$(PY) -m src.predict --runs $(RUNS) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+
+submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach)
+	$(PY) -m src.predict --runs $(RUNS) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
+
+evaluate: $(STAMP) ## score predictions (PRED=folder or zip) against labels with the official mIoU
+	$(PY) -m src.evaluate --pred $(PRED) --index $(DATA)/index_$(SPLIT).csv $(if $(LABELS),--labels $(LABELS)) --json $(PRED)_scores.json --png $(PRED)_confusion.png
+
+demo: $(STAMP) ## whole chain on CPU on synthetic data: synth, index, folds, train 2 folds, predict, submit, evaluate
+	bash scripts/demo.sh $(DEMO)
+
+eda: $(STAMP) ## execute notebooks/eda.ipynb headlessly (EDA_DATA=path) into notebooks/out/ (+ HTML)
+	$(PY) -m src.eda_run $(ARGS)
+
+test: $(STAMP) ## run the fast test suite (what CI runs)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-all: $(STAMP) ## run every test, slow ones included
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP) ## ruff check
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(STAMP) ## run the CPU benchmarks under bench/ (figures go to BENCHMARKS.md by hand)
+	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
+
+clean: ## remove caches and the demo outputs (keeps .venv, data/raw and runs/)
+	rm -rf .pytest_cache .ruff_cache $(DEMO) runs/demo predictions/demo
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

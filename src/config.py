@@ -1,0 +1,165 @@
+"""Experiment settings: plain values in `configs/*.yaml`, overridden on the command line as key=value.
+
+One flat namespace (nanoGPT style). Every key has a default here, so an unknown key (a typo) or a
+value of the wrong type is a one-line error before any heavy work starts. The resolved config is
+saved with every run and checkpoint, so a checkpoint alone rebuilds its model.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    # --- run ---
+    "name": "run",                # runs/<name>/fold<k>/
+    "seed": 42,
+    "runs_dir": "runs",
+    # --- data ---
+    "data_dir": "data",           # holds index_train.csv, index_test.csv, folds.csv
+    "bands": ["R", "G", "B", "NIR", "E"],  # any subset of R,G,B,NIR,E (E = nDSM elevation)
+    "norm": "mean_std",           # mean_std (train statistics) | scale (divide by 255, as the baseline)
+    "crop_size": 512,             # training crop (random crop; validation and test use full 512)
+    "augment": "light",           # none | light | heavy
+    "use_s2": False,
+    "s2_size": 40,                # S2 crop in 10 m pixels (multiple of 8)
+    "s2_filter_clouds": True,
+    "s2_cover_max": 0.5,
+    "s2_prob_min": 60,
+    "s2_monthly": True,
+    "s2_date_dropout": 0.0,       # probability of dropping each date at train time
+    "use_metadata": False,
+    "skip_bad": False,            # skip (and log) unreadable samples instead of stopping
+    # --- model ---
+    "arch": "Unet",               # any smp architecture name
+    "encoder": "resnet34",        # any smp encoder or timm "tu-..." encoder
+    "encoder_weights": "imagenet",  # imagenet | none | path/to/local_weights.pth
+    "extra_init": "mean",         # init of input channels beyond RGB: mean | copy | random
+    "extra_copy_band": "R",       # band whose kernel is copied when extra_init=copy
+    "num_classes": 13,
+    "fusion": "none",             # none | utt (U-T&T: U-TAE features added to each aerial stage)
+    "utae_widths": [64, 64, 128, 128],
+    "utae_decoder_widths": [32, 32, 64, 128],
+    "ltae_heads": 16,
+    "ltae_d_model": 256,
+    "ltae_d_k": 4,
+    "s2_aux_weight": 1.0,         # weight of the auxiliary S2 head's loss
+    "modality_dropout": 0.0,      # probability of zeroing the S2 branch for a sample at train time
+    # --- training ---
+    "epochs": 10,
+    "batch_size": 8,
+    "lr": 3e-4,
+    "weight_decay": 1e-2,
+    "warmup_epochs": 1.0,
+    "min_lr_ratio": 0.01,
+    "grad_clip": 1.0,
+    "accum_steps": 1,
+    "loss": "ce",                 # ce | ce_dice | focal
+    "class_weights": "default",   # default (0 for "other") | none | list of 13 floats
+    "label_smoothing": 0.0,
+    "ema": 0.999,                 # 0 disables the EMA
+    "precision": "auto",          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    "channels_last": True,
+    "compile": False,
+    "workers": 4,
+    "max_train_batches": 0,       # >0 caps batches per epoch (smoke tests, demos)
+    "max_val_batches": 0,
+    "log_every": 10,
+    "max_nan_steps": 20,          # consecutive non-finite losses before the run stops
+    # --- prediction ---
+    "tta": "d4",                  # none | flip | d4
+    "time_budget_s": 0.0,         # >0: pick the largest TTA level projected to fit
+    "ensemble": "probs",          # probs | logits
+}
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line meant for the user."""
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, list):
+        if isinstance(value, str):  # allow a=x,y,z on the command line
+            value = [yaml.safe_load(v) for v in value.split(",") if v != ""]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if isinstance(default, str):
+        if isinstance(value, (list, dict)):
+            if key == "class_weights":
+                return value
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> dict; values are parsed as YAML (so 3, 1e-3, true, [a,b] work)."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r} is not of the form key=value")
+        key, raw = arg.split("=", 1)
+        out[key.strip().lstrip("-")] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def resolve(values: dict[str, Any], base: dict[str, Any] | None = None, source: str = "") -> dict[str, Any]:
+    """Merge `values` over `base` (DEFAULTS by default), checking keys and types."""
+    cfg = dict(DEFAULTS if base is None else base)
+    for key, value in values.items():
+        if key not in DEFAULTS:
+            where = f" in {source}" if source else ""
+            close = [k for k in DEFAULTS if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+            raise ConfigError(f"unknown setting {key!r}{where}{hint}")
+        cfg[key] = _coerce(key, value, DEFAULTS[key])
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> dict[str, Any]:
+    """DEFAULTS <- YAML file <- key=value overrides."""
+    cfg = dict(DEFAULTS)
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        cfg = resolve(values, cfg, str(path))
+    if overrides:
+        values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        cfg = resolve(values, cfg, "command line")
+    return cfg
+
+
+def save_config(cfg: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def exit_on_config_error(err: ConfigError) -> None:
+    """Print a one-line error and exit 2 (used by every command-line entry point)."""
+    print(f"config error: {err}", file=sys.stderr)
+    raise SystemExit(2)

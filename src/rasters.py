@@ -1,0 +1,87 @@
+"""Reading and writing the kit's TIFFs: one reader for every caller, and atomic writes.
+
+FLAIR images may be stored pixel-interleaved (H, W, C) or planar (C, H, W) [spec: ?]; `read_image`
+always returns (C, H, W) so callers never guess.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or malformed; the message names the file."""
+
+
+def read_tif(path: str | os.PathLike) -> np.ndarray:
+    """Raw array of the first page series, with a clear error naming the file."""
+    try:
+        return tifffile.imread(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as err:  # tifffile raises many types for corrupt files
+        raise DataError(f"{path}: unreadable TIFF ({type(err).__name__}: {err})") from None
+
+
+def to_chw(arr: np.ndarray, path: str | os.PathLike = "", bands: int | None = None) -> np.ndarray:
+    """(H,W,C) or (C,H,W) or (H,W) -> (C,H,W). The band axis is the small one (<= 16)."""
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3:
+        if arr.shape[-1] <= 16 and arr.shape[0] > 16:
+            arr = np.moveaxis(arr, -1, 0)
+    else:
+        raise DataError(f"{path}: expected a 2-D or 3-D image, got shape {arr.shape}")
+    if bands is not None and arr.shape[0] != bands:
+        raise DataError(f"{path}: expected {bands} bands, got {arr.shape[0]} (shape {arr.shape})")
+    return arr
+
+
+def read_image(path: str | os.PathLike, bands: int | None = 5) -> np.ndarray:
+    """Aerial image as (C, H, W), checking the band count when given."""
+    return to_chw(read_tif(path), path, bands)
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Single-band label or prediction as (H, W)."""
+    arr = read_tif(path)
+    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:2])
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a single-band 2-D label, got shape {arr.shape}")
+    return arr
+
+
+def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(final, temporary) pair in the same folder, so that os.replace is atomic."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return path, Path(tmp)
+
+
+def write_tif(path: str | os.PathLike, arr: np.ndarray, compression: str | None = "lzw",
+              planar: bool = True, **kwargs) -> None:
+    """Write a TIFF atomically (temp name in the same folder, then rename).
+
+    Multi-band arrays are given as (C, H, W) and written planar (or interleaved with planar=False).
+    An interrupted write leaves only a hidden `.NAME.*.tmp` file, never a file under the final name.
+    """
+    final, tmp = atomic_path(path)
+    try:
+        if arr.ndim == 3 and not planar:
+            tifffile.imwrite(tmp, np.moveaxis(arr, 0, -1), photometric="minisblack",
+                             planarconfig="contig", compression=compression, **kwargs)
+        elif arr.ndim == 3:
+            tifffile.imwrite(tmp, arr, photometric="minisblack", planarconfig="separate",
+                             compression=compression, **kwargs)
+        else:
+            tifffile.imwrite(tmp, arr, photometric="minisblack", compression=compression, **kwargs)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
