@@ -31,7 +31,7 @@ NAME ?= $(notdir $(RUNS))
 LABELS ?=
 DEMO ?= data/demo
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
-	PRED NAME LABELS DEMO PYTHON ARGS
+	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES := $(filter-out $(addsuffix =%,$(KNOBS)),$(MAKEOVERRIDES)) $(ARGS)
 
@@ -43,7 +43,6 @@ help: ## list every target
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -r requirements.txt
 	@touch $(STAMP)
 
@@ -81,7 +80,7 @@ demo: $(STAMP) ## whole chain on CPU on synthetic data: synth, index, folds, tra
 	bash scripts/demo.sh $(DEMO)
 
 eda: $(STAMP) ## execute notebooks/eda.ipynb headlessly (EDA_DATA=path) into notebooks/out/ (+ HTML)
-	$(PY) -m src.eda_run $(ARGS)
+	$(PY) -m src.eda $(if $(EDA_DATA),--data $(EDA_DATA)) $(ARGS)
 
 test: $(STAMP) ## run the fast test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)
