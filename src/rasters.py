@@ -61,6 +61,7 @@ def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared like any other file
     return path, Path(tmp)
 
 
