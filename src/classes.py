@@ -62,7 +62,7 @@ def remap(raw: np.ndarray) -> np.ndarray:
         if raw.size and (raw.min() < 0 or raw.max() > 255):
             raise ValueError(f"label values outside 0..255: min {raw.min()}, max {raw.max()}")
         raw = raw.astype(np.uint8)
-    return _REMAP_LUT[raw]
+    return np.take(_REMAP_LUT, raw)
 
 
 def invalid_label_values(raw: np.ndarray) -> list[int]:
