@@ -1,0 +1,179 @@
+"""FlairDataset + collate on the synthetic tree (real TIFF / .npy files)."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from src.classes import remap
+from src.config import load_config
+from src.dataset import META_DIM, FlairDataset, collate, encode_metadata, make_loader
+from src.rasters import DataError, read_image, read_label, write_tif
+from src.sentinel import read_products, s2_series
+
+# spec section 3, literally: R, G, B, NIR, nDSM
+SPEC_MEAN = [113.78, 118.08, 109.27, 102.36, 16.70]
+SPEC_STD = [35.41, 32.06, 30.71, 27.09, 15.85]
+
+
+def cfg_of(**kw):
+    return load_config(None, kw)
+
+
+def test_sample_keys_types_and_s2(synth_index):
+    df = synth_index["train"]
+    ds = FlairDataset(df, cfg_of(use_s2=True, use_metadata=True, augment="heavy"), train=False)
+    assert len(ds) == len(df)
+    for i in (0, len(df) - 1):
+        s = ds[i]
+        row = df.iloc[i]
+        assert s["id"] == row["id"]
+        assert s["image"].dtype == torch.float32 and s["image"].shape == (5, 512, 512)
+        assert s["mask"].dtype == torch.int64 and s["mask"].shape == (512, 512)
+        np.testing.assert_array_equal(s["mask"].numpy(), remap(read_label(row["msk_path"])))
+        data = np.load(row["s2_data"], mmap_mode="r")
+        masks = np.load(row["s2_masks"], mmap_mode="r")
+        x, days = s2_series(data, masks, read_products(row["s2_products"]), (row["s2_row"], row["s2_col"]))
+        valid = ~np.isnan(x).any(axis=(0, 1))
+        np.testing.assert_array_equal(s["s2_valid"].numpy(), valid)
+        np.testing.assert_array_equal(s["s2"].numpy(), np.where(np.isnan(x), 0, x) / np.float32(10000))
+        np.testing.assert_array_equal(s["s2_days"].numpy(), days)
+        assert s["s2"].dtype == torch.float32 and s["s2_days"].dtype == torch.int64
+        assert s["s2_pad"].dtype == torch.bool and not s["s2_pad"].any()
+        assert 0 <= s["s2"].min() and s["s2"].max() <= 1.5
+        assert s["meta"].shape == (META_DIM,) and s["meta"].dtype == torch.float32
+    assert len(ds._zones) <= df["s2_data"].nunique()  # one memmap triple per zone, not per sample
+
+
+def test_normalisation_uses_the_five_band_statistics(synth_index):
+    row = synth_index["train"].iloc[0]
+    raw = read_image(row["img_path"]).astype(np.float32)
+    s = FlairDataset(synth_index["train"].iloc[:1], cfg_of(), train=False)[0]["image"].numpy()
+    for b in range(5):
+        expect = (raw[b] - np.float32(SPEC_MEAN[b])) / np.float32(SPEC_STD[b])
+        np.testing.assert_allclose(s[b], expect, rtol=1e-6, atol=1e-6)
+    one = synth_index["train"].iloc[:1]
+    sub = FlairDataset(one, cfg_of(bands=["NIR", "R", "E"]), train=False)[0]["image"]
+    for out_b, b in enumerate((3, 0, 4)):
+        expect = (raw[b] - np.float32(SPEC_MEAN[b])) / np.float32(SPEC_STD[b])
+        np.testing.assert_allclose(sub[out_b].numpy(), expect, rtol=1e-6, atol=1e-6)
+    scaled = FlairDataset(synth_index["train"].iloc[:1], cfg_of(norm="scale"), train=False)[0]["image"]
+    np.testing.assert_allclose(scaled.numpy(), raw / np.float32(255), rtol=1e-6)
+    with pytest.raises(ValueError, match="X"):
+        FlairDataset(synth_index["train"], cfg_of(bands=["R", "X"]), train=False)
+
+
+def test_collate_pads_mixed_lengths(synth_index):
+    df = synth_index["train"]
+    ds = FlairDataset(df, cfg_of(use_s2=True, s2_monthly=False), train=False)
+    lengths = {}
+    for i in range(len(df)):
+        lengths.setdefault(ds[i]["s2"].shape[0], i)
+    assert len(lengths) >= 2  # zones have different numbers of dates
+    picks = [ds[i] for i in lengths.values()]
+    batch = collate(picks)
+    t_max = max(lengths)
+    assert batch["s2"].shape == (len(picks), t_max, 10, 40, 40)
+    assert batch["s2_days"].shape == batch["s2_pad"].shape == (len(picks), t_max)
+    for b, s in enumerate(picks):
+        n = s["s2"].shape[0]
+        torch.testing.assert_close(batch["s2"][b, :n], s["s2"])
+        torch.testing.assert_close(batch["s2_days"][b, :n], s["s2_days"])
+        assert not batch["s2_pad"][b, :n].any() and batch["s2_pad"][b, n:].all()
+        assert (batch["s2"][b, n:] == 0).all() and (batch["s2_days"][b, n:] == 0).all()
+    assert batch["image"].shape == (len(picks), 5, 512, 512) and batch["id"] == [s["id"] for s in picks]
+    unlabeled = FlairDataset(df, cfg_of(), train=False, labels=False)[0]
+    assert "mask" not in unlabeled
+    with pytest.raises(ValueError, match="mask"):
+        collate([unlabeled, FlairDataset(df, cfg_of(), train=False)[1]])
+
+
+def test_training_crop_and_date_dropout(synth_index):
+    df = synth_index["train"]
+    cfg = cfg_of(use_s2=True, augment="heavy", crop_size=128, s2_date_dropout=0.5)
+    ds = FlairDataset(df, cfg, train=True)
+    ref = FlairDataset(df, cfg_of(use_s2=True), train=False)
+    for i in range(3):
+        s = ds[i]
+        assert s["image"].shape == (5, 128, 128) and s["mask"].shape == (128, 128)
+        assert 1 <= s["s2"].shape[0] <= ref[i]["s2"].shape[0] == len(ref[i]["s2_days"])
+        assert set(s["s2_days"].tolist()) <= set(ref[i]["s2_days"].tolist())
+        assert s["mask"].min() >= 0 and s["mask"].max() <= 12
+
+
+def test_window_leaving_the_super_area_is_masked(synth_index):
+    df = synth_index["train"].iloc[:1].copy()
+    df["s2_row"], df["s2_col"] = 3, 5
+    s = FlairDataset(df, cfg_of(use_s2=True), train=False)[0]
+    valid = s["s2_valid"].numpy()
+    assert not valid[:17].any() and not valid[:, :15].any() and valid[17:, 15:].all()
+    assert (s["s2"][:, :, :17] == 0).all() and torch.isfinite(s["s2"]).all()
+
+
+def test_workers_and_pickling(synth_index):
+    df = synth_index["train"]
+    cfg = cfg_of(use_s2=True, use_metadata=True, augment="light", crop_size=64, workers=2, batch_size=4)
+    ds = FlairDataset(df, cfg, train=True)
+    _ = ds[0]  # opens memmaps in this process: they must not travel to the workers
+    assert len(pickle.dumps(ds)) < 200_000 and pickle.loads(pickle.dumps(ds))._zones == {}
+    loader = make_loader(ds, cfg, train=True)
+    ids = []
+    for batch in loader:
+        assert batch["image"].shape == (4, 5, 64, 64) and batch["s2_pad"].shape[0] == 4
+        ids += batch["id"]
+    assert len(ids) == len(df) // 4 * 4 and len(set(ids)) == len(ids)
+    ev = make_loader(FlairDataset(df, cfg, train=False), cfg, train=False)
+    assert sum(len(b["id"]) for b in ev) == len(df)
+    # each worker draws its own augmentation: the same row seen by two workers is cropped differently
+    same = FlairDataset(df.iloc[[0, 0, 0, 0]], cfg, train=True)
+    loader = torch.utils.data.DataLoader(same, batch_size=1, num_workers=2, collate_fn=collate)
+    first, second = (b["image"] for _, b in zip(range(2), loader))
+    assert not torch.equal(first, second)
+
+
+def corrupt_copy(synth_index, tmp_path, value: int):
+    """One-row index whose label is a copy of a real one with `value` written in a corner."""
+    df = synth_index["train"].iloc[:2].copy().reset_index(drop=True)
+    raw = read_label(df.loc[0, "msk_path"]).copy()
+    raw[:4, :4] = value
+    path = tmp_path / f"MSK_{df.loc[0, 'id']}.tif"
+    write_tif(path, raw)
+    df.loc[0, "msk_path"] = str(path)
+    return df, path
+
+
+@pytest.mark.parametrize("value", [0, 20, 255])
+def test_labels_outside_1_19_raise_naming_the_file(synth_index, tmp_path, value):
+    df, path = corrupt_copy(synth_index, tmp_path, value)
+    ds = FlairDataset(df, cfg_of(), train=False)
+    with pytest.raises(DataError, match=rf"{path.name}.*\[{value}\]"):
+        ds[0]
+    assert "mask" not in FlairDataset(df, cfg_of(), train=False, labels=False)[0]
+
+
+def test_skip_bad_logs_and_replaces(synth_index, tmp_path):
+    df, path = corrupt_copy(synth_index, tmp_path, 25)
+    log = tmp_path / "bad.log"
+    ds = FlairDataset(df, cfg_of(skip_bad=True), train=False, bad_log=log)
+    s = ds[0]
+    assert s["id"] == df.loc[1, "id"] and ds.bad_count == 1
+    text = log.read_text()
+    assert df.loc[0, "id"] in text and path.name in text
+    ds[0]
+    assert ds.bad_count == 1  # known bad rows are skipped without re-reading
+    df.loc[1, "img_path"] = str(tmp_path / "missing.tif")
+    with pytest.raises(DataError, match="every one"):
+        FlairDataset(df, cfg_of(skip_bad=True), train=False, bad_log=log)[1]
+
+
+def test_encode_metadata():
+    m = encode_metadata("UCE-M3-f120-s06", "2021-06-21", "10h30", 675_000.0, 6_580_000.0, 500.0)
+    assert m.dtype == np.float32 and m.shape == (META_DIM,)
+    assert m[0] == 0 and m[1] == 0 and m[2] == pytest.approx(0.5)
+    assert m[3] == pytest.approx(np.sin(2 * np.pi * 171 / 365.25), abs=1e-6)
+    assert m[5] == pytest.approx(-0.25)
+    assert m[6:].sum() == 1
+    missing = encode_metadata("", "", "", float("nan"), float("nan"), float("nan"))
+    assert not missing.any()
