@@ -35,10 +35,11 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from src.bands import BAND_NAMES
+
 PRESETS = ("none", "light", "heavy")
 S2_PER_AERIAL = 50.0  # aerial pixels (0.2 m) per S2 pixel (10 m)
 MASK_FILL = 12        # label of pixels that come from outside the patch ("other")
-BAND_NAMES = ("R", "G", "B", "NIR", "E")
 
 
 def d4(arr: np.ndarray, k: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:

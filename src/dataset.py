@@ -31,16 +31,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from src.augment import BAND_NAMES, build_augment
+from src.augment import build_augment
+from src.bands import BAND_MEAN, BAND_NAMES, BAND_STD
 from src.classes import invalid_label_values, remap
 from src.rasters import DataError, read_image, read_label
 from src.sentinel import read_products, s2_series
 
 log = logging.getLogger(__name__)
 
-# Train statistics per band on the 0..255 scale (spec section 3), in the order R, G, B, NIR, E.
-BAND_MEAN = np.array([113.78, 118.08, 109.27, 102.36, 16.70], dtype=np.float32)
-BAND_STD = np.array([35.41, 32.06, 30.71, 27.09, 15.85], dtype=np.float32)
 S2_SCALE = np.float32(10000.0)  # stored reflectance x 10000 -> ~[0, 1] (the baseline feeds raw values)
 
 # Metadata vector: x, y (Lambert-93, ~[-1, 1] over mainland France), altitude (km), sin/cos of the day of

@@ -22,7 +22,6 @@ import re
 import sys
 import tempfile
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from src.bands import BAND_MEAN, BAND_NAMES, BAND_STD
 from src.classes import CLASS_COLORS_HEX, CLASS_NAMES, NUM_CLASSES, colorize, remap
 from src.folds import HIST_COLS, class_histograms, js_divergence, load_folds
 from src.index import build_index, load_index
@@ -366,12 +366,7 @@ def plot_patch_grid(rows: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def band_constants() -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
-    """(band names, BAND_MEAN, BAND_STD) of src.dataset: the kit's aerial normalisation (imports torch, so
-    only when needed; the tqdm notebook warning that import triggers is silenced)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="IProgress not found")
-        from src.augment import BAND_NAMES
-        from src.dataset import BAND_MEAN, BAND_STD
+    """(band names, BAND_MEAN, BAND_STD) of src.bands: the kit's aerial normalisation."""
     return tuple(BAND_NAMES), BAND_MEAN, BAND_STD
 
 
