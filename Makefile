@@ -33,7 +33,8 @@ DEMO ?= data/demo
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
 	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
-OVERRIDES := $(filter-out $(addsuffix =%,$(KNOBS)),$(MAKEOVERRIDES)) $(ARGS)
+OVERRIDES := $(filter-out $(addsuffix =%,$(KNOBS)),$(MAKEOVERRIDES)) $(ARGS) \
+	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv synth index download folds train predict submit evaluate demo eda test test-all lint bench clean
@@ -74,7 +75,7 @@ submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (
 	$(PY) -m src.predict --runs $(RUNS) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
 
 evaluate: $(STAMP) ## score predictions (PRED=folder or zip) against labels with the official mIoU
-	$(PY) -m src.evaluate --pred $(PRED) --index $(DATA)/index_$(SPLIT).csv $(if $(LABELS),--labels $(LABELS)) --json $(PRED)_scores.json --png $(PRED)_confusion.png
+	$(PY) -m src.evaluate --pred $(PRED) --index $(DATA)/index_$(SPLIT).csv $(if $(LABELS),--labels $(LABELS)) --json $(basename $(PRED))_scores.json --png $(basename $(PRED))_confusion.png
 
 demo: $(STAMP) ## whole chain on CPU on synthetic data: synth, index, folds, train 2 folds, predict, submit, evaluate
 	bash scripts/demo.sh $(DEMO)
