@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "ltae_d_k": 4,
     "s2_aux_weight": 1.0,         # weight of the auxiliary S2 head's loss
     "modality_dropout": 0.0,      # probability of zeroing the S2 branch for a sample at train time
+    "meta_dim": 14,               # length of the "meta" vector when use_metadata (= src.dataset.META_DIM)
     # --- training ---
     "epochs": 10,
     "batch_size": 8,
@@ -66,8 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "workers": 4,
     "max_train_batches": 0,       # >0 caps batches per epoch (smoke tests, demos)
     "max_val_batches": 0,
+    "val_every": 1,               # validate every N epochs (and always after the last one)
     "log_every": 10,
     "max_nan_steps": 20,          # consecutive non-finite losses before the run stops
+    "deterministic": False,       # GPU: deterministic kernels (slower); CPU runs are always deterministic
     # --- prediction ---
     "tta": "d4",                  # none | flip | d4
     "time_budget_s": 0.0,         # >0: pick the largest TTA level projected to fit

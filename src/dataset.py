@@ -252,7 +252,8 @@ class FlairDataset(Dataset):
         if self.labels and msk_path:
             raw = read_label(msk_path)
             if raw.shape != image.shape[:2]:
-                raise DataError(f"{msk_path}: label shape {raw.shape} differs from image {image.shape[:2]}")
+                raise DataError(f"{msk_path}: label shape {raw.shape} differs from image {image.shape[:2]} "
+                                f"of {path}")
             if raw.dtype == np.uint8:  # a 256-bin count is ~10x faster than np.unique
                 counts = np.bincount(raw.ravel(), minlength=256)
                 bad = bool(counts[0] or counts[20:].any())

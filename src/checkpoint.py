@@ -1,0 +1,103 @@
+"""Checkpoints: atomic writes, clear errors on bad files, and the one way to rebuild a model from one.
+
+A checkpoint is a dict saved with torch.save (keys in notes/CONTRACTS.md): "model" holds the inference
+weights (the EMA when EMA is on) and "config" the resolved settings, so a checkpoint alone rebuilds its
+model. Training and prediction both go through `load_for_inference`, so they cannot disagree.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.rasters import DataError, atomic_path
+
+
+class CheckpointError(DataError):
+    """A checkpoint is missing, unreadable or lacks a key; the message names the file."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """torch.save to a temporary name in the same folder, fsync, then os.replace.
+
+    A process killed mid-write leaves the previous checkpoint untouched (plus a hidden `.NAME.*.tmp`
+    that the next save removes), never a truncated file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an earlier killed write
+        stale.unlink(missing_ok=True)
+    final, tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict, naming the file when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        # our checkpoints hold numpy RNG state and python objects, so the full unpickler is needed;
+        # only load checkpoints you trust (the ones this kit wrote).
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, bad pickle, ...
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: not a flair2-kit checkpoint (no 'model'/'config' keys)")
+    return state
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"
+                       ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode on `device`, resolved training config) from a checkpoint.
+
+    The model is built without pretrained weights (they are overwritten anyway and would need the
+    network); the returned config is the one saved at training time, untouched.
+    """
+    from src.models import build_model  # local import: checkpoint utilities stay usable without models
+
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = dict(state["config"])
+    model = build_model({**cfg, "encoder_weights": "none"})
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not match the model its config builds ({first})") from None
+    return model.to(device).eval(), cfg
+
+
+def find_checkpoints(runs: str | os.PathLike | list[str | os.PathLike], which: str = "best") -> list[Path]:
+    """Checkpoint files from run folders and/or files: each folder is searched for `<which>.pt`.
+
+    `runs/unet_r34` finds runs/unet_r34/fold0/best.pt, fold1/best.pt, ... (not those under a
+    `previous/` folder); a file is taken as given.
+    Raises CheckpointError naming the path when a file is missing or a folder holds none.
+    """
+    items = runs if isinstance(runs, (list, tuple)) else [runs]
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            # previous/ holds an older run set aside by a fresh start (src.train): never picked up
+            hits = sorted(h for h in p.rglob(f"{which}.pt") if "previous" not in h.relative_to(p).parts)
+            if not hits:
+                raise CheckpointError(f"{p}: no {which}.pt found under this folder")
+            found.extend(hits)
+        else:
+            raise CheckpointError(f"{p}: no such checkpoint file or run folder")
+    seen: set[Path] = set()
+    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]

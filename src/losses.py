@@ -1,0 +1,124 @@
+"""Training losses: one `Criterion` that turns a model output dict and a mask into a scalar.
+
+Kept apart from the loop so that train.py reads top to bottom and the loss can be tested alone.
+Class weights follow the challenge: by default "other" (12) weighs 0 because it is not scored, and the
+auxiliary Sentinel-2 head also gives plowed land (11) weight 0, as IGN's U-T&T baseline does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
+
+from src.classes import NUM_CLASSES, OTHER
+from src.config import ConfigError
+
+PLOWED = 11  # plowed land: weight 0 in the S2 head by default (IGN baseline)
+LOSSES = ("ce", "ce_dice", "focal")
+
+
+def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
+    """cfg["class_weights"] -> (13,) float tensor; "default" zeroes "other" (and plowed land for S2)."""
+    spec = cfg["class_weights"]
+    n = int(cfg.get("num_classes", NUM_CLASSES))
+    if spec == "default":
+        w = torch.ones(n)
+        if n > OTHER:
+            w[OTHER] = 0.0
+        if s2_head and n > PLOWED:
+            w[PLOWED] = 0.0
+        return w
+    if spec == "none":
+        return torch.ones(n)
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+            raise ConfigError(f"class_weights: expected {n} numbers, got {spec!r}")
+        w = torch.tensor([float(v) for v in spec])
+        if (w < 0).any() or w.sum() <= 0:
+            raise ConfigError("class_weights: weights must be >= 0 with a positive sum")
+        return w
+    raise ConfigError(f"class_weights: expected default | none | a list of {n} numbers, got {spec!r}")
+
+
+AERIAL_GSD_M, S2_GSD_M = 0.2, 10.0  # a 512 px aerial patch covers 10.24 Sentinel-2 pixels
+
+
+def footprint(s2_logits: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """Centre part of the S2 head's map that lies under the aerial image (the mask's footprint).
+
+    The S2 crop (e.g. 40x40 px, 400 m) is centred on the patch but much larger than it (102.4 m), so
+    only its centre ~10x10 pixels have labels; the same centre crop the U-T&T fusion uses.
+    """
+    S, T = s2_logits.shape[-2:]
+    h = min(S, max(1, round(image_hw[0] * AERIAL_GSD_M / S2_GSD_M)))
+    w = min(T, max(1, round(image_hw[1] * AERIAL_GSD_M / S2_GSD_M)))
+    top, left = (S - h) // 2, (T - w) // 2
+    return s2_logits[..., top:top + h, left:left + w]
+
+
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int], ignore: int = -100) -> torch.Tensor:
+    """(B,H,W) 0..12 mask -> (B,h,w): the most frequent class of each block (any size ratio).
+
+    Each 10 m pixel covers ~50x50 labels: the majority class is a fairer target than the single
+    pixel nearest sampling would pick. Blocks without a valid label get `ignore`.
+    """
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    valid = (mask >= 0) & (mask < NUM_CLASSES)
+    onehot = F.one_hot(torch.where(valid, mask, 0), NUM_CLASSES).permute(0, 3, 1, 2).float()
+    counts = F.adaptive_avg_pool2d(onehot * valid[:, None], size)
+    out = counts.argmax(1)
+    return torch.where(counts.sum(1) > 0, out, torch.full_like(out, ignore))
+
+
+class Criterion(torch.nn.Module):
+    """loss(out, mask) -> (total, {"seg": ..., "s2": ...}); CE is weighted-mean over pixels.
+
+    Cross-entropy is reduced by hand (sum / sum of target weights, clamped) so that a batch made only
+    of weight-0 pixels ("other") gives 0 instead of PyTorch's 0/0 = NaN, which would count as a
+    diverged step.
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        kind = cfg["loss"]
+        if kind not in LOSSES:
+            raise ConfigError(f"loss: expected one of {', '.join(LOSSES)}, got {kind!r}")
+        self.kind = kind
+        self.smoothing = float(cfg["label_smoothing"])
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"label_smoothing: expected 0 <= value < 1, got {self.smoothing}")
+        self.s2_weight = float(cfg.get("s2_aux_weight", 0.0))
+        self.register_buffer("w", class_weights(cfg))
+        self.register_buffer("w_s2", class_weights(cfg, s2_head=True))
+        scored = [k for k in range(len(self.w)) if self.w[k] > 0]
+        self.dice = DiceLoss("multiclass", classes=scored, from_logits=True) if kind == "ce_dice" else None
+        self.focal = (FocalLoss("multiclass", class_weights=self.w.tolist())
+                      if kind == "focal" else None)
+
+    def ce(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        valid = target >= 0
+        safe = torch.where(valid, target, 0)
+        per_pixel = F.cross_entropy(logits, safe, weight=weight, reduction="none",
+                                    label_smoothing=self.smoothing)
+        denom = (weight[safe] * valid).sum()
+        return (per_pixel * valid).sum() / denom.clamp_min(1e-6)
+
+    def forward(self, out: dict, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = out["logits"].float()
+        if self.kind == "focal":
+            seg = self.focal(logits, mask)
+        else:
+            seg = self.ce(logits, mask, self.w)
+            if self.dice is not None:
+                seg = seg + self.dice(logits, mask)
+        total, parts = seg, {"seg": seg.detach()}
+        s2_logits = out.get("s2_logits")
+        if s2_logits is not None:
+            s2_logits = footprint(s2_logits.float(), tuple(mask.shape[-2:]))
+            target = downsample_mask(mask, tuple(s2_logits.shape[-2:]))
+            s2 = self.ce(s2_logits, target, self.w_s2)
+            # weight 0 still keeps the head in the graph, so DDP sees a gradient for every parameter
+            total = total + self.s2_weight * s2
+            parts["s2"] = s2.detach()
+        return total, parts

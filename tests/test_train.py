@@ -1,0 +1,301 @@
+"""src.train on the synthetic tree: outputs, the validation metric, exact resume after SIGKILL, NaN stop,
+bad files, one-line setting errors, and 2-process DDP (gloo on CPU). Tiny models and crops throughout."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src import train as T
+from src.checkpoint import load_checkpoint, load_for_inference
+from src.classes import OTHER
+from src.config import ConfigError, load_config
+from src.losses import Criterion, downsample_mask, footprint
+from src.metrics import miou_from_confusion
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
+        "lr=0.001", "warmup_epochs=0.5", "ema=0.9", "channels_last=false", "precision=fp32", "log_every=1"]
+FUSION = ["use_s2=true", "fusion=utt", "utae_widths=[8,8,16,16]", "utae_decoder_widths=[8,8,8,16]",
+          "ltae_heads=2", "ltae_d_model=16", "ltae_d_k=4"]
+CONTRACT_KEYS = {"model", "config", "epoch", "step", "best_miou", "optimizer", "scaler", "ema", "raw_model",
+                 "rng", "fold", "scheduler", "history"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, synth_data_dir) -> Path:
+    """Own copy of the session data dir with folds.csv (3 folds = the 3 synthetic training domains)."""
+    from src.folds import make_folds
+
+    data = tmp_path_factory.mktemp("train_data")
+    for name in ("index_train.csv", "index_test.csv"):
+        shutil.copy(synth_data_dir / name, data / name)
+    make_folds(data, k=3, seed=0, plot=False)
+    return data
+
+
+def args(data_dir: Path, runs: Path, *extra: str, fold: str = "0", resume: int = 0) -> list[str]:
+    return ["--fold", fold, "--resume", str(resume), *TINY, f"data_dir={data_dir}", f"runs_dir={runs}",
+            "name=t", *extra]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [T.lr_at(s, 100, 10, 1e-3, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))          # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))         # cosine falls
+    assert T.lr_at(100, 100, 10, 1e-3, 0.01) == pytest.approx(1e-5)  # ends at base * min_lr_ratio
+
+
+def test_criterion_weights_aux_head_and_errors():
+    cfg = load_config(None, {"loss": "ce"})
+    crit = Criterion(cfg)
+    logits = torch.randn(2, 13, 64, 64, requires_grad=True)
+    only_other = torch.full((2, 64, 64), OTHER)
+    loss, _ = crit({"logits": logits}, only_other)
+    assert loss.item() == 0.0  # weight-0 pixels only: 0, not PyTorch's 0/0 = NaN
+    loss.backward()
+    assert crit.w[OTHER] == 0 and crit.w[11] == 1 and crit.w_s2[11] == 0 and crit.w_s2[OTHER] == 0
+    mask = torch.randint(0, 13, (2, 64, 64))
+    for kind in ("ce", "ce_dice", "focal"):
+        out = {"logits": logits, "s2_logits": torch.randn(2, 13, 40, 40)}
+        value, parts = Criterion({**cfg, "loss": kind})(out, mask)
+        assert torch.isfinite(value) and "s2" in parts
+    for bad in ({"loss": "dice"}, {"class_weights": [1, 2]}, {"class_weights": "inverse"},
+                {"label_smoothing": 1.5}):
+        with pytest.raises(ConfigError):
+            Criterion({**cfg, **bad})
+
+
+def test_s2_target_is_majority_of_the_footprint():
+    mask = torch.zeros(1, 100, 100, dtype=torch.long)
+    mask[0, :50, :50] = 3
+    mask[0, :20, 50:] = 7  # 40 % of the top-right block: the block stays class 0
+    assert downsample_mask(mask, (2, 2)).tolist() == [[[3, 0], [0, 0]]]
+    s2 = torch.arange(40 * 40, dtype=torch.float).view(1, 1, 40, 40)
+    assert footprint(s2, (512, 512)).shape[-2:] == (10, 10)   # 512 px x 0.2 m = 10.24 S2 pixels
+    assert footprint(s2, (512, 512))[0, 0, 0, 0] == 15 * 40 + 15  # centred in the 40x40 crop
+    assert footprint(s2, (128, 128)).shape[-2:] == (3, 3)
+
+
+# ----------------------------------------------------------------------------- one-line setting errors
+@pytest.mark.parametrize("extra, fold, resume, message", [
+    (["lr_typo=1"], "0", 0, "unknown setting 'lr_typo'"),
+    (["loss=dice"], "0", 0, "loss: expected one of"),
+    (["precision=fp8"], "0", 0, "precision: expected one of"),
+    (["class_weights=[1,2]"], "0", 0, "class_weights: expected 13 numbers"),
+    ([], "7", 0, "fold 7 not in"),
+    ([], "x", 0, "--fold: expected a fold number"),
+    ([], "0", 1, "nothing to resume"),
+])
+def test_setting_errors_are_one_line_before_any_work(data_dir, tmp_path, capsys, extra, fold, resume,
+                                                     message):
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(args(data_dir, tmp_path / "runs", *extra, fold=fold, resume=resume))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_missing_data_is_named(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.main(args(tmp_path / "nodata", tmp_path / "runs"))
+    assert "index_train.csv: not found" in capsys.readouterr().err
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    index = pd.read_csv(broken / "index_train.csv", dtype=str)
+    index.loc[3, "img_path"] = str(tmp_path / "IMG_gone.tif")
+    index.to_csv(broken / "index_train.csv", index=False)
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(args(broken, tmp_path / "runs"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "IMG_gone.tif" in err and "1 files" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- a real (tiny) run
+def test_fold_run_outputs_checkpoints_and_metric(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    result = T.main(args(data_dir, runs, *FUSION, "epochs=2", "val_every=1"))
+    run = runs / "t" / "fold0"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.csv", "curves.png", "best.pt",
+                                               "last.pt"}
+    rows = read_csv(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert set(T.CSV_COLS) == set(rows[0]) and all(float(r["miou"]) >= 0 for r in rows)
+    assert all(float(r["train_s2_loss"]) > 0 for r in rows)  # the auxiliary S2 head is trained
+    last = load_checkpoint(run / "last.pt")
+    assert CONTRACT_KEYS <= set(last) and last["epoch"] == 2 and last["fold"] == "0"
+    assert set(last["rng"]) >= {"python", "numpy", "torch"}
+    assert load_config(run / "config.yaml") == last["config"]
+    # best.pt holds the EMA weights of the best epoch; re-scoring them on the whole fold reproduces it
+    best = load_checkpoint(run / "best.pt")
+    assert best["best_miou"] == pytest.approx(max(float(r["miou"]) for r in rows))
+    model, cfg = load_for_inference(run / "best.pt")
+    assert cfg == best["config"]
+    assert all(torch.equal(v, best["ema"]["module"][k]) for k, v in best["model"].items())
+    train_df, val_df = T.split_rows(cfg, "0")
+    assert set(val_df["domain"]) == {val_df["domain"].iloc[0]} and not set(val_df["id"]) & set(train_df["id"])
+    from src.dataset import FlairDataset, collate
+
+    loader = torch.utils.data.DataLoader(FlairDataset(val_df, cfg, train=False), batch_size=3,
+                                         collate_fn=collate)
+    domains = {str(i): 0 for i in val_df["id"]}
+    res = T.evaluate(model, loader, Criterion(cfg), torch.device("cpu"), None, False, domains, 1)
+    assert res["confusion"].sum() == len(val_df) * 512 * 512  # every validation pixel, once
+    assert res["miou"] == pytest.approx(best["best_miou"], abs=1e-9)
+    assert result["best_miou"] == best["best_miou"]
+
+
+def test_fold_all_trains_on_everything_and_saves_best(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    T.main(args(data_dir, runs, "epochs=1", "max_train_batches=2", fold="all"))
+    run = runs / "t" / "foldall"
+    rows = read_csv(run / "metrics.csv")
+    assert len(rows) == 1 and rows[0]["miou"] == "" and rows[0]["val_loss"] == ""
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+    index = pd.read_csv(data_dir / "index_train.csv", dtype=str)
+    assert len(T.split_rows(best["config"], "all")[0]) == len(index)
+    # a fresh start in the same folder sets the earlier run aside instead of mixing the two
+    first = digest(run / "last.pt")
+    T.main(args(data_dir, runs, "epochs=1", "max_train_batches=1", fold="all"))
+    assert digest(run / "previous" / "last.pt") == first and (run / "previous" / "best.pt").exists()
+    assert load_checkpoint(run / "last.pt")["step"] == 1
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(data_dir, tmp_path):
+    """The acceptance test: a run killed mid-epoch and resumed ends bit-identical to an uninterrupted one."""
+    common = [*FUSION, "epochs=3", "batch_size=2", "max_val_batches=1", "augment=heavy",
+              "modality_dropout=0.3"]
+    ref = T.main(args(data_dir, tmp_path / "ref", *common))
+
+    runs = tmp_path / "killed"
+    metrics = runs / "t" / "fold0" / "metrics.csv"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reductions
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args(data_dir, runs, *common)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (metrics.exists() and len(read_csv(metrics)) >= 1):
+            assert proc.poll() is None, "training subprocess ended before its first epoch was written"
+            time.sleep(0.02)
+        assert proc.poll() is None, "training finished before it could be killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = load_checkpoint(runs / "t" / "fold0" / "last.pt")["epoch"]
+    assert 1 <= killed_at < 3
+
+    resumed = T.main(args(data_dir, runs, *common, resume=1))
+    assert resumed["best_miou"] == ref["best_miou"]
+    for a, b in zip(ref["history"], resumed["history"], strict=True):
+        for key in ("epoch", "step", "lr", "train_loss", "train_s2_loss", "val_loss", "miou", "confusion"):
+            assert a[key] == b[key], key
+    a = load_checkpoint(tmp_path / "ref" / "t" / "fold0" / "last.pt")
+    b = load_checkpoint(runs / "t" / "fold0" / "last.pt")
+    for part in ("raw_model", "model"):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(data_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    T.main(args(data_dir, runs, "epochs=1", "batch_size=2"))
+    run = runs / "t" / "fold0"
+    before = {name: digest(run / name) for name in ("last.pt", "best.pt", "metrics.csv")}
+    # resume into a second epoch with an absurd learning rate: weights blow up, losses turn NaN
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(args(data_dir, runs, "epochs=2", "batch_size=2", "lr=1.0e+30", "grad_clip=0",
+                    "max_nan_steps=2", resume=1))
+    assert exit_info.value.code == 3
+    out = capsys.readouterr()
+    assert "non-finite loss" in out.out and "step skipped" in out.out
+    assert "3 consecutive non-finite" in out.err and "last good checkpoint" in out.err
+    assert {name: digest(run / name) for name in before} == before  # untouched, still loads
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+def test_corrupt_image_stops_with_its_name_or_is_skipped(data_dir, tmp_path, capsys):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    index = pd.read_csv(broken / "index_train.csv", dtype=str)
+    folds = pd.read_csv(broken / "folds.csv", dtype=str)
+    train_ids = set(folds.loc[folds["fold"] != "0", "id"])
+    row = index.index[index["id"].isin(train_ids)][0]
+    bad = tmp_path / "IMG_corrupt.tif"
+    bad.write_bytes(Path(index.loc[row, "img_path"]).read_bytes()[:500])  # truncated TIFF
+    index.loc[row, "img_path"] = str(bad)
+    index.to_csv(broken / "index_train.csv", index=False)
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(args(broken, tmp_path / "runs", "epochs=1"))
+    assert exit_info.value.code == 1 and "IMG_corrupt.tif" in capsys.readouterr().err
+    T.main(args(broken, tmp_path / "runs2", "epochs=1", "skip_bad=1"))
+    log = (tmp_path / "runs2" / "t" / "fold0" / "skipped.tsv").read_text().splitlines()
+    assert log and all(line.startswith(index.loc[row, "id"] + "\t") for line in log)
+
+
+def test_ddp_two_cpu_processes_gloo(data_dir, tmp_path):
+    """torchrun with 2 processes: one set of outputs, the validation matrix summed over both shards."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "src.train", *args(data_dir, runs, *FUSION, "epochs=1", "batch_size=2")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 1/1:") == 1  # rank 0 logs alone
+    run = runs / "t" / "fold0"
+    assert len(read_csv(run / "metrics.csv")) == 1
+    ckpt = load_checkpoint(run / "best.pt")
+    conf = np.array(ckpt["history"][0]["confusion"])
+    _, val_df = T.split_rows(ckpt["config"], "0")
+    assert conf.sum() == len(val_df) * 512 * 512  # both ranks' shards, no patch twice
+    assert miou_from_confusion(conf) == ckpt["best_miou"]
+    assert not math.isnan(ckpt["best_miou"])
+
+
+@pytest.mark.slow
+def test_demo_fusion_beats_aerial_only_on_s2_only_classes(tmp_path):
+    """Acceptance (slow: two demo trainings, ~4 min on 2 cores): on scripts/demo.sh's synthetic set, the
+    demo's U-T&T model clearly beats the same U-Net without S2 on herbaceous vegetation (9) and
+    agricultural land (10), which look the same from the air and differ only in their S2 phenology."""
+    from src.folds import make_folds
+    from src.index import build_index, write_index
+    from src.synth import make_dataset
+
+    root = make_dataset(tmp_path / "raw", train_domains=6, test_domains=2, zones=2, patches=2, seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_index(build_index(root), data)
+    make_folds(data, k=3, seed=0, plot=False)
+    results = {}
+    for name, extra in (("fusion", []), ("aerial", ["fusion=none", "use_s2=false"])):
+        results[name] = T.main(["--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0",
+                                f"data_dir={data}", f"runs_dir={tmp_path / 'runs'}", f"name={name}", *extra])
+
+    def s2_only(result: dict) -> float:
+        last = result["history"][-1]
+        return (last[T.IOU_COLS[9]] + last[T.IOU_COLS[10]]) / 2
+
+    assert results["fusion"]["best_miou"] > 0.35  # clearly non-trivial on two held-out domains
+    assert s2_only(results["fusion"]) > s2_only(results["aerial"]) + 0.15
