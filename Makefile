@@ -22,6 +22,7 @@ CONFIG ?= configs/unet_r34.yaml
 FOLD ?= 0
 GPUS ?= 1
 NODES ?= 1
+TORCHRUN_ARGS ?=
 RESUME ?= 0
 RUNS ?= runs/unet_r34
 TTA ?=
@@ -31,7 +32,7 @@ NAME ?= $(notdir $(RUNS))
 LABELS ?=
 DEMO ?= data/demo
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
-	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA
+	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES := $(filter-out $(addsuffix =%,$(KNOBS)),$(MAKEOVERRIDES)) $(ARGS) \
 	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA))
@@ -61,11 +62,11 @@ download: $(STAMP) ## download + verify + extract the real data (SUBSET=toy|aux|
 folds: $(STAMP) ## split training domains into K folds by domain (K=5 SEED=42 SCHEME=stratified|hf)
 	$(PY) -m src.folds --data $(DATA) --k $(K) --seed $(SEED) --scheme $(SCHEME) $(ARGS)
 
-train: $(STAMP) ## train one fold: FOLD=0|all CONFIG=configs/x.yaml GPUS=1 RESUME=0 key=value...
+train: $(STAMP) ## train one fold: FOLD=0|all CONFIG=configs/x.yaml GPUS=1 [NODES TORCHRUN_ARGS] RESUME=0 key=value...
 ifeq ($(GPUS)$(NODES),11)
 	$(PY) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
 else
-	$(VENV)/bin/torchrun --nnodes $(NODES) --nproc-per-node $(GPUS) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
+	$(VENV)/bin/torchrun --nnodes $(NODES) --nproc-per-node $(GPUS) $(TORCHRUN_ARGS) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
 endif
 
 predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (TTA, fold/model ensemble) into PRED

@@ -107,6 +107,18 @@ def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float) -> 
     return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def snapshot_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of the buffers (BatchNorm running statistics) before a forward pass: the forward updates
+    them, so a step skipped for a non-finite loss or gradient must put them back or they turn NaN too."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def restore_buffers(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buf, old in zip(model.buffers(), saved):
+            buf.copy_(old)
+
+
 def better(new: float, best: float) -> bool:
     """Is a validation mIoU an improvement? (the first finite value always is; NaN never beats a number)"""
     return not math.isnan(new) and (math.isnan(best) or new > best)
@@ -480,69 +492,77 @@ def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | N
         nan_epoch, micro, t0 = 0, 0, time.time()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not main_proc,
                    dynamic_ncols=True, leave=False, file=sys.stderr)
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            image, extra = to_device(batch, device, cfg["channels_last"])
-            mask = batch["mask"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = train_model(image, **extra)
-            loss, parts = criterion(out, mask)
+        try:  # the bar is cleared even when a data error ends the epoch, so its message stands alone
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
+                image, extra = to_device(batch, device, cfg["channels_last"])
+                mask = batch["mask"].to(device, non_blocking=True)
+                saved = snapshot_buffers(model)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    out = train_model(image, **extra)
+                loss, parts = criterion(out, mask)
 
-            # a non-finite loss on any rank skips the step everywhere (ranks must stay in lockstep)
-            bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
-            if all_sum(bad).item() > 0:
-                nan_run, nan_epoch, nan_total, micro = nan_run + 1, nan_epoch + 1, nan_total + 1, 0
-                optimizer.zero_grad(set_to_none=True)
-                log(f"\nwarning: non-finite loss at epoch {epoch + 1} batch {i}: step skipped "
-                    f"({nan_run} in a row, limit {cfg['max_nan_steps']})")
-                if nan_run > cfg["max_nan_steps"]:
-                    raise TrainingDiverged(
-                        f"{nan_run} consecutive non-finite losses at epoch {epoch + 1}: run stopped; "
-                        f"the last good checkpoint is {run_dir / 'last.pt'} "
-                        f"(try a lower lr, precision=fp32 or grad_clip, then --resume 1)")
-                bar.update(1)
-                continue
-
-            last_micro = micro + 1 == cfg["accum_steps"] or i + 1 == n_batches
-            sync = contextlib.nullcontext() if ddp is None or last_micro else ddp.no_sync()
-            with sync:
-                scaler.scale(loss / cfg["accum_steps"]).backward()
-            micro += 1
-            n = len(mask)
-            sums += torch.tensor([float(loss.detach()) * n, float(parts.get("s2", 0.0)) * n, n],
-                                 dtype=torch.float64, device=device)
-            if last_micro:
-                micro = 0
-                lr = lr_at(step, total_steps, warmup_steps, cfg["lr"], cfg["min_lr_ratio"])
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                scaler.unscale_(optimizer)
-                clip = cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                if not use_scaler and not torch.isfinite(gnorm):  # fp16: the scaler skips such steps itself
-                    nan_run, nan_epoch, nan_total = nan_run + 1, nan_epoch + 1, nan_total + 1
+                # a non-finite loss on any rank skips the step everywhere (ranks must stay in lockstep)
+                bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device)
+                if all_sum(bad).item() > 0:
+                    nan_run, nan_epoch, nan_total, micro = nan_run + 1, nan_epoch + 1, nan_total + 1, 0
                     optimizer.zero_grad(set_to_none=True)
-                    log(f"\nwarning: non-finite gradient at epoch {epoch + 1} batch {i}: step skipped")
+                    restore_buffers(model, saved)
+                    log(f"\nwarning: non-finite loss at epoch {epoch + 1} batch {i}: step skipped "
+                        f"({nan_run} in a row, limit {cfg['max_nan_steps']})")
                     if nan_run > cfg["max_nan_steps"]:
                         raise TrainingDiverged(
-                            f"{nan_run} consecutive non-finite steps at epoch {epoch + 1}: run stopped; the "
-                            f"last good checkpoint is {run_dir / 'last.pt'}")
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    nan_run = 0
-                    if ema is not None:
-                        ema.update(model)
-                step += 1
-            bar.update(1)
-            if main_proc and (i % max(1, cfg["log_every"]) == 0 or i + 1 == n_batches):
-                seen = float(sums[2])
-                bar.set_postfix(loss=f"{float(sums[0]) / max(seen, 1):.4f}",
-                                img_s=f"{seen * world / (time.time() - t0):.1f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        bar.close()
+                            f"{nan_run} consecutive non-finite losses at epoch {epoch + 1}: run stopped; "
+                            f"the last good checkpoint is {run_dir / 'last.pt'} "
+                            f"(try a lower lr, precision=fp32 or grad_clip, then --resume 1)")
+                    bar.update(1)
+                    continue
+
+                last_micro = micro + 1 == cfg["accum_steps"] or i + 1 == n_batches
+                sync = contextlib.nullcontext() if ddp is None or last_micro else ddp.no_sync()
+                with sync:
+                    scaler.scale(loss / cfg["accum_steps"]).backward()
+                micro += 1
+                n = len(mask)
+                s2_loss = float(torch.as_tensor(parts.get("s2", 0.0)).detach())
+                sums += torch.tensor([float(loss.detach()) * n, s2_loss * n, n], dtype=torch.float64,
+                                     device=device)
+                if last_micro:
+                    micro = 0
+                    lr = lr_at(step, total_steps, warmup_steps, cfg["lr"], cfg["min_lr_ratio"])
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    scaler.unscale_(optimizer)
+                    clip = cfg["grad_clip"] if cfg["grad_clip"] > 0 else math.inf
+                    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    # (fp16: the scaler skips non-finite steps itself)
+                    if not use_scaler and not torch.isfinite(gnorm):
+                        nan_run, nan_epoch, nan_total = nan_run + 1, nan_epoch + 1, nan_total + 1
+                        optimizer.zero_grad(set_to_none=True)
+                        restore_buffers(model, saved)
+                        log(f"\nwarning: non-finite gradient at epoch {epoch + 1} batch {i}: step skipped")
+                        if nan_run > cfg["max_nan_steps"]:
+                            raise TrainingDiverged(
+                                f"{nan_run} consecutive non-finite steps at epoch {epoch + 1}: run "
+                                f"stopped; the last good checkpoint is {run_dir / 'last.pt'}")
+                    else:
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        nan_run = 0
+                        if ema is not None:
+                            ema.update(model)
+                    step += 1
+                bar.update(1)
+                if main_proc and (i % max(1, cfg["log_every"]) == 0 or i + 1 == n_batches):
+                    seen = float(sums[2])
+                    bar.set_postfix(loss=f"{float(sums[0]) / max(seen, 1):.4f}",
+                                    img_s=f"{seen * world / (time.time() - t0):.1f}",
+                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        finally:
+            bar.close()
         all_sum(sums)
         epoch_s = time.time() - t0
         row: dict[str, Any] = {

@@ -299,10 +299,6 @@ def test_a_non_finite_batch_is_skipped_counted_and_training_goes_on(data_dir, tm
     assert load_checkpoint(run / "last.pt")["nan_steps"] == n_hit
 
 
-@pytest.mark.xfail(strict=True, reason="src/train.py: a skipped non-finite step has already run the "
-                   "forward in train mode, so BatchNorm running_mean/var take the inf/NaN (then the EMA "
-                   "copies them): the saved weights are NaN. Restore the model buffers when a step is "
-                   "skipped.")
 def test_a_skipped_non_finite_step_leaves_the_weights_finite(data_dir, tmp_path):
     run, _ = _inf_zone_run(data_dir, tmp_path)
     ckpt = load_checkpoint(run / "last.pt")
