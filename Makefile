@@ -34,8 +34,9 @@ DEMO ?= data/demo
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
 	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
-OVERRIDES := $(filter-out $(addsuffix =%,$(KNOBS)),$(MAKEOVERRIDES)) $(ARGS) \
-	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA))
+OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
+	$(ARGS) \
+	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA)))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv synth index download folds train predict submit evaluate demo eda test test-all lint bench clean
