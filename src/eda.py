@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from src import rasters
 from src.bands import BAND_MEAN, BAND_NAMES, BAND_STD
 from src.classes import CLASS_COLORS_HEX, CLASS_NAMES, NUM_CLASSES, colorize, remap
 from src.folds import HIST_COLS, class_histograms, js_divergence, load_folds
 from src.index import build_index, load_index
-from src.rasters import DataError, atomic_path, read_image, read_label
+from src.rasters import DataError, read_image, read_label
 from src.sentinel import (
     REF_DAY,
     REF_MONTH,
@@ -236,17 +237,9 @@ def _plt():
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
     """Save a figure as PNG atomically, close it, return the path."""
-    plt = _plt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    final, tmp = atomic_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, final)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return final
+    return rasters.save_figure(fig, path, dpi=dpi, bbox_inches="tight")
 
 
 def class_legend(target, classes: list[int] | None = None, **kwargs) -> None:
@@ -1110,13 +1103,7 @@ def inject_parameters(nb, params: dict) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    final, tmp = atomic_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    rasters.write_text(path, text)
 
 
 def _venv_kernel_manager_class():

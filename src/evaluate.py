@@ -21,7 +21,7 @@ import numpy as np
 
 from src.classes import CLASS_NAMES, NUM_CLASSES, NUM_SCORED
 from src.metrics import confusion_from_raw, ious_from_confusion, miou_from_confusion
-from src.rasters import DataError, atomic_path
+from src.rasters import DataError, save_figure, write_text
 from src.submit import PredSource, decode_2d, default_workers, short_list
 
 MSK_PREFIX, MSK_SUFFIX = "MSK_", ".tif"
@@ -148,12 +148,7 @@ def evaluate(pred: str | os.PathLike, truth, workers: int | None = None, labels=
 
 
 def save_json(result: dict, path: str | os.PathLike) -> None:
-    final, tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(result, indent=1) + "\n")
 
 
 def save_confusion_png(matrix, path: str | os.PathLike, names: list[str] | None = None,
@@ -185,13 +180,7 @@ def save_confusion_png(matrix, path: str | os.PathLike, names: list[str] | None 
     ax.set_title(title or "confusion matrix (% of each truth row)")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    final, tmp = atomic_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, final)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:

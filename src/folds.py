@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from src.classes import CLASS_COLORS_HEX, CLASS_NAMES, NUM_CLASSES, NUM_RAW, remap
-from src.rasters import DataError, atomic_path, read_label
+from src.rasters import DataError, atomic_path, read_label, save_figure
 
 HIST_COLS: list[str] = [f"c{i}" for i in range(NUM_CLASSES)]  # pixel counts of classes 0..12
 INVALID_COL = "invalid"  # pixels whose raw value is not in 1..NUM_RAW
@@ -483,15 +483,7 @@ def plot_folds(stats: pd.DataFrame, table: pd.DataFrame, path: str | os.PathLike
     ax.legend(handles[::-1], names[::-1], loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8,
               frameon=False)
     fig.tight_layout()
-    final, tmp = atomic_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from src.classes import CLASS_COLORS_HEX, CLASS_NAMES, colorize, remap
-from src.rasters import DataError, atomic_path, read_image, read_label
+from src.rasters import DataError, read_image, read_label, save_figure
 
 
 def rgb_of(image: np.ndarray) -> np.ndarray:
@@ -67,14 +67,7 @@ def save_prediction_grid(index_df: pd.DataFrame, pred_dir: str | os.PathLike, ou
                for k, (name, c) in enumerate(zip(CLASS_NAMES, CLASS_COLORS_HEX))]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 2.4 / (3.2 * cols + 2.6), 1))
-    final, tmp = atomic_path(out_png)
-    try:
-        fig.savefig(tmp, format="png", dpi=80)
-        os.replace(tmp, final)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return final
+    return save_figure(fig, out_png, dpi=80)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,7 +50,7 @@ from src.config import (
 )
 from src.losses import Criterion
 from src.metrics import confusion_torch, format_table, ious_from_confusion, miou_from_confusion
-from src.rasters import DataError, atomic_path
+from src.rasters import DataError, atomic_path, save_figure
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 IOU_COLS = [f"iou_{k}_{name.replace(' ', '_')}" for k, name in enumerate(CLASS_NAMES)]
@@ -362,15 +362,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation mIoU (classes 0..11)")
     fig.tight_layout()
-    final, tmp = atomic_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- the loop
