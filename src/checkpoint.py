@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from src.rasters import DataError, atomic_path
+from src.rasters import DataError, atomic_write
 
 
 class CheckpointError(DataError):
@@ -29,17 +29,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an earlier killed write
         stale.unlink(missing_ok=True)
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from src.classes import CLASS_COLORS_HEX, CLASS_NAMES, NUM_CLASSES, NUM_RAW, remap
-from src.rasters import DataError, atomic_path, read_label, save_figure
+from src.rasters import DataError, atomic_write, read_label, save_figure
 
 HIST_COLS: list[str] = [f"c{i}" for i in range(NUM_CLASSES)]  # pixel counts of classes 0..12
 INVALID_COL = "invalid"  # pixels whose raw value is not in 1..NUM_RAW
@@ -148,13 +148,8 @@ def class_histograms(index_df: pd.DataFrame, cache_path: str | os.PathLike,
         counts[todo] = _count_all(keys["msk_path"].iloc[todo].tolist(), workers)
     table = pd.concat([keys, pd.DataFrame(counts, columns=HIST_COLS + [INVALID_COL])], axis=1)
     if len(todo) or cache is None or len(cache) != len(table):
-        final, tmp = atomic_path(cache_path)
-        try:
+        with atomic_write(cache_path) as tmp:
             table[CACHE_COLS].to_csv(tmp, index=False)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     print(f"class histograms: {int(hit.sum())} cached, {len(todo)} computed ({cache_path})")
     bad = table.loc[table[INVALID_COL] > 0, "msk_path"]
     if len(bad):
@@ -431,13 +426,8 @@ def write_folds(index_df: pd.DataFrame, assignment: Mapping[str, int],
         lost = sorted(folds.loc[folds["fold"].isna(), "domain"].unique())
         raise ValueError(f"domains without a fold: {lost}")
     folds["fold"] = folds["fold"].astype(int)
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         folds.to_csv(tmp, index=False)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return folds.reset_index(drop=True)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from src.rasters import DataError, atomic_path
+from src.rasters import DataError, atomic_write, write_text
 
 COLUMNS = ["id", "split", "domain", "zone", "img_path", "msk_path", "s2_data", "s2_masks", "s2_products",
            "s2_row", "s2_col", "camera", "date", "time",
@@ -443,14 +443,10 @@ def write_index(frames: dict[str, pd.DataFrame], out: str | os.PathLike) -> list
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for split, df in frames.items():
-        final, tmp = atomic_path(out / f"index_{split}.csv")
-        try:
+        path = out / f"index_{split}.csv"
+        with atomic_write(path) as tmp:
             df.to_csv(tmp, index=False)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        written.append(final)
+        written.append(path)
     return written
 
 
@@ -500,9 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.problems:
         print(format_problems(report.problems))
         out.mkdir(parents=True, exist_ok=True)
-        final, tmp = atomic_path(problems_file)
-        tmp.write_text("\n".join(str(p) for p in report.problems) + "\n")
-        os.replace(tmp, final)
+        write_text(problems_file, "\n".join(str(p) for p in report.problems) + "\n")
         print(f"all {len(report.problems)} problem(s) listed in {problems_file}")
     elif problems_file.exists():
         problems_file.unlink()

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from src.rasters import atomic_path, write_tif
+from src.rasters import atomic_write, write_text, write_tif
 
 PATCH = 512  # aerial patch side in pixels (0.2 m)
 AERIAL_PER_S2 = 50  # 10 m / 0.2 m
@@ -471,24 +471,14 @@ def _folders(layout: str, split: str) -> tuple[str, str, str]:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    final, tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_zone(zt: ZoneTruth, root: Path, layout: str, seed: int, interleave: str, test_labels: bool,
@@ -505,9 +495,7 @@ def _write_zone(zt: ZoneTruth, root: Path, layout: str, seed: int, interleave: s
     stem = sen / "sen" / f"SEN2_sp_{zt.domain}-{zt.zone}"
     _save_npy(Path(f"{stem}_data.npy"), data)
     _save_npy(Path(f"{stem}_masks.npy"), masks)
-    final, tmp = atomic_path(Path(f"{stem}_products.txt"))
-    tmp.write_text("\n".join(product_names(zt, srng)) + "\n")
-    os.replace(tmp, final)
+    write_text(Path(f"{stem}_products.txt"), "\n".join(product_names(zt, srng)) + "\n")
     with_labels = zt.split == "train" or test_labels
     (aerial / "img").mkdir(parents=True, exist_ok=True)
     if with_labels:

@@ -50,7 +50,7 @@ from src.config import (
 )
 from src.losses import Criterion
 from src.metrics import confusion_torch, format_table, ious_from_confusion, miou_from_confusion
-from src.rasters import DataError, atomic_path, save_figure
+from src.rasters import DataError, atomic_write, save_figure
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 IOU_COLS = [f"iou_{k}_{name.replace(' ', '_')}" for k, name in enumerate(CLASS_NAMES)]
@@ -327,17 +327,12 @@ def _blank_nan(v: Any) -> Any:
 
 def write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
     """metrics.csv (one row per epoch, rewritten whole so a resumed run stays consistent) + curves.png."""
-    final, tmp = atomic_path(run_dir / "metrics.csv")
-    try:
+    with atomic_write(run_dir / "metrics.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLS, extrasaction="ignore")
             writer.writeheader()
             for row in history:
                 writer.writerow({k: _blank_nan(v) for k, v in row.items()})
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     plot_curves(history, run_dir / "curves.png")
 
 
