@@ -36,3 +36,18 @@ def synth_data_dir(tmp_path_factory, synth_index) -> Path:
     data = tmp_path_factory.mktemp("data")
     write_index(synth_index, data)
     return data
+
+
+@pytest.fixture(scope="session")
+def synth_folds_dir(tmp_path_factory, synth_data_dir) -> Path:
+    """A copy of synth_data_dir with folds.csv (K=3: one synthetic training domain per fold).
+    Shared by the training tests: copy it before damaging anything in it."""
+    import shutil
+
+    from src.folds import make_folds
+
+    data = tmp_path_factory.mktemp("folds_data")
+    for name in ("index_train.csv", "index_test.csv"):
+        shutil.copy(synth_data_dir / name, data / name)
+    make_folds(data, k=3, seed=0, plot=False)
+    return data

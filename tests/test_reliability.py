@@ -141,14 +141,8 @@ def test_soak_prediction_gives_a_valid_submission_and_an_exact_skip_list(soak, s
 
 # ----------------------------------------------------------------------------- strict mode names the file
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, synth_data_dir) -> Path:
-    from src.folds import make_folds
-
-    data = tmp_path_factory.mktemp("rel_data")
-    for name in ("index_train.csv", "index_test.csv"):
-        shutil.copy(synth_data_dir / name, data / name)
-    make_folds(data, k=3, seed=0, plot=False)
-    return data
+def data_dir(synth_folds_dir) -> Path:
+    return synth_folds_dir
 
 
 def _train_row(data: Path) -> tuple[pd.DataFrame, int]:

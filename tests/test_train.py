@@ -35,15 +35,9 @@ CONTRACT_KEYS = {"model", "config", "epoch", "step", "best_miou", "optimizer", "
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, synth_data_dir) -> Path:
-    """Own copy of the session data dir with folds.csv (3 folds = the 3 synthetic training domains)."""
-    from src.folds import make_folds
-
-    data = tmp_path_factory.mktemp("train_data")
-    for name in ("index_train.csv", "index_test.csv"):
-        shutil.copy(synth_data_dir / name, data / name)
-    make_folds(data, k=3, seed=0, plot=False)
-    return data
+def data_dir(synth_folds_dir) -> Path:
+    """The session data dir with folds.csv (3 folds = the 3 synthetic training domains)."""
+    return synth_folds_dir
 
 
 def args(data_dir: Path, runs: Path, *extra: str, fold: str = "0", resume: int = 0) -> list[str]:
@@ -160,8 +154,9 @@ def test_fold_run_outputs_checkpoints_and_metric(data_dir, tmp_path):
     assert set(val_df["domain"]) == {val_df["domain"].iloc[0]} and not set(val_df["id"]) & set(train_df["id"])
     from src.dataset import FlairDataset, collate
 
-    loader = torch.utils.data.DataLoader(FlairDataset(val_df, cfg, train=False), batch_size=3,
-                                         collate_fn=collate)
+    # same batches as the trainer's validation, so multi-threaded conv kernels sum in the same order
+    loader = torch.utils.data.DataLoader(FlairDataset(val_df, cfg, train=False),
+                                         batch_size=cfg["batch_size"], collate_fn=collate)
     domains = {str(i): 0 for i in val_df["id"]}
     res = T.evaluate(model, loader, Criterion(cfg), torch.device("cpu"), None, False, domains, 1)
     assert res["confusion"].sum() == len(val_df) * 512 * 512  # every validation pixel, once
