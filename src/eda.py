@@ -44,6 +44,7 @@ from src.sentinel import (
     reference_year,
     s2_series,
     select_dates,
+    window_in_bounds,
 )
 from src.show import rgb_of
 
@@ -453,11 +454,7 @@ def window_cover(masks: np.ndarray, products: list[str], centroid: tuple[int, in
     src.sentinel.cloud_cover), kept (src.sentinel.select_dates: what s2_series keeps, fallback included).
     The window is clipped to the super-area like s2_series does (cover over the valid pixels).
     """
-    h, w = masks.shape[-2:]
-    r0, c0 = int(centroid[0]) - size // 2, int(centroid[1]) - size // 2
-    window = np.asarray(masks[:, :2, max(r0, 0):min(r0 + size, h), max(c0, 0):min(c0 + size, w)])
-    if window.shape[-1] == 0 or window.shape[-2] == 0:
-        raise ValueError(f"S2 window at {tuple(centroid)} lies outside the {h}x{w} super-area")
+    window = np.asarray(window_in_bounds(masks, centroid, size)[:, :2])
     dates = [product_date(p) for p in products]
     cover = cloud_cover(window, prob_min)
     kept = np.zeros(len(dates), dtype=bool)

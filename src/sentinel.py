@@ -92,6 +92,18 @@ def _window(centre: int, size: int, extent: int) -> tuple[int, int, int, int]:
     return lo, hi, lo - start, hi - start
 
 
+def window_in_bounds(masks: np.ndarray, centroid: tuple[int, int], size: int = 40) -> np.ndarray:
+    """The in-bounds part of the `size` window around `centroid` of a (T, C, H, W) array (what the cloud
+    filter looks at); ValueError when the window lies entirely outside the super-area."""
+    height, width = masks.shape[-2:]
+    r0, r1, _, _ = _window(centroid[0], size, height)
+    c0, c1, _, _ = _window(centroid[1], size, width)
+    if r1 == r0 or c1 == c0:
+        raise ValueError(f"S2 window of size {size} at centroid {tuple(centroid)} lies outside the "
+                         f"super-area ({height}x{width})")
+    return masks[..., r0:r1, c0:c1]
+
+
 def cloud_cover(window_masks: np.ndarray, prob_min: int = 60) -> np.ndarray:
     """Per-date cover of a (T, 2, h, w) snow/cloud window: (count(snow >= p) + count(cloud >= p)) / (h*w).
 
@@ -163,17 +175,12 @@ def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid
         raise ValueError("empty S2 series (0 dates)")
     if size <= 0:
         raise ValueError(f"S2 crop size must be positive, got {size}")
+    window_masks = window_in_bounds(masks, centroid, size)  # raises when entirely outside
     r0, r1, dr0, dr1 = _window(centroid[0], size, height)
     c0, c1, dc0, dc1 = _window(centroid[1], size, width)
-    if r1 == r0 or c1 == c0:
-        raise ValueError(f"S2 window of size {size} at centroid {tuple(centroid)} lies outside the "
-                         f"super-area ({height}x{width})")
 
     dates = [product_date(p) for p in products]
-    if filter_clouds:
-        cover = cloud_cover(masks[:, :2, r0:r1, c0:c1], prob_min)
-    else:
-        cover = None
+    cover = cloud_cover(window_masks[:, :2], prob_min) if filter_clouds else None
     keep = select_dates(dates, cover, cover_max)
 
     crop = np.asarray(data[keep, :, r0:r1, c0:c1])
