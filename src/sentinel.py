@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.rasters import DataError
+from src.errors import DataError
 
 # Reference day of the baseline date encoding: days are counted before 15 May.
 REF_MONTH, REF_DAY = 5, 15
@@ -58,6 +58,27 @@ def read_products(path: str | os.PathLike) -> list[str]:
     if not names:
         raise DataError(f"{path}: empty products list")
     return names
+
+
+def open_zone(data_path: str | os.PathLike, masks_path: str | os.PathLike, products_path: str | os.PathLike
+              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(data, masks, products) of one S2 super-area: the two arrays memory-mapped (only the windows that
+    are used get read), the triple checked for agreement. Errors name the file at fault."""
+    arrays = []
+    for p in (data_path, masks_path):
+        try:
+            arrays.append(np.load(p, mmap_mode="r"))
+        except FileNotFoundError:
+            raise DataError(f"{p}: file not found") from None
+        except (OSError, ValueError) as err:
+            raise DataError(f"{p}: unreadable .npy ({err})") from None
+    data, masks = arrays
+    products = read_products(products_path)
+    if data.ndim != 4 or masks.ndim != 4 or masks.shape[0] != data.shape[0] \
+            or masks.shape[2:] != data.shape[2:] or len(products) != data.shape[0]:
+        raise DataError(f"{data_path}: S2 triple does not match: data {data.shape}, "
+                        f"masks {masks.shape}, {len(products)} products in {products_path}")
+    return data, masks, products
 
 
 def encode_days(dates: list[dt.date], ref_year: int) -> np.ndarray:
