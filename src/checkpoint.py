@@ -12,11 +12,8 @@ from typing import Any
 
 import torch
 
-from src.rasters import DataError, atomic_write
-
-
-class CheckpointError(DataError):
-    """A checkpoint is missing, unreadable or lacks a key; the message names the file."""
+from src.errors import CheckpointError, DataError  # noqa: F401
+from src.fileio import atomic_write
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

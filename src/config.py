@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from src.errors import ConfigError
+
 DEFAULTS: dict[str, Any] = {
     # --- run ---
     "name": "run",                # runs/<name>/fold<k>/
@@ -76,10 +78,6 @@ DEFAULTS: dict[str, Any] = {
     "time_budget_s": 0.0,         # >0: pick the largest TTA level projected to fit
     "ensemble": "probs",          # probs | logits
 }
-
-
-class ConfigError(ValueError):
-    """A bad setting; the message is one line meant for the user."""
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
