@@ -13,10 +13,22 @@ from src.seeding import seed_worker
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples into a batch; S2 series are zero-padded to the longest T, `s2_pad` marks padding."""
+    """Stack samples into a batch; S2 series are zero-padded to the longest T, `s2_pad` marks padding.
+
+    A sample {"id": ..., "bad": message} (an unreadable patch that must not be replaced by another one,
+    e.g. in validation with skip_bad) is left out of the tensors and listed in batch["bad"] as
+    (id, message); a batch of only such samples is {"id": [], "bad": [...]}.
+    """
     if not samples:
         raise ValueError("collate: empty batch")
+    bad = [(s["id"], s["bad"]) for s in samples if "bad" in s]
+    if bad:
+        samples = [s for s in samples if "bad" not in s]
+        if not samples:
+            return {"id": [], "bad": bad}
     batch: dict[str, Any] = {"id": [s["id"] for s in samples]}
+    if bad:
+        batch["bad"] = bad
     keys = set().union(*samples) - {"id", "s2", "s2_days", "s2_pad"}
     for key in sorted(keys):
         if not all(key in s for s in samples):
