@@ -1,0 +1,47 @@
+"""Per-band input normalisation of the aerial image: the one definition of what a model is fed.
+
+`norm=mean_std` subtracts the train mean and divides by the train std of each band (0..255 scale);
+`norm=scale` divides by 255 (the official baseline). Applied to raw uint8 band values.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from src.bands import BAND_MEAN, BAND_NAMES, BAND_STD
+
+NORMS = ("mean_std", "scale")
+
+
+def band_positions(bands: Sequence[str]) -> list[int]:
+    """Band names (R, G, B, NIR, E; case-insensitive) -> positions in the 5-band aerial image."""
+    out = []
+    for b in bands:
+        name = str(b).upper()
+        if name not in BAND_NAMES:
+            raise ValueError(f"unknown band {b!r}: expected a subset of {', '.join(BAND_NAMES)}")
+        out.append(BAND_NAMES.index(name))
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"bands must be a non-empty list without repeats, got {list(bands)}")
+    return out
+
+
+def norm_stats(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 per selected band, on the 0..255 scale, for cfg bands and norm."""
+    idx = band_positions(cfg.get("bands", BAND_NAMES))
+    norm = cfg.get("norm", "mean_std")
+    if norm == "mean_std":
+        return BAND_MEAN[idx].copy(), BAND_STD[idx].copy()
+    if norm == "scale":
+        return np.zeros(len(idx), np.float32), np.full(len(idx), 255.0, np.float32)
+    raise ValueError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
+
+
+def normalize(image: torch.Tensor, cfg: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, C, H, W) raw band values (uint8 or float, 0..255) of cfg's bands -> normalised `dtype`."""
+    mean, std = norm_stats(cfg)
+    m = torch.as_tensor(mean, device=image.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=image.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((image.float() - m) / s).to(dtype)
