@@ -9,7 +9,8 @@ composites), augment (joint geometric + photometric), finalize (normalisation, t
 
     python bench/data_bench.py [--root DATA_ROOT] [--n 60] [--crop-size 512] [--split train] [--uncompressed]
 
-Without --root a small synthetic tree (512x512 files, src.synth.make_dataset) is written to a temp dir.
+Without --root a small synthetic tree (512x512 files, src.synth_write.make_dataset) is written to a temp
+dir.
 Target (issue 6): a heavy-augmented sample in under 40 ms on one core.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ import torch  # noqa: E402
 
 from src.config import load_config  # noqa: E402
 from src.dataset import FlairDataset  # noqa: E402
-from src.index import build_index  # noqa: E402
+from src.index_scan import build_index  # noqa: E402
 from src.rasters import read_image, write_tif  # noqa: E402
-from src.synth import make_dataset  # noqa: E402
+from src.synth_write import make_dataset  # noqa: E402
+from src.workers import single_thread_opencv  # noqa: E402
 
 STAGES = ("read", "s2", "augment", "finalize")
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite the temp synthetic aerial TIFFs uncompressed first (not with --root)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+    single_thread_opencv()  # what build_loader does for its workers
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or make_dataset(Path(tmp) / "synth", train_domains=2, test_domains=1, zones=2,
                                          patches=4, seed=0)

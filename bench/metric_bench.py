@@ -1,7 +1,7 @@
 """Evaluation and submission throughput on synthetic 512x512 label/prediction files.
 
-Compares `src.evaluate.evaluate` (threads, tifffile, one bincount per patch) with the straightforward
-scorer (PIL read + sklearn confusion_matrix per patch, one thread), and `src.submit.write_pred` /
+Compares `src.scoring.evaluate` (threads, tifffile, one bincount per patch) with the straightforward
+scorer (PIL read + sklearn confusion_matrix per patch, one thread), and `src.submission.write_pred` /
 `make_zip` (validated) with PIL's LZW writer. Both scorers must produce the same matrix.
 
     .venv/bin/python bench/metric_bench.py --n 2000 [--workers 8] [--baseline-n 2000] [--keep DIR]
@@ -21,9 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.evaluate import evaluate  # noqa: E402
+from src.geometry import N_TEST_PATCHES  # noqa: E402
 from src.rasters import write_tif  # noqa: E402
-from src.submit import default_workers, make_zip, write_pred  # noqa: E402
+from src.scoring import evaluate  # noqa: E402
+from src.submission import make_zip, write_pred  # noqa: E402
+from src.workers import default_workers  # noqa: E402
 
 
 def fake_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +41,7 @@ def fake_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def straightforward_score(pairs: list[tuple[Path, Path]]) -> np.ndarray:
-    """The obvious implementation of spec section 9: PIL + sklearn, patch by patch."""
+    """The obvious implementation of the rule in docs/data-format.md, "Metric": PIL + sklearn, per patch."""
     from PIL import Image
     from sklearn.metrics import confusion_matrix
 
@@ -119,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluate folder, 1 thread:  {n / t_one:8.0f} patches/s ({t_one:.1f} s)")
     print(f"PIL + sklearn per patch:    {rate_base:8.0f} patches/s ({t_base:.1f} s for {base_n})")
     print(f"speed-up: {n / t_ours / rate_base:.1f}x ({args.workers} threads), {n / t_one / rate_base:.1f}x "
-          f"(1 thread); projected 16,050 test patches: {16050 / (n / t_ours):.0f} s "
-          f"vs {16050 / rate_base:.0f} s")
+          f"(1 thread); projected {N_TEST_PATCHES:,} test patches: {N_TEST_PATCHES / (n / t_ours):.0f} s "
+          f"vs {N_TEST_PATCHES / rate_base:.0f} s")
     print(f"mIoU {ours['miou']:.4f} (identical matrices: {base_n == n})")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -8,7 +8,8 @@ CPU by default here; on a GPU it uses bf16 autocast and channels_last, like the 
   python bench/model_bench.py --device cuda --batch 8 --iters 20 --json bench/models_gpu.json
 
 Weights are random (encoder_weights=none): timing does not depend on them. A train step is
-forward + cross-entropy (+ the auxiliary S2 loss for fused presets) + backward + AdamW step.
+forward + the training loss (src.losses.Criterion: the preset's loss, + the auxiliary S2 loss for fused
+presets) + backward + AdamW step.
 """
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from src.config import load_config  # noqa: E402
+from src.fileio import write_json  # noqa: E402
+from src.losses import Criterion  # noqa: E402
 from src.models import build_model, count_parameters  # noqa: E402
+from src.runtime import amp_dtype, autocast, pick_device  # noqa: E402
 
 PRESETS = ["unet_r34", "utt_r34", "segformer_b5", "maxvit_unet"]
 S2_DATES = 12  # monthly composites: at most one date per month
@@ -41,7 +44,7 @@ def make_batch(cfg: dict, batch: int, size: int, device: torch.device) -> dict:
         out["s2"] = torch.rand(batch, S2_DATES, 10, s, s, generator=g)
         out["s2_days"] = (torch.arange(S2_DATES) * 30 - 150).repeat(batch, 1)
         out["s2_pad"] = torch.zeros(batch, S2_DATES, dtype=torch.bool)
-        out["s2_mask"] = torch.randint(0, cfg["num_classes"], (batch, s, s), generator=g)
+        out["s2_valid"] = torch.ones(batch, s, s, dtype=torch.bool)
     if cfg["use_metadata"]:
         out["meta"] = torch.randn(batch, cfg["meta_dim"], generator=g)
     return {k: v.to(device) for k, v in out.items()}
@@ -78,21 +81,20 @@ def bench_preset(name: str, size: int, batch: int, iters: int, warmup: int, devi
     b = make_batch(cfg, batch, size, device)
     if gpu:
         b["image"] = b["image"].contiguous(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu)
+    dtype = amp_dtype("auto", device)  # the trainer's default precision: bf16 on a GPU, fp32 on CPU
+    criterion = Criterion(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def forward() -> None:
         model.eval()
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), autocast(device, dtype):
             _call(model, b)
 
     def train_step() -> None:
         model.train()
-        with amp:
+        with autocast(device, dtype):
             out = _call(model, b)
-            loss = F.cross_entropy(out["logits"].float(), b["mask"])
-            if "s2_logits" in out:
-                loss = loss + cfg["s2_aux_weight"] * F.cross_entropy(out["s2_logits"].float(), b["s2_mask"])
+            loss, _ = criterion(out, b["mask"], s2_valid=b.get("s2_valid"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -136,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     print(to_markdown(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
 
 

@@ -23,10 +23,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.config import ConfigError, exit_on_config_error, load_config  # noqa: E402
+from src.config import exit_on_config_error, load_config  # noqa: E402
+from src.ema import EMA  # noqa: E402
+from src.errors import ConfigError  # noqa: E402
 from src.losses import Criterion  # noqa: E402
 from src.models import build_model  # noqa: E402
-from src.train import EMA, amp_setup, param_groups, to_device  # noqa: E402
+from src.runtime import amp_dtype as precision_dtype  # noqa: E402
+from src.runtime import autocast, needs_grad_scaler, precision_name  # noqa: E402
+from src.schedule import param_groups  # noqa: E402
+from src.validation import to_device  # noqa: E402
 
 S2_DATES = 12  # monthly composites
 
@@ -54,7 +59,8 @@ def bench(cfg: dict, batch: int, crop: int, steps: int, warmup: int) -> dict:
     """Images/s over `steps` timed optimizer steps after `warmup` untimed ones."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    amp_dtype, use_scaler = amp_setup(cfg, device)
+    amp_dtype = precision_dtype(cfg["precision"], device)
+    use_scaler = needs_grad_scaler(cfg["precision"], device)
     model = build_model({**cfg, "encoder_weights": "none"}).to(device).train()
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -70,7 +76,7 @@ def bench(cfg: dict, batch: int, crop: int, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     def one_step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out = run_model(image, **extra)
         loss, _ = criterion(out, mask)
         scaler.scale(loss).backward()
@@ -93,7 +99,7 @@ def bench(cfg: dict, batch: int, crop: int, steps: int, warmup: int) -> dict:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return {"arch": cfg["arch"], "encoder": cfg["encoder"], "fusion": cfg["fusion"], "device": str(device),
-            "precision": str(amp_dtype or "fp32").replace("torch.", ""), "threads": torch.get_num_threads(),
+            "precision": precision_name(amp_dtype), "threads": torch.get_num_threads(),
             "batch": batch, "crop": crop, "steps": steps, "img_s": round(batch * steps / elapsed, 2),
             "s_per_step": round(elapsed / steps, 3), "peak_mem_mb": round(peak_memory_mb(device)),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}

@@ -15,7 +15,7 @@ crop has another size and resolution: one S2 pixel (10 m) = 50 aerial pixels (0.
 patch covers the central ~10.24 S2 pixels of the 40x40 crop. Every geometric step is a map M of aerial
 pixel coordinates; the S2 crop gets the same map expressed about its own centre, so the invariant
 "S2 crop centred on the aerial output centre, axes aligned with it, 1 S2 pixel = 50 output aerial pixels"
-holds after augmentation:
+holds after augmentation (docs/data-format.md, "Geometry"):
 - D4 is applied exactly (array flips/rot90) to image, mask, S2 and its validity mask;
 - a crop, zoom or rotation of the aerial image moves/zooms/rotates the S2 crop by the same linear part
   and by the aerial translation divided by 50 (bilinear resampling of S2; pixels that come from outside
@@ -36,9 +36,9 @@ import cv2
 import numpy as np
 
 from src.bands import BAND_NAMES
+from src.geometry import AERIAL_PER_S2
 
 PRESETS = ("none", "light", "heavy")
-S2_PER_AERIAL = 50.0  # aerial pixels (0.2 m) per S2 pixel (10 m)
 MASK_FILL = 12        # label of pixels that come from outside the patch ("other")
 
 
@@ -121,7 +121,7 @@ def s2_matrix(matrix: np.ndarray, in_hw: tuple[int, int], out_hw: tuple[int, int
     c_in = np.array([(in_hw[1] - 1) / 2.0, (in_hw[0] - 1) / 2.0])
     c_out = np.array([(out_hw[1] - 1) / 2.0, (out_hw[0] - 1) / 2.0])
     c_s2 = np.full(2, (s2_size - 1) / 2.0)
-    shift = (lin @ c_in + matrix[:, 2] - c_out) / S2_PER_AERIAL
+    shift = (lin @ c_in + matrix[:, 2] - c_out) / AERIAL_PER_S2
     return np.hstack([lin, (c_s2 - lin @ c_s2 + shift)[:, None]])
 
 

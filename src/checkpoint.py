@@ -1,8 +1,8 @@
-"""Checkpoints: atomic writes, clear errors on bad files, and the one way to rebuild a model from one.
+"""Checkpoints: atomic writes, clear errors on bad files, and finding them in run folders.
 
-A checkpoint is a dict saved with torch.save (keys in notes/CONTRACTS.md): "model" holds the inference
-weights (the EMA when EMA is on) and "config" the resolved settings, so a checkpoint alone rebuilds its
-model. Training and prediction both go through `load_for_inference`, so they cannot disagree.
+A checkpoint is a dict saved with torch.save (keys in docs/data-format.md, "Checkpoints"): "model" holds
+the inference weights (the EMA when EMA is on) and "config" the resolved settings, so a checkpoint alone
+rebuilds its model (`src.models.load_for_inference`; this module knows nothing of models).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from src.errors import CheckpointError, DataError  # noqa: F401
-from src.fileio import atomic_write
+from src.errors import CheckpointError
+from src.fileio import atomic_write, remove_stale_temps
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -24,8 +24,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by an earlier killed write
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(path)  # left by an earlier killed write
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -50,26 +49,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"
-                       ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model in eval mode on `device`, resolved training config) from a checkpoint.
-
-    The model is built without pretrained weights (they are overwritten anyway and would need the
-    network); the returned config is the one saved at training time, untouched.
-    """
-    from src.models import build_model  # local import: checkpoint utilities stay usable without models
-
-    state = load_checkpoint(path, map_location="cpu")
-    cfg = dict(state["config"])
-    model = build_model({**cfg, "encoder_weights": "none"})
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match the model its config builds ({first})") from None
-    return model.to(device).eval(), cfg
-
-
 def find_checkpoints(runs: str | os.PathLike | list[str | os.PathLike], which: str = "best") -> list[Path]:
     """Checkpoint files from run folders and/or files: each folder is searched for `<which>.pt`.
 
@@ -84,7 +63,7 @@ def find_checkpoints(runs: str | os.PathLike | list[str | os.PathLike], which: s
         if p.is_file():
             found.append(p)
         elif p.is_dir():
-            # previous/ holds an older run set aside by a fresh start (src.train): never picked up
+            # previous/ holds an older run set aside by a fresh start (src.run_files): never picked up
             hits = sorted(h for h in p.rglob(f"{which}.pt") if "previous" not in h.relative_to(p).parts)
             if not hits:
                 raise CheckpointError(f"{p}: no {which}.pt found under this folder")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from src.errors import ConfigError
+from src.fileio import write_text
 
 DEFAULTS: dict[str, Any] = {
     # --- run ---
@@ -49,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "ltae_d_k": 4,
     "s2_aux_weight": 1.0,         # weight of the auxiliary S2 head's loss
     "modality_dropout": 0.0,      # probability of zeroing the S2 branch for a sample at train time
-    "meta_dim": 14,               # length of the "meta" vector when use_metadata (= src.dataset.META_DIM)
+    "meta_dim": 14,               # length of the "meta" vector when use_metadata (= src.metadata.META_DIM)
     # --- training ---
     "epochs": 10,
     "batch_size": 8,
@@ -60,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     "accum_steps": 1,
     "loss": "ce",                 # ce | ce_dice | focal
-    "class_weights": "default",   # default (0 for "other") | none | list of 13 floats
+    "class_weights": "default",   # default (0 for "other") | none | 13 numbers (0,1,...,0 or [0, 1, ...])
     "label_smoothing": 0.0,
     "ema": 0.999,                 # 0 disables the EMA
     "precision": "auto",          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -78,6 +79,17 @@ DEFAULTS: dict[str, Any] = {
     "time_budget_s": 0.0,         # >0: pick the largest TTA level projected to fit
     "ensemble": "probs",          # probs | logits
 }
+
+
+# settings whose value is a word (their str default) or a list: `class_weights=default` or `=0,1,...,0`
+LIST_OR_WORD = frozenset({"class_weights"})
+
+
+def _as_list(value: Any) -> Any:
+    """One list syntax for every list-valued setting: `a,b,c` (command line or YAML) or `[a, b, c]`."""
+    if isinstance(value, str):
+        return [yaml.safe_load(v) for v in value.split(",") if v.strip() != ""]
+    return value
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -103,15 +115,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if isinstance(default, list):
-        if isinstance(value, str):  # allow a=x,y,z on the command line
-            value = [yaml.safe_load(v) for v in value.split(",") if v != ""]
+        value = _as_list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return value
     if isinstance(default, str):
+        if key in LIST_OR_WORD and (isinstance(value, list) or (isinstance(value, str) and "," in value)):
+            return _as_list(value)
         if isinstance(value, (list, dict)):
-            if key == "class_weights":
-                return value
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
@@ -162,7 +173,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    """The resolved settings as YAML (written atomically: `load_config` reads it back unchanged)."""
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
 def exit_on_config_error(err: ConfigError) -> None:

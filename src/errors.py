@@ -60,3 +60,20 @@ def one_line(err: BaseException) -> str:
         last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
         msg = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
     return msg
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or verified; the message names it and says what was done."""
+
+
+class ChecksumError(DownloadError):
+    """Size or md5 mismatch; the bad file has been deleted."""
+
+
+class DiskSpaceError(DownloadError):
+    """Not enough free disk space (checked before a download or an extraction starts); the message says
+    how much is missing. Unlike DiskFullError, nothing has been written yet."""
+
+
+class CorruptZipError(DownloadError):
+    """A zip that cannot be read or fails its CRC check."""

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from src.runtime import loader_workers, single_thread_opencv
 from src.seeding import seed_worker
+from src.workers import loader_workers, single_thread_opencv
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

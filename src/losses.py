@@ -3,6 +3,12 @@
 Kept apart from the loop so that train.py reads top to bottom and the loss can be tested alone.
 Class weights follow the challenge: by default "other" (12) weighs 0 because it is not scored, and the
 auxiliary Sentinel-2 head also gives plowed land (11) weight 0, as IGN's U-T&T baseline does.
+
+The auxiliary S2 head is trained on the whole S2 pixels under the aerial image (`s2_label_window`,
+docs/data-format.md, "Geometry") against the majority label of each (`downsample_mask`). S2 pixels
+whose window left the super-area (or, after augmentation, came from outside the window) reach the
+model as zero-filled inputs; the batch's "s2_valid" marks them, and they are excluded from the
+auxiliary loss (ignored targets) so the head is never taught to map zeros to the labels below.
 """
 from __future__ import annotations
 
@@ -11,10 +17,12 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 
 from src.classes import NUM_CLASSES, OTHER
-from src.config import ConfigError
+from src.errors import ConfigError
+from src.geometry import centred_s2_box
 
 PLOWED = 11  # plowed land: weight 0 in the S2 head by default (IGN baseline)
 LOSSES = ("ce", "ce_dice", "focal")
+IGNORE = -100  # target value of pixels that take no part in a loss
 
 
 def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
@@ -40,23 +48,18 @@ def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
     raise ConfigError(f"class_weights: expected default | none | a list of {n} numbers, got {spec!r}")
 
 
-AERIAL_GSD_M, S2_GSD_M = 0.2, 10.0  # a 512 px aerial patch covers 10.24 Sentinel-2 pixels
+def s2_label_window(s2_map: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """The integer centre crop of an S2-grid map (..., S, S) that lies under the aerial image: the S2
+    pixels that have labels.
 
-
-def footprint(s2_logits: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
-    """Centre part of the S2 head's map that lies under the aerial image (the mask's footprint).
-
-    The S2 crop (e.g. 40x40 px, 400 m) is centred on the patch but much larger than it (102.4 m), so
-    only its centre ~10x10 pixels have labels; the same centre crop the U-T&T fusion uses.
+    The S2 crop (e.g. 40x40 px, 400 m) is centred on the patch but much larger than it (102.4 m), so only
+    its centre ~10x10 pixels (rounded, `geometry.centred_s2_box`) have labels.
     """
-    S, T = s2_logits.shape[-2:]
-    h = min(S, max(1, round(image_hw[0] * AERIAL_GSD_M / S2_GSD_M)))
-    w = min(T, max(1, round(image_hw[1] * AERIAL_GSD_M / S2_GSD_M)))
-    top, left = (S - h) // 2, (T - w) // 2
-    return s2_logits[..., top:top + h, left:left + w]
+    top, left, h, w = centred_s2_box(tuple(s2_map.shape[-2:]), image_hw)
+    return s2_map[..., top:top + h, left:left + w]
 
 
-def downsample_mask(mask: torch.Tensor, size: tuple[int, int], ignore: int = -100) -> torch.Tensor:
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int], ignore: int = IGNORE) -> torch.Tensor:
     """(B,H,W) 0..12 mask -> (B,h,w): the most frequent class of each block (any size ratio).
 
     Each 10 m pixel covers ~50x50 labels: the majority class is a fairer target than the single
@@ -71,8 +74,28 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int], ignore: int = -10
     return torch.where(counts.sum(1) > 0, out, torch.full_like(out, ignore))
 
 
+def s2_target(mask: torch.Tensor, s2_hw: tuple[int, int], s2_valid: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """(B,h,w) target of the auxiliary S2 head for a (B,H,W) mask, on the `s2_label_window` of an S2 map
+    of `s2_hw` pixels: the majority label of each S2 pixel, IGNORE where `s2_valid` (B,*s2_hw) is False.
+    """
+    image_hw = tuple(mask.shape[-2:])
+    _, _, h, w = centred_s2_box(s2_hw, image_hw)
+    target = downsample_mask(mask, (h, w))
+    if s2_valid is None:
+        return target
+    if s2_valid.shape != (mask.shape[0], *s2_hw):
+        raise ValueError(f"s2_valid: expected shape {(mask.shape[0], *s2_hw)} (batch, S2 map), "
+                         f"got {tuple(s2_valid.shape)}")
+    valid = s2_label_window(s2_valid.to(device=target.device, dtype=torch.bool), image_hw)
+    return torch.where(valid, target, torch.full_like(target, IGNORE))
+
+
 class Criterion(torch.nn.Module):
-    """loss(out, mask) -> (total, {"seg": ..., "s2": ...}); CE is weighted-mean over pixels.
+    """loss(out, mask, s2_valid=None) -> (total, {"seg": ..., "s2": ...}); CE is weighted-mean over pixels.
+
+    `s2_valid` is the batch's (B,S,S) bool map of real S2 pixels (None: all real): the auxiliary S2 loss
+    ignores the others (see the module docstring).
 
     Cross-entropy is reduced by hand (sum / sum of target weights, clamped) so that a batch made only
     of weight-0 pixels ("other") gives 0 instead of PyTorch's 0/0 = NaN, which would count as a
@@ -104,7 +127,8 @@ class Criterion(torch.nn.Module):
         denom = (weight[safe] * valid).sum()
         return (per_pixel * valid).sum() / denom.clamp_min(1e-6)
 
-    def forward(self, out: dict, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, out: dict, mask: torch.Tensor, s2_valid: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = out["logits"].float()
         if self.kind == "focal":
             seg = self.focal(logits, mask)
@@ -115,9 +139,8 @@ class Criterion(torch.nn.Module):
         total, parts = seg, {"seg": seg.detach()}
         s2_logits = out.get("s2_logits")
         if s2_logits is not None:
-            s2_logits = footprint(s2_logits.float(), tuple(mask.shape[-2:]))
-            target = downsample_mask(mask, tuple(s2_logits.shape[-2:]))
-            s2 = self.ce(s2_logits, target, self.w_s2)
+            target = s2_target(mask, tuple(s2_logits.shape[-2:]), s2_valid)
+            s2 = self.ce(s2_label_window(s2_logits.float(), tuple(mask.shape[-2:])), target, self.w_s2)
             # weight 0 still keeps the head in the graph, so DDP sees a gradient for every parameter
             total = total + self.s2_weight * s2
             parts["s2"] = s2.detach()

@@ -1,4 +1,4 @@
-"""The official FLAIR #2 metric (spec section 9), fast enough to run over the 16,050 test patches.
+"""The official FLAIR #2 metric (docs/data-format.md, "Metric"), fast enough for the 16,050 test patches.
 
 IGN's rule: truth `t = MSK - 1; t[t > 12] = 12` (`src.classes.remap`), prediction as written; one
 13x13 confusion matrix summed over the whole set (dataset level, not a mean of per-image scores);

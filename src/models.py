@@ -26,8 +26,9 @@ recognised by its "net." keys, since any other 3-input file is taken as ImageNet
 
 Fusion "utt" (U-T&T): a U-TAE (src/utae.py) encodes the S2 series; its last map (at S2 crop
 resolution) is projected (1x1 conv) to the width of every aerial encoder stage (read from
-`encoder.out_channels`), cut to the aerial footprint (the central H/50 x W/50 S2 pixels, 10.24 for a
-512 px image) and resampled to the stage's size; the map is also pooled through an MLP and projected
+`encoder.out_channels`), cut to the aerial footprint (`sample_footprint`: the central H/50 x W/50 S2
+pixels, 10.24 for a 512 px image, docs/data-format.md, "Geometry") and resampled to the stage's size; the
+map is also pooled through an MLP and projected
 per stage. Both terms are added to that stage, per sample (the official baseline used sample 0's
 pooled vector for the whole batch).
 The U-TAE's own head gives "s2_logits". `modality_dropout` zeroes the S2 term of random samples at
@@ -36,11 +37,15 @@ encoding of the "meta" vector (size `meta_dim`) to the deepest stage.
 
 Input size: sides that are not multiples of what the encoder accepts (its output stride; 512 for the
 MaxViT-512 attention windows) are reflect-padded bottom/right and the logits cropped back.
+
+`load_for_inference(checkpoint)` rebuilds a trained model from a checkpoint alone (its saved config):
+training's re-scoring and prediction both go through it, so they cannot disagree.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +54,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.bands import BAND_NAMES, band_indices
+from src.checkpoint import load_checkpoint
+from src.errors import CheckpointError
+from src.geometry import s2_pixels_under
 from src.utae import S2_CHANNELS, UTAE
 
 log = logging.getLogger(__name__)
 
-BAND_NAMES = ("R", "G", "B", "NIR", "E")
 RGB = {"R": 0, "G": 1, "B": 2}  # channel order of ImageNet-pretrained first convolutions
 EXTRA_INIT = ("mean", "copy", "random")
 FUSIONS = ("none", "utt")
-AERIAL_GSD_M = 0.2   # aerial pixel size: a 512 px patch covers 102.4 m
-S2_GSD_M = 10.0      # Sentinel-2 pixel size: the patch covers 10.24 S2 pixels
 HIDDEN = 64          # width of the pooled-S2 and metadata MLPs
 
 
@@ -184,9 +190,7 @@ def _load_weights_file(net: nn.Module, path: str, bands: list[str], mode: str, c
 
 def build_aerial(cfg: dict[str, Any]) -> nn.Module:
     """The plain smp model for cfg's arch/encoder/bands/weights (input len(bands) channels)."""
-    bands = list(cfg["bands"])
-    if not bands or len(set(bands)) != len(bands) or any(b not in BAND_NAMES for b in bands):
-        raise ValueError(f"bands must be distinct names among {list(BAND_NAMES)}, got {bands}")
+    bands = [BAND_NAMES[i] for i in band_indices(cfg["bands"])]  # validated, canonical upper case
     mode, copy_band = cfg["extra_init"], cfg["extra_copy_band"]
     if mode not in EXTRA_INIT:
         raise ValueError(f"extra_init must be one of {list(EXTRA_INIT)}, got {mode!r}")
@@ -227,17 +231,18 @@ def size_multiple(net: nn.Module) -> int:
     return 32 * window if window > 1 else stride
 
 
-def footprint(s2_map: torch.Tensor, content: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """The part of an S2 map under the aerial image, resampled to `size`.
+def sample_footprint(s2_map: torch.Tensor, content: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """The exact (fractional) part of an S2 map under the aerial image, sampled bilinearly at `size`.
 
     The S2 crop is centred on the aerial image and 1 S2 pixel = 50 aerial pixels (src/augment.py keeps
     this true after crops and rotations), so an aerial image of `content` pixels covers the central
     content/50 S2 pixels (10.24 for 512 px). That window is sampled bilinearly at the pixel centres of
-    an output of `size` -- exact geometry, where the baseline cut an integer 10x10 crop and resized it.
+    an output of `size` -- exact geometry, where the baseline cut an integer 10x10 crop and resized it
+    (the integer crop survives as the S2 head's label window, src.losses.s2_label_window).
     """
     b, _, sh, sw = s2_map.shape
-    fy = content[0] * AERIAL_GSD_M / S2_GSD_M / sh      # fraction of the map's extent covered
-    fx = content[1] * AERIAL_GSD_M / S2_GSD_M / sw
+    fy = s2_pixels_under(content[0]) / sh      # fraction of the map's extent covered
+    fx = s2_pixels_under(content[1]) / sw
     theta = s2_map.new_tensor([[fx, 0.0, 0.0], [0.0, fy, 0.0]], dtype=torch.float32).expand(b, 2, 3)
     grid = F.affine_grid(theta, [b, 1, *size], align_corners=False)
     return F.grid_sample(s2_map.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -265,7 +270,7 @@ class S2Fusion(nn.Module):
             hw = tuple(f.shape[-2:])
             # the unpadded image covers the top-left `inside` part of a stage of a padded input
             inside = tuple(max(1, round(hw[k] * content[k] / padded[k])) for k in (0, 1))
-            term = footprint(proj(s2_map), content, inside)
+            term = sample_footprint(proj(s2_map), content, inside)
             if inside != hw:
                 term = F.pad(term, (0, hw[1] - inside[1], 0, hw[0] - inside[0]))
             term = term + self.pool_proj[key](pooled)[:, :, None, None]
@@ -351,6 +356,25 @@ class FlairModel(nn.Module):
 def build_model(cfg: dict[str, Any]) -> nn.Module:
     """The model for a resolved config (src.config): the only entry point trainer/predictor use."""
     return FlairModel(cfg)
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"
+                       ) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode on `device`, resolved training config) from a checkpoint.
+
+    The model is built without pretrained weights (they are overwritten anyway and would need the
+    network); the returned config is the one saved at training time, untouched. CheckpointError names the
+    file when it is unreadable or its weights do not fit the model its config builds.
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = dict(state["config"])
+    model = build_model({**cfg, "encoder_weights": "none"})
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not match the model its config builds ({first})") from None
+    return model.to(device).eval(), cfg
 
 
 def count_parameters(model: nn.Module) -> int:

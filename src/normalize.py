@@ -5,32 +5,17 @@
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
-from src.bands import BAND_MEAN, BAND_NAMES, BAND_STD
+from src.bands import BAND_MEAN, BAND_NAMES, BAND_STD, band_indices
 
 NORMS = ("mean_std", "scale")
 
 
-def band_positions(bands: Sequence[str]) -> list[int]:
-    """Band names (R, G, B, NIR, E; case-insensitive) -> positions in the 5-band aerial image."""
-    out = []
-    for b in bands:
-        name = str(b).upper()
-        if name not in BAND_NAMES:
-            raise ValueError(f"unknown band {b!r}: expected a subset of {', '.join(BAND_NAMES)}")
-        out.append(BAND_NAMES.index(name))
-    if not out or len(set(out)) != len(out):
-        raise ValueError(f"bands must be a non-empty list without repeats, got {list(bands)}")
-    return out
-
-
 def norm_stats(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) float32 per selected band, on the 0..255 scale, for cfg bands and norm."""
-    idx = band_positions(cfg.get("bands", BAND_NAMES))
+    idx = band_indices(cfg.get("bands", BAND_NAMES))
     norm = cfg.get("norm", "mean_std")
     if norm == "mean_std":
         return BAND_MEAN[idx].copy(), BAND_STD[idx].copy()

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 
-def _fmt(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -69,10 +69,10 @@ class LineProgress:
         rate = f", {self.n / el:.1f} {self.unit}/s" if el > 0 and self.n else ""
         eta = ""
         if not done and self.total and self.n:
-            eta = f", ETA {_fmt(el / self.n * (self.total - self.n))}"
+            eta = f", ETA {fmt_duration(el / self.n * (self.total - self.n))}"
         post = f" ({self.postfix})" if self.postfix else ""
-        print(f"{self.desc}: {self.n}{total} {self.unit} in {_fmt(el)}{rate}{eta}{post}", file=self.file,
-              flush=True)
+        line = f"{self.desc}: {self.n}{total} {self.unit} in {fmt_duration(el)}{rate}{eta}{post}"
+        print(line, file=self.file, flush=True)
 
     def close(self) -> None:
         if not self.closed and not self.disable and self.n:

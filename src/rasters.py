@@ -12,7 +12,7 @@ import numpy as np
 import tifffile
 
 from src.errors import DataError
-from src.fileio import atomic_path, atomic_write, save_figure, write_text  # noqa: F401  (moved; importers are being updated)
+from src.fileio import atomic_path
 
 
 def read_tif(path: str | os.PathLike) -> np.ndarray:

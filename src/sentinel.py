@@ -1,9 +1,10 @@
 """Sentinel-2 time series for one aerial patch: crop, cloud/snow filter, monthly composites, date encoding.
 
-Pure numpy (no torch), so the exact baseline procedure (spec section 5) can be tested against a slow
-reimplementation and reused by any caller. With the defaults, `s2_series` reproduces the official
-FLAIR #2 baseline for series inside one calendar year; where the baseline crashes or silently
-misbehaves, the kit does something defined instead (listed in `s2_series`' docstring).
+Pure numpy (no torch), so the exact baseline procedure (docs/data-format.md, "S2 matching and the cloud
+filter") can be tested against a slow reimplementation and reused by any caller. With the defaults,
+`s2_series` reproduces the official FLAIR #2 baseline for series inside one calendar year; where the
+baseline crashes or silently misbehaves, the kit does something defined instead (listed in
+`s2_series`' docstring).
 
 CLI (inspection): `python -m src.sentinel --data X_data.npy --masks X_masks.npy --products X_products.txt
 --centroid ROW COL [--size 40] [--no-filter] [--no-monthly]` prints the kept dates and their encoding.
@@ -34,7 +35,7 @@ _DOY365 = np.cumsum([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30])
 def product_date(name: str) -> dt.date:
     """Acquisition date of an L2A product name, e.g. `S2A_MSIL2A_20210415T105021_...` -> 2021-04-15.
 
-    The date is characters 11..18 of the name (spec section 5).
+    The date is characters 11..18 of the name (docs/data-format.md, "Sentinel-2 super-areas").
     """
     stem = os.path.basename(str(name).strip())
     digits = stem[11:19]
@@ -160,8 +161,8 @@ def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid
     window (and only the kept dates of `data`) is read. `products` are the T product names in the
     time-axis order of the arrays, `centroid` the (row, col) of the patch centre in the super-area.
 
-    Baseline procedure (spec section 5), reproduced exactly for a window inside the super-area and a
-    series inside one calendar year:
+    Baseline procedure (docs/data-format.md, "S2 matching and the cloud filter"), reproduced exactly for
+    a window inside the super-area and a series inside one calendar year:
     1. window `[r - size/2 : r + size/2, c - size/2 : c + size/2]`;
     2. when `filter_clouds`, keep date t if `(count(snow >= prob_min) + count(cloud >= prob_min)) /
        (size*size) < cover_max` (a pixel both snowy and cloudy counts twice, as in the baseline);

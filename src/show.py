@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.classes import CLASS_COLORS_HEX, CLASS_NAMES, colorize, remap
-from src.rasters import DataError, read_image, read_label, save_figure
-
-
-def rgb_of(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) uint8 aerial image -> (H, W, 3) uint8 from its first three bands (R, G, B)."""
-    return np.ascontiguousarray(np.moveaxis(image[:3], 0, -1)).astype(np.uint8)
+from src.classes import colorize, remap
+from src.errors import DataError
+from src.fileio import save_figure
+from src.pictures import DPI, class_legend, pyplot, rgb_of
+from src.rasters import read_image, read_label
+from src.tables import load_index
 
 
 def pick_rows(index_df: pd.DataFrame, pred_dir: str | os.PathLike, n: int) -> pd.DataFrame:
@@ -40,12 +39,7 @@ def pick_rows(index_df: pd.DataFrame, pred_dir: str | os.PathLike, n: int) -> pd
 def save_prediction_grid(index_df: pd.DataFrame, pred_dir: str | os.PathLike, out_png: str | os.PathLike,
                          n: int = 4) -> Path:
     """One row per patch: RGB image | truth (when the index has a label) | prediction, plus a legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
+    plt = pyplot()
     rows = pick_rows(index_df, pred_dir, n)
     with_truth = "msk_path" in rows.columns and bool((rows["msk_path"].astype(str) != "").any())
     cols = 3 if with_truth else 2
@@ -63,16 +57,12 @@ def save_prediction_grid(index_df: pd.DataFrame, pred_dir: str | os.PathLike, ou
                 ax.imshow(img, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-    handles = [Patch(facecolor=c, edgecolor="0.5", label=f"{k} {name}")
-               for k, (name, c) in enumerate(zip(CLASS_NAMES, CLASS_COLORS_HEX))]
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    class_legend(fig, edgecolor="0.5", loc="center right")
     fig.tight_layout(rect=(0, 0, 1 - 2.4 / (3.2 * cols + 2.6), 1))
-    return save_figure(fig, out_png, dpi=80)
+    return save_figure(fig, out_png, dpi=DPI)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from src.index import load_index
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", required=True, help="index CSV (img_path, msk_path)")
     ap.add_argument("--pred", required=True, help="folder of PRED_<id>.tif")

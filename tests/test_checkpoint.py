@@ -1,4 +1,5 @@
-"""Checkpoints: atomic replacement (even under SIGKILL), clear errors, discovery, inference loading."""
+"""Checkpoints: atomic replacement (even under SIGKILL), clear errors, discovery.
+(Rebuilding a model from one: tests/test_models.py::test_load_for_inference_rebuilds_the_model.)"""
 from __future__ import annotations
 
 import os
@@ -13,15 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoint import (
-    CheckpointError,
-    find_checkpoints,
-    load_checkpoint,
-    load_for_inference,
-    save_checkpoint,
-)
-from src.config import load_config
-from src.rasters import DataError
+from src.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
+from src.errors import CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,22 +100,3 @@ def test_find_checkpoints(tmp_path):
         find_checkpoints(tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match="missing: no such checkpoint"):
         find_checkpoints(tmp_path / "missing")
-
-
-def test_load_for_inference_rebuilds_the_model(tmp_path):
-    from src.models import build_model
-
-    cfg = load_config(None, {"encoder": "resnet18", "encoder_weights": "none", "bands": ["R", "G", "B"]})
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    path = save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": cfg})
-    loaded, saved_cfg = load_for_inference(path, "cpu")
-    assert saved_cfg == cfg and not loaded.training
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(loaded(x)["logits"], model(x)["logits"])
-    # weights of another architecture: a clear error naming the file
-    other = {**cfg, "encoder": "resnet34"}
-    save_checkpoint(tmp_path / "bad.pt", {"model": model.state_dict(), "config": other})
-    with pytest.raises(CheckpointError, match="bad.pt: weights do not match"):
-        load_for_inference(tmp_path / "bad.pt")

@@ -1,4 +1,4 @@
-"""The nomenclature and the challenge remap y = min(v, 13) - 1 (spec section 4)."""
+"""The nomenclature and the challenge remap y = min(v, 13) - 1 (docs/data-format.md, "Labels and classes")."""
 from __future__ import annotations
 
 import numpy as np

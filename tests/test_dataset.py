@@ -1,7 +1,9 @@
-"""FlairDataset + collate on the synthetic tree (real TIFF / .npy files)."""
+"""FlairDataset (+ src.loader's collate/build_loader, src.metadata) on the synthetic tree (real TIFF /
+.npy files)."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,11 +11,14 @@ import torch
 
 from src.classes import remap
 from src.config import load_config
-from src.dataset import META_DIM, FlairDataset, collate, encode_metadata, make_loader
-from src.rasters import DataError, read_image, read_label, write_tif
+from src.dataset import FlairDataset
+from src.errors import DataError
+from src.loader import build_loader, collate
+from src.metadata import META_DIM, encode_metadata
+from src.rasters import read_image, read_label, write_tif
 from src.sentinel import read_products, s2_series
 
-# spec section 3, literally: R, G, B, NIR, nDSM
+# docs/data-format.md, "Aerial images", literally: R, G, B, NIR, nDSM
 SPEC_MEAN = [113.78, 118.08, 109.27, 102.36, 16.70]
 SPEC_STD = [35.41, 32.06, 30.71, 27.09, 15.85]
 
@@ -118,13 +123,13 @@ def test_workers_and_pickling(synth_index):
     ds = FlairDataset(df, cfg, train=True)
     _ = ds[0]  # opens memmaps in this process: they must not travel to the workers
     assert len(pickle.dumps(ds)) < 200_000 and pickle.loads(pickle.dumps(ds))._zones == {}
-    loader = make_loader(ds, cfg, train=True)
+    loader = build_loader(ds, cfg, train=True)
     ids = []
     for batch in loader:
         assert batch["image"].shape == (4, 5, 64, 64) and batch["s2_pad"].shape[0] == 4
         ids += batch["id"]
     assert len(ids) == len(df) // 4 * 4 and len(set(ids)) == len(ids)
-    ev = make_loader(FlairDataset(df, cfg, train=False), cfg, train=False)
+    ev = build_loader(FlairDataset(df, cfg, train=False), cfg, train=False)
     assert sum(len(b["id"]) for b in ev) == len(df)
     # each worker draws its own augmentation: the same row seen by two workers is cropped differently
     same = FlairDataset(df.iloc[[0, 0, 0, 0]], cfg, train=True)
@@ -153,10 +158,10 @@ def test_labels_outside_1_19_raise_naming_the_file(synth_index, tmp_path, value)
     assert "mask" not in FlairDataset(df, cfg_of(), train=False, labels=False)[0]
 
 
-def test_skip_bad_logs_and_replaces(synth_index, tmp_path):
+def test_skip_bad_in_training_logs_and_replaces(synth_index, tmp_path):
     df, path = corrupt_copy(synth_index, tmp_path, 25)
     log = tmp_path / "bad.log"
-    ds = FlairDataset(df, cfg_of(skip_bad=True), train=False, bad_log=log)
+    ds = FlairDataset(df, cfg_of(skip_bad=True), train=True, bad_log=log)
     s = ds[0]
     assert s["id"] == df.loc[1, "id"] and ds.bad_count == 1
     text = log.read_text()
@@ -165,7 +170,34 @@ def test_skip_bad_logs_and_replaces(synth_index, tmp_path):
     assert ds.bad_count == 1  # known bad rows are skipped without re-reading
     df.loc[1, "img_path"] = str(tmp_path / "missing.tif")
     with pytest.raises(DataError, match="every one"):
-        FlairDataset(df, cfg_of(skip_bad=True), train=False, bad_log=log)[1]
+        FlairDataset(df, cfg_of(skip_bad=True), train=True, bad_log=log)[1]
+
+
+def test_skip_bad_outside_training_marks_the_sample(synth_index, tmp_path):
+    """A corrupt image in validation/inference is reported as {"id", "bad"}, never replaced by its
+    neighbour (which would be scored twice); collate lists it apart from the tensors."""
+    df = synth_index["train"].iloc[:3].copy().reset_index(drop=True)
+    src = Path(df.loc[1, "img_path"])
+    bad_img = tmp_path / src.name
+    data = src.read_bytes()
+    bad_img.write_bytes(data[: len(data) // 3])  # a truncated download
+    df.loc[1, "img_path"] = str(bad_img)
+    bad_id = df.loc[1, "id"]
+    log = tmp_path / "bad.log"
+    ds = FlairDataset(df, cfg_of(skip_bad=True, use_s2=True), train=False, bad_log=log)
+    marker = ds[1]
+    assert set(marker) == {"id", "bad"} and marker["id"] == bad_id
+    assert bad_img.name in marker["bad"] and "\n" not in marker["bad"]
+    assert ds.bad_count == 1 and log.read_text() == f"{bad_id}\t{marker['bad']}\n"
+    assert ds[1] == marker and ds.bad_count == 1  # known bad: not re-read, not logged twice
+    batch = collate([ds[i] for i in range(3)])
+    assert batch["id"] == [df.loc[0, "id"], df.loc[2, "id"]] and batch["bad"] == [(bad_id, marker["bad"])]
+    assert batch["image"].shape[0] == batch["s2"].shape[0] == 2
+    # training keeps replacing it, so an epoch keeps its size
+    assert FlairDataset(df, cfg_of(skip_bad=True), train=True)[1]["id"] == df.loc[2, "id"]
+    # without skip_bad the error names the file
+    with pytest.raises(DataError, match=bad_img.name):
+        FlairDataset(df, cfg_of(), train=False)[1]
 
 
 def test_encode_metadata():

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from src.index import load_index
-from src.submit import validate
+from src.submission import validate
+from src.tables import load_index
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from src import disk_space
 from src import download as dl
-from src.synth import make_dataset
+from src.disk_space import human
+from src.errors import DiskSpaceError
+from src.extract import extract_tree, is_extracted, marker_path
+from src.hf_mirror import download_hf
+from src.index_scan import build_index
+from src.synth_write import make_dataset
+from src.tables import load_index
+from src.zip_table import SUBSETS, ZIPS, ZipSpec, select
 
 TOPS = {  # zip name -> what it holds in the synthetic tree (the official layout)
     "flair_aerial_train.zip": ["flair_aerial_train"],
@@ -115,15 +123,15 @@ def server():
 @pytest.fixture
 def plenty_of_space(monkeypatch):
     """The real table says 94 GB; pretend the disk is huge so the synthetic run is not refused."""
-    monkeypatch.setattr(dl, "free_bytes", lambda path: 10**15)
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: 10**15)
 
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _table(names: list[str], zips: dict[str, bytes], md5: bool = True) -> dict[str, dl.ZipSpec]:
-    return {n: dl.ZipSpec(n, len(zips[n]), _md5(zips[n]) if md5 else None, 3.0, ("train",)) for n in names}
+def _table(names: list[str], zips: dict[str, bytes], md5: bool = True) -> dict[str, ZipSpec]:
+    return {n: ZipSpec(n, len(zips[n]), _md5(zips[n]) if md5 else None, 3.0, ("train",)) for n in names}
 
 
 def _cli(url: str, raw: Path, data: Path, zips: dict[str, bytes], *extra: str) -> list[str]:
@@ -133,7 +141,7 @@ def _cli(url: str, raw: Path, data: Path, zips: dict[str, bytes], *extra: str) -
 
 
 def test_tables_and_subsets():
-    names = {s: {z.name for z in dl.select(s)} for s in dl.SUBSETS}
+    names = {s: {z.name for z in select(s)} for s in SUBSETS}
     aux = {"flair_2_aerial_metadata.zip", "flair_2_centroids_sp_to_patch.zip"}
     assert names["toy"] == {"flair_2_toy_dataset.zip"}
     assert names["aux"] == aux
@@ -141,9 +149,9 @@ def test_tables_and_subsets():
     test = {"flair_2_aerial_test.zip", "flair_2_sen_test.zip", "flair_2_labels_test.zip"}
     assert names["test"] == test | aux
     assert names["all"] == names["train"] | names["test"]
-    assert all(len(z.md5) == 32 for z in dl.ZIPS.values() if z.md5)
+    assert all(len(z.md5) == 32 for z in ZIPS.values() if z.md5)
     with pytest.raises(ValueError, match="unknown subset"):
-        dl.select("everything")
+        select("everything")
 
 
 def test_full_download_extract_and_index(server, zips, tmp_path, plenty_of_space, capsys):
@@ -156,14 +164,13 @@ def test_full_download_extract_and_index(server, zips, tmp_path, plenty_of_space
     assert all(start == 0 for _, start in st.requests)
     for name, tops in TOPS.items():
         assert (raw / name).read_bytes() == zips[name]  # kept (--keep-zips 1), identical
-        assert dl.marker_path(raw, name).is_file()
+        assert marker_path(raw, name).is_file()
         assert all((raw / t).exists() for t in tops)
         assert not (raw / (name + ".part")).exists()
     assert not list(raw.glob(".tmp-extract-*"))
     imgs = sorted(raw.glob("flair_aerial_train/*/*/img/IMG_*.tif"))
     assert len(imgs) == 2
     assert "md5" in out and out.count(" ok ") >= len(TOPS)
-    from src.index import load_index
     train, test = load_index(data / "index_train.csv"), load_index(data / "index_test.csv")
     assert len(train) == 2 and len(test) == 2
     assert sorted(Path(p).name for p in train["img_path"]) == [p.name for p in imgs]
@@ -241,7 +248,7 @@ def test_md5_mismatch_deletes_the_file(server, zips, tmp_path, capsys):
     assert "md5 mismatch" in res.message and "deleted" in res.message and name in res.message
     assert "md5 mismatch" in capsys.readouterr().out
     assert not (tmp_path / name).exists() and not (tmp_path / (name + ".part")).exists()
-    assert not dl.marker_path(tmp_path, name).exists()
+    assert not marker_path(tmp_path, name).exists()
     assert not (tmp_path / "flair_labels_train").exists()
 
 
@@ -266,12 +273,12 @@ def test_corrupt_zip_is_reported_and_deleted(server, zips, tmp_path, kind, capsy
     bad = good[: len(good) // 2] if kind == "truncated" else _corrupt_crc(good)
     st.files[name] = bad
     raw = tmp_path / "raw"
-    table = {name: dl.ZipSpec(name, len(bad), None, 3.0, ("train",))}
+    table = {name: ZipSpec(name, len(bad), None, 3.0, ("train",))}
     res = dl.download("train", raw, base_url=url, table=table, backoff=0, progress=False)[0]
     assert res.status == "failed" and res.extracted == "failed"
     assert name in res.message and "corrupt" in res.message
     assert name in capsys.readouterr().out
-    assert not dl.marker_path(raw, name).exists()
+    assert not marker_path(raw, name).exists()
     assert not (raw / name).exists()  # the rule: a corrupt zip is deleted, the next run fetches it again
     assert not (raw / "flair_labels_train").exists()  # nothing half-extracted in place
     assert not list(raw.glob(".tmp-extract-*"))
@@ -283,11 +290,11 @@ def test_not_enough_disk_space(server, zips, tmp_path, monkeypatch, capsys):
     name = "flair_aerial_train.zip"
     table = _table([name], zips)  # factor 3: needs 4x the zip size
     free = len(zips[name])
-    monkeypatch.setattr(dl, "free_bytes", lambda path: free)
-    with pytest.raises(dl.DiskSpaceError) as err:
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: free)
+    with pytest.raises(DiskSpaceError) as err:
         dl.download("train", tmp_path / "raw", base_url=url, table=table, backoff=0, progress=False)
     need = len(zips[name]) + int(len(zips[name]) * 3.0)
-    assert f"{dl.human(need - free)} missing" in str(err.value)
+    assert f"{human(need - free)} missing" in str(err.value)
     assert st.requests == []  # refused before any byte is fetched
     # the CLI says the same and fails (the real table needs ~94 GB + extraction)
     assert dl.main(["--subset", "all", "--out", str(tmp_path / "raw"), "--base-url", url,
@@ -329,17 +336,16 @@ def test_extract_tree_hf_layout_then_index(tmp_path):
     for js in root.glob("*.json"):
         (hf / "aux-data" / js.name).write_bytes(js.read_bytes())
     raw = tmp_path / "raw"
-    res = dl.extract_tree(hf, raw, keep_zips=False, progress=False)
+    res = extract_tree(hf, raw, keep_zips=False, progress=False)
     assert sorted(r.name for r in res) == sorted(keys)
     assert all(r.status == "ok" and r.extracted == "yes" for r in res)
     assert not list(hf.rglob("*.zip"))  # keep_zips=False
     assert len(list(hf.glob(f"data/train-val/{train_dom}/*/img/IMG_*.tif"))) == 1
     assert len(list(hf.glob(f"data/flair#2-test/{test_dom}/*/sen/*_data.npy"))) == 1
-    assert all(dl.is_extracted(raw, key) for key in keys)
-    assert dl.extract_tree(hf, raw, progress=False) == []  # zips gone, markers stay: nothing to redo
-    from src.index import build_index
+    assert all(is_extracted(raw, key) for key in keys)
+    assert extract_tree(hf, raw, progress=False) == []  # zips gone, markers stay: nothing to redo
     frames = build_index(raw)  # the index finds the files at their depth, split from the folder names
     assert (len(frames["train"]), len(frames["test"])) == (1, 1)
     assert set(frames["train"]["domain"]) == {train_dom} and set(frames["test"]["domain"]) == {test_dom}
     with pytest.raises(ValueError, match="not on the Hugging Face mirror"):
-        dl.download_hf("toy", raw)
+        download_hf("toy", raw)

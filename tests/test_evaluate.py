@@ -11,11 +11,13 @@ import pytest
 import tifffile
 
 from src.classes import remap
-from src.evaluate import evaluate, find_labels, main
+from src.errors import DataError
+from src.evaluate import main
 from src.metrics import ConfusionMatrix
-from src.rasters import DataError, read_label, write_tif
+from src.rasters import read_label, write_tif
+from src.scoring import evaluate, find_labels
+from src.submission import make_zip, validate, write_pred
 from src.submit import main as submit_main
-from src.submit import make_zip, validate, write_pred
 from tests.test_metrics import official_from_files
 
 

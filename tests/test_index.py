@@ -11,8 +11,12 @@ import pandas as pd
 import pytest
 
 from src import index
-from src.rasters import DataError
-from src.synth import make_dataset
+from src.errors import DataError
+from src.index_checks import Problem
+from src.index_report import format_problems
+from src.index_scan import IndexReport, build_index, scan
+from src.synth_write import make_dataset
+from src.tables import COLUMNS, load_index
 
 CENTROIDS = "flair-2_centroids_sp_to_patch.json"
 
@@ -30,8 +34,8 @@ def tree(small_tree, tmp_path) -> Path:
     return dst
 
 
-def _kinds(report: index.IndexReport) -> dict[str, list[index.Problem]]:
-    out: dict[str, list[index.Problem]] = {}
+def _kinds(report: IndexReport) -> dict[str, list[Problem]]:
+    out: dict[str, list[Problem]] = {}
     for p in report.problems:
         out.setdefault(p.kind, []).append(p)
     return out
@@ -43,7 +47,7 @@ def test_index_complete_and_correct(synth_root, synth_index):
     train, test = synth_index["train"], synth_index["test"]
     assert len(train) == 3 * 2 * 3 and len(test) == 2 * 2 * 3
     for split, df in synth_index.items():
-        assert list(df.columns) == index.COLUMNS
+        assert list(df.columns) == COLUMNS
         assert df["id"].is_monotonic_increasing and df["id"].is_unique
         assert df["id"].str.fullmatch(r"\d{6}").all() and (df["split"] == split).all()
         assert df.groupby("domain")["zone"].nunique().eq(2).all()
@@ -67,7 +71,7 @@ def test_index_complete_and_correct(synth_root, synth_index):
 
 def test_csv_round_trip(synth_data_dir, synth_index):
     for split in ("train", "test"):
-        df = index.load_index(synth_data_dir / f"index_{split}.csv")
+        df = load_index(synth_data_dir / f"index_{split}.csv")
         pd.testing.assert_frame_equal(df, synth_index[split], check_dtype=False)
         assert df["id"].map(type).eq(str).all() and df["s2_row"].dtype == np.int64
 
@@ -77,19 +81,19 @@ def test_cli_writes_csvs_and_counts(synth_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train: 3 domains, 6 zones, 18 patches" in out and "test: 2 domains, 4 zones, 12 patches" in out
     assert "D004_2021" in out and "D015_2020" in out
-    df = index.load_index(tmp_path / "index_train.csv")
+    df = load_index(tmp_path / "index_train.csv")
     assert len(df) == 18 and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_toy_layout_under_a_test_named_path(tmp_path):
     # tmp_path contains this test's name ("test_..."): only folders below the root may decide the split.
     root = make_dataset(tmp_path / "toy", 2, 1, 1, 2, seed=2, layout="toy", test_labels=False)
-    frames = index.build_index(root)
+    frames = build_index(root)
     assert len(frames["train"]) == 4 and len(frames["test"]) == 2
     assert (frames["test"]["msk_path"] == "").all() and (frames["train"]["msk_path"] != "").all()
     assert frames["train"]["img_path"].str.contains("flair_2_toy_aerial_train").all()
     # the root may also be the dataset folder itself
-    assert len(index.build_index(root / "flair_2_toy_dataset")["train"]) == 4
+    assert len(build_index(root / "flair_2_toy_dataset")["train"]) == 4
 
 
 def test_hugging_face_like_deeper_layout(tree, tmp_path):
@@ -103,8 +107,8 @@ def test_hugging_face_like_deeper_layout(tree, tmp_path):
     (hf / "aux-data").mkdir()
     for js in tree.glob("*.json"):
         shutil.copy(js, hf / "aux-data" / ("renamed_" + js.name if "metadata" in js.name else js.name))
-    report = index.scan(hf)
-    assert not report.fatal, index.format_problems(report.problems)
+    report = scan(hf)
+    assert not report.fatal, format_problems(report.problems)
     assert len(report.frames["train"]) == 4 and len(report.frames["test"]) == 4
     assert (report.frames["test"]["msk_path"] == "").all()
     assert (report.frames["train"]["camera"] != "").all()
@@ -114,7 +118,7 @@ def test_missing_train_label_is_fatal_and_named(tree, tmp_path, capsys):
     victim = sorted((tree / "flair_labels_train").rglob("MSK_*.tif"))[0]
     pid = victim.stem[4:]
     victim.unlink()
-    problems = _kinds(index.scan(tree))["missing-label"]
+    problems = _kinds(scan(tree))["missing-label"]
     assert len(problems) == 1 and problems[0].fatal and f"IMG_{pid}.tif" in problems[0].path
     assert f"MSK_{pid}.tif" in problems[0].message
     out_dir = tmp_path / "out"
@@ -125,28 +129,28 @@ def test_missing_train_label_is_fatal_and_named(tree, tmp_path, capsys):
     assert not (out_dir / "index_train.csv").exists()
     assert f"IMG_{pid}.tif" in (out_dir / "index_problems.txt").read_text()
     with pytest.raises(DataError, match="missing-label"):
-        index.build_index(tree)
+        build_index(tree)
     # --lenient writes the CSVs anyway, with an empty msk_path for that patch
     assert index.main(["--root", str(tree), "--out", str(out_dir), "--lenient"]) == 0
-    df = index.load_index(out_dir / "index_train.csv")
+    df = load_index(out_dir / "index_train.csv")
     assert df.loc[df["id"] == pid, "msk_path"].item() == ""
 
 
 def test_missing_test_label_is_a_warning_only(tree):
     victim = sorted((tree / "flair_2_labels_test").rglob("MSK_*.tif"))[0]
     victim.unlink()
-    report = index.scan(tree)
+    report = scan(tree)
     assert not report.fatal
     assert [p.fatal for p in _kinds(report)["missing-label"]] == [False]
     shutil.rmtree(tree / "flair_2_labels_test")  # no test labels at all: silent, msk_path ""
-    report = index.scan(tree)
+    report = scan(tree)
     assert not report.problems and (report.frames["test"]["msk_path"] == "").all()
 
 
 def test_zone_without_s2(tree):
     sen = sorted((tree / "flair_sen_train").glob("*/*"))[0]
     shutil.rmtree(sen)
-    problems = _kinds(index.scan(tree))["zone-without-s2"]
+    problems = _kinds(scan(tree))["zone-without-s2"]
     assert len(problems) == 1 and problems[0].fatal
     assert problems[0].path == f"{sen.parent.name}/{sen.name}" and "2 patch(es)" in problems[0].message
 
@@ -154,7 +158,7 @@ def test_zone_without_s2(tree):
 def test_incomplete_s2_triple(tree):
     masks = sorted((tree / "flair_sen_train").rglob("*_masks.npy"))[0]
     masks.unlink()
-    kinds = _kinds(index.scan(tree))
+    kinds = _kinds(scan(tree))
     assert "_masks" in kinds["incomplete-s2"][0].message and kinds["incomplete-s2"][0].fatal
     assert "zone-without-s2" in kinds
 
@@ -164,10 +168,10 @@ def test_patch_without_centroid(tree):
     key = sorted(centroids)[1]
     del centroids[key]
     (tree / CENTROIDS).write_text(json.dumps(centroids))
-    problems = _kinds(index.scan(tree))["missing-centroid"]
+    problems = _kinds(scan(tree))["missing-centroid"]
     assert len(problems) == 1 and problems[0].fatal and problems[0].path.endswith(key)
     (tree / CENTROIDS).unlink()
-    assert _kinds(index.scan(tree))["no-centroids"][0].fatal
+    assert _kinds(scan(tree))["no-centroids"][0].fatal
 
 
 def test_duplicate_id(tree):
@@ -175,7 +179,7 @@ def test_duplicate_id(tree):
     other_zone = next(p for p in imgs if p.parent != imgs[0].parent).parent
     copy = other_zone / imgs[0].name
     shutil.copy(imgs[0], copy)
-    problems = _kinds(index.scan(tree))["duplicate-id"]
+    problems = _kinds(scan(tree))["duplicate-id"]
     assert len(problems) == 1 and problems[0].fatal
     assert str(imgs[0]) in problems[0].message and str(copy) in problems[0].message
 
@@ -186,7 +190,7 @@ def test_centroid_window_outside_super_area(tree):
     centroids[keys[0]] = [3, 25]  # near the border: the 40x40 window gets padded, not fatal
     centroids[keys[1]] = [-4, 5000]  # not in the super-area at all
     (tree / CENTROIDS).write_text(json.dumps(centroids))
-    kinds = _kinds(index.scan(tree))
+    kinds = _kinds(scan(tree))
     edge, out = kinds["window-outside"], kinds["centroid-outside"]
     assert len(edge) == 1 and not edge[0].fatal and edge[0].path.endswith(keys[0])
     assert re.search(r"leaves the \d+x\d+ super-area", edge[0].message)
@@ -198,8 +202,8 @@ def test_unreadable_files_only_with_check(tree):
     img.write_bytes(b"not a tiff at all")
     msk = sorted(tree.rglob("MSK_*.tif"))[0]
     msk.write_bytes(msk.read_bytes()[:300])  # truncated
-    assert not index.scan(tree).fatal  # the default index opens no image
-    report = index.scan(tree, check=True, workers=2)
+    assert not scan(tree).fatal  # the default index opens no image
+    report = scan(tree, check=True, workers=2)
     bad = {Path(p.path).name for p in _kinds(report)["unreadable"]}
     assert {img.name, msk.name} <= bad and all(p.fatal for p in report.problems if p.kind == "unreadable")
 
@@ -213,7 +217,7 @@ def test_check_finds_bad_shapes_and_s2_mismatch(tree):
     products.write_text("\n".join(products.read_text().split()[:-1]) + "\n")
     data = sorted(tree.rglob("*_data.npy"))[1]
     np.save(data, np.zeros((3, 10, 5), np.uint16))
-    report = index.scan(tree, check=True, workers=2)
+    report = scan(tree, check=True, workers=2)
     bad = {Path(p.path).name: p.message for p in report.problems if p.kind in ("bad-file", "bad-s2")}
     assert "expected 5 bands" in bad[img.name]
     assert "products but data has T=" in bad[products.name]
@@ -222,13 +226,13 @@ def test_check_finds_bad_shapes_and_s2_mismatch(tree):
 
 def test_load_index_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        index.load_index(tmp_path / "nope.csv")
+        load_index(tmp_path / "nope.csv")
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="missing columns"):
-        index.load_index(tmp_path / "x.csv")
+        load_index(tmp_path / "x.csv")
 
 
 def test_empty_root(tmp_path):
-    report = index.scan(tmp_path)
+    report = scan(tmp_path)
     assert [p.kind for p in report.fatal] == ["no-images"]
-    assert list(report.frames["train"].columns) == index.COLUMNS
+    assert list(report.frames["train"].columns) == COLUMNS

@@ -1,4 +1,5 @@
-"""The official metric: agreement with a slow reimplementation written straight from spec section 9."""
+"""The official metric: agreement with a slow reimplementation written straight from the rule in
+docs/data-format.md, "Metric"."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,6 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 from src.classes import CLASS_NAMES
-from src.evaluate import evaluate
 from src.metrics import (
     ConfusionMatrix,
     confusion_from_raw,
@@ -19,7 +19,8 @@ from src.metrics import (
     miou_from_confusion,
 )
 from src.rasters import write_tif
-from src.submit import write_pred
+from src.scoring import evaluate
+from src.submission import write_pred
 
 LABELS = list(range(13))
 

@@ -6,8 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.checkpoint import save_checkpoint
 from src.config import DEFAULTS, load_config
-from src.models import build_model, count_parameters, find_first_conv, footprint, load_state_file
+from src.errors import CheckpointError
+from src.models import (
+    build_model,
+    count_parameters,
+    find_first_conv,
+    load_for_inference,
+    load_state_file,
+    sample_footprint,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL_UTAE = {"utae_widths": [16, 16, 32, 32], "utae_decoder_widths": [16, 16, 32, 32], "ltae_heads": 4,
@@ -122,21 +131,21 @@ def test_fusion_padded_dates_and_empty_series():
     torch.testing.assert_close(empty[0], ref["logits"][0], atol=1e-5, rtol=0)
 
 
-def test_footprint_geometry():
+def test_sample_footprint_geometry():
     """A 512 px image covers the central 10.24 S2 pixels of the 40 px map, centred on its middle."""
     cols = torch.arange(40.0).view(1, 1, 1, 40).expand(1, 1, 40, 40)   # value = S2 column index
-    out = footprint(cols, (512, 512), (16, 16))
+    out = sample_footprint(cols, (512, 512), (16, 16))
     k = torch.arange(16.0)
     expect = 19.5 - 5.12 + (k + 0.5) * 10.24 / 16                     # centres of the 16 output columns
     torch.testing.assert_close(out[0, 0, 0], expect)
     torch.testing.assert_close(out[0, 0, :, 3], torch.full((16,), float(expect[3])))
     # a 256 px crop covers half as much, still centred
-    out = footprint(cols, (256, 256), (4, 4))
+    out = sample_footprint(cols, (256, 256), (4, 4))
     torch.testing.assert_close(out[0, 0, 0], 19.5 - 2.56 + (torch.arange(4.0) + 0.5) * 5.12 / 4)
 
 
 def test_meta_dim_default_matches_dataset():
-    from src.dataset import META_DIM
+    from src.metadata import META_DIM
     assert DEFAULTS["meta_dim"] == META_DIM
 
 
@@ -298,3 +307,22 @@ def test_maxvit_pads_to_its_window_multiple():
     with torch.no_grad():
         out = model(torch.randn(1, len(cfg["bands"]), 96, 64))["logits"]
     assert out.shape == (1, 13, 96, 64)
+
+
+def test_load_for_inference_rebuilds_the_model(tmp_path):
+    cfg = load_config(None, {"encoder": "resnet18", "encoder_weights": "none", "bands": ["R", "G", "B"]})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    path = save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": cfg})
+    loaded, saved_cfg = load_for_inference(path, "cpu")
+    assert saved_cfg == cfg and not loaded.training
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["logits"], model(x)["logits"])
+    # weights of another architecture: a clear error naming the file
+    other = {**cfg, "encoder": "resnet34"}
+    save_checkpoint(tmp_path / "bad.pt", {"model": model.state_dict(), "config": other})
+    with pytest.raises(CheckpointError, match="bad.pt: weights do not match"):
+        load_for_inference(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):
+        load_for_inference(tmp_path / "missing.pt")

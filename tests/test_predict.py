@@ -1,8 +1,9 @@
-"""Prediction: TTA views and their inverses, joint aerial/S2 transforms, ensemble weights, complete and
-resumable PRED folders, saved probabilities and their later combination, disk-full behaviour."""
+"""Prediction of a split: complete and resumable PRED folders, saved probabilities and their later
+combination, unreadable patches, the time budget, disk-full behaviour, the command line."""
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,200 +12,17 @@ import tifffile
 import torch
 from torch import nn
 
+from src import ensemble as E
 from src import predict as P
-from src import tta as T
+from src import predstore, probstore
+from src.combine import combine
 from src.config import DEFAULTS
-from src.rasters import DataError, read_label
+from src.errors import DataError, PredictError
+from src.rasters import read_label
+from src.submission import validate, zip_name
+from tests.test_ensemble import S2Recorder
 
 torch.set_num_threads(1)
-
-
-# ------------------------------------------------------------------------------------- toy models
-class Pointwise(nn.Module):
-    """1x1 convs and a pointwise nonlinearity: commutes with every flip/rotation, so TTA is a no-op."""
-
-    def __init__(self, c_in: int = 5, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.a = nn.Conv2d(c_in, 16, 1)
-        self.b = nn.Conv2d(16, 13, 1)
-
-    def forward(self, image, s2=None, s2_days=None, s2_pad=None, meta=None):
-        return {"logits": self.b(torch.tanh(self.a(image)))}
-
-
-class Spatial(nn.Module):
-    """A 3x3 conv: not equivariant, so TTA must change its output (guards against a no-op TTA)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.c = nn.Conv2d(5, 13, 3, padding=1)
-
-    def forward(self, image, **kw):
-        return {"logits": self.c(image)}
-
-
-class S2Recorder(nn.Module):
-    """Output = pointwise(image) + nearest-upsampled per-pixel S2 mean: equivariant only when the S2 crop
-    is flipped/rotated with the image. Records every input it receives."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(2)
-        self.img = nn.Conv2d(5, 13, 1)
-        self.w = nn.Parameter(torch.randn(13, 1, 1))
-        self.seen: list[dict[str, torch.Tensor]] = []
-
-    def forward(self, image, s2=None, s2_days=None, s2_pad=None, meta=None):
-        self.seen.append({"image": image.clone(), "s2": s2.clone(), "s2_days": s2_days.clone(),
-                          "s2_pad": s2_pad.clone()})
-        s2_map = s2.mean(dim=(1, 2))[:, None]  # (N, 1, S, S): mean over dates and bands
-        up = nn.functional.interpolate(s2_map, size=image.shape[-2:], mode="nearest")
-        return {"logits": self.img(image) + self.w * up}
-
-
-class Constant(nn.Module):
-    """Same logits at every pixel of every patch."""
-
-    def __init__(self, logits: list[float]):
-        super().__init__()
-        self.register_buffer("v", torch.tensor(logits, dtype=torch.float32))
-
-    def forward(self, image, **kw):
-        b, _, h, w = image.shape
-        return {"logits": self.v[None, :, None, None].expand(b, -1, h, w)}
-
-
-def _batch(b: int = 3, h: int = 32, w: int = 32, s2: bool = False, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    out = {"image": torch.randn(b, 5, h, w, generator=g), "id": [f"{i:06d}" for i in range(b)]}
-    if s2:
-        out["s2"] = torch.randn(b, 4, 10, 8, 8, generator=g)
-        out["s2_days"] = torch.arange(4).repeat(b, 1)
-        out["s2_pad"] = torch.zeros(b, 4, dtype=torch.bool)
-    return out
-
-
-# ------------------------------------------------------------------------------------- TTA level
-@pytest.mark.parametrize("level,n", [("none", 1), ("flip", 3), ("d4", 8)])
-def test_views_are_distinct_and_invert(level, n):
-    x = torch.randn(2, 3, 6, 6)
-    vs = T.views(level)
-    assert len(vs) == n
-    seen = set()
-    for v in vs:
-        assert torch.equal(v.invert(v.apply(x)), x), v
-        seen.add(v.apply(x).numpy().tobytes())
-    assert len(seen) == n  # every view is a different picture
-    assert vs[0] == T.View()
-
-
-def test_flip_level_is_identity_hflip_vflip():
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    got = [v.apply(x) for v in T.views("flip")]
-    assert torch.equal(got[1], x.flip(-1)) and torch.equal(got[2], x.flip(-2))
-
-
-def test_unknown_level_rejected():
-    with pytest.raises(ValueError, match="unknown TTA level"):
-        T.views("d8")
-
-
-@pytest.mark.parametrize("ensemble", ["probs", "logits"])
-def test_tta_of_equivariant_model_equals_no_tta(ensemble):
-    model = Pointwise().eval()
-    batch = _batch()
-    ref = P.predict_batch([model], None, batch, "none", ensemble)
-    for level in ("flip", "d4"):
-        got = P.predict_batch([model], None, batch, level, ensemble)
-        assert got.shape == (3, 13, 32, 32)
-        assert torch.allclose(got, ref, atol=1e-5), level
-    assert torch.allclose(ref.sum(1), torch.ones(3, 32, 32), atol=1e-5)
-
-
-def test_tta_changes_a_non_equivariant_model_and_averages_the_views():
-    model = Spatial().eval()
-    batch = _batch()
-    ref = P.predict_batch([model], None, batch, "none")
-    got = P.predict_batch([model], None, batch, "d4")
-    assert not torch.allclose(got, ref, atol=1e-3)
-    # by hand: every view through the model on its own, mapped back, probabilities averaged
-    with torch.no_grad():
-        manual = torch.stack([v.invert(model(v.apply(batch["image"]))["logits"]).softmax(1)
-                              for v in T.views("d4")]).mean(0)
-    assert torch.allclose(got, manual, atol=1e-5)
-
-
-def test_views_go_through_the_network_together_and_s2_turns_with_the_image():
-    model = S2Recorder().eval()
-    batch = _batch(b=2, h=32, w=32, s2=True)
-    ref = P.predict_batch([model], None, batch, "none")
-    model.seen.clear()
-    got = P.predict_batch([model], None, batch, "d4")
-    assert len(model.seen) == 1  # one forward pass for all 8 views (V*B rows)
-    seen = model.seen[0]
-    assert seen["image"].shape[0] == 16 and seen["s2"].shape == (16, 4, 10, 8, 8)
-    for k, v in enumerate(T.views("d4")):
-        rows = slice(2 * k, 2 * k + 2)
-        assert torch.equal(seen["image"][rows], v.apply(batch["image"])), v
-        assert torch.equal(seen["s2"][rows], v.apply(batch["s2"])), v
-        assert torch.equal(seen["s2_days"][rows], batch["s2_days"])
-        assert torch.equal(seen["s2_pad"][rows], batch["s2_pad"])
-    # and the model (equivariant only if S2 turns with the image) gives the no-TTA answer
-    assert torch.allclose(got, ref, atol=1e-5)
-
-
-def test_non_square_image_d4_uses_two_stacks():
-    model = Pointwise().eval()
-    batch = _batch(h=16, w=24)
-    ref = P.predict_batch([model], None, batch, "none")
-    got = P.predict_batch([model], None, batch, "d4")
-    assert got.shape == (3, 13, 16, 24)
-    assert torch.allclose(got, ref, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------------- ensemble level
-def test_ensemble_weights_are_applied():
-    la = [4.0] + [0.0] * 12
-    lb = [0.0, 3.0] + [0.0] * 11
-    a, b = Constant(la), Constant(lb)
-    pa, pb = torch.tensor(la).softmax(0), torch.tensor(lb).softmax(0)
-    batch = _batch(b=2, h=8, w=8)
-    got = P.predict_batch([a, b], [3, 1], batch, "d4", "probs")
-    want = 0.75 * pa + 0.25 * pb
-    assert torch.allclose(got[1, :, 5, 2], want, atol=1e-6)
-    got = P.predict_batch([a, b], [1, 3], batch, "none", "logits")
-    want = (0.25 * torch.tensor(la) + 0.75 * torch.tensor(lb)).softmax(0)
-    assert torch.allclose(got[0, :, 0, 7], want, atol=1e-6)
-    # equal weights by default; a zero weight removes a model
-    assert torch.allclose(P.predict_batch([a, b], None, batch)[0, :, 0, 0], (pa + pb) / 2, atol=1e-6)
-    assert torch.allclose(P.predict_batch([a, b], [0, 2], batch)[0, :, 0, 0], pb, atol=1e-6)
-    with pytest.raises(ValueError, match="weights"):
-        P.predict_batch([a, b], [1], batch)
-
-
-def test_models_can_get_their_own_inputs():
-    three = Pointwise(c_in=3, seed=3).eval()
-    five = Pointwise(c_in=5, seed=4).eval()
-    b5 = _batch()
-    b3 = {**b5, "image": b5["image"][:, :3]}
-    got = P.predict_batch([three, five], None, [b3, b5], "flip")
-    want = (P.predict_batch([three], None, b3) + P.predict_batch([five], None, b5)) / 2
-    assert torch.allclose(got, want, atol=1e-5)
-
-
-def test_weights_per_run_item_are_split_between_its_checkpoints(tmp_path):
-    for f in ("a/fold0", "a/fold1", "b/fold0"):
-        (tmp_path / f).mkdir(parents=True)
-        (tmp_path / f / "best.pt").write_bytes(b"x")
-    paths, w = P.resolve_checkpoints([tmp_path / "a", tmp_path / "b"], [1, 1])
-    assert [p.parent.parent.name for p in paths] == ["a", "a", "b"]
-    assert w == [0.5, 0.5, 1.0]
-    _, w = P.resolve_checkpoints([tmp_path / "a", tmp_path / "b"], [1, 2, 3])
-    assert w == [1, 2, 3]
-    with pytest.raises(P.PredictError, match="weights"):
-        P.resolve_checkpoints([tmp_path / "a", tmp_path / "b"], [1, 2, 3, 4])
 
 
 # ------------------------------------------------------------------------------------- file level
@@ -241,8 +59,6 @@ def _preds(folder) -> dict[str, np.ndarray]:
 
 def test_every_patch_gets_a_prediction_when_batches_do_not_divide(synth_index, tmp_path):
     from src.dataset import FlairDataset
-    from src.submit import validate
-
     test = synth_index["test"]
     assert len(test) % 5 != 0
     model = Conv1x1().eval()
@@ -284,9 +100,9 @@ def test_another_setup_is_refused_unless_overwrite(synth_index, tmp_path):
     _run(test, out, [Conv1x1(0).eval(), Conv1x1(1).eval()], weights=[1, 1])
     first = _preds(out)
     (out / f"PRED_{test['id'].iloc[0]}.tif").unlink()
-    with pytest.raises(P.PredictError, match="weights differs"):
+    with pytest.raises(PredictError, match="weights differs"):
         _run(test, out, [Conv1x1(0).eval(), Conv1x1(1).eval()], weights=[1, 0])
-    with pytest.raises(P.PredictError, match="tta differs"):
+    with pytest.raises(PredictError, match="tta differs"):
         _run(test, out, [Conv1x1(0).eval(), Conv1x1(1).eval()], weights=[1, 1], tta="flip")
     report = _run(test, out, [Conv1x1(0).eval(), Conv1x1(1).eval()], weights=[1, 0], overwrite=True)
     assert report["n_written"] == len(test)
@@ -295,8 +111,8 @@ def test_another_setup_is_refused_unless_overwrite(synth_index, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(_preds(out).values(), _preds(tmp_path / "solo").values()))
     assert any(not np.array_equal(a, _preds(out)[k]) for k, a in first.items() if k in _preds(out))
     # a folder of PRED files that this tool did not write is not silently mixed either
-    (out / P.MANIFEST).unlink()
-    with pytest.raises(P.PredictError, match="no predict.json"):
+    (out / predstore.MANIFEST).unlink()
+    with pytest.raises(PredictError, match="no predict.json"):
         _run(test, out, [Conv1x1(0).eval()])
 
 
@@ -322,9 +138,9 @@ def test_disk_full_leaves_no_partial_file_and_says_what_to_free(synth_index, tmp
     with pytest.raises(OSError, match="free") as info:
         _run(test, out)
     assert info.value.errno == errno.ENOSPC and "re-run the same command" in str(info.value)
-    left = sorted(p.name for p in out.iterdir() if p.name != P.MANIFEST)
+    left = sorted(p.name for p in out.iterdir() if p.name != predstore.MANIFEST)
     assert left and all(n.startswith("PRED_") for n in left)  # no temp files left behind
-    assert all(P.pred_ok(out / n) for n in left) and len(left) < len(test)
+    assert all(predstore.pred_ok(out / n) for n in left) and len(left) < len(test)
     monkeypatch.setattr(tifffile, "imwrite", real)
     report = _run(test, out)
     assert report["n_written"] == len(test) - len(left) and len(_preds(out)) == len(test)
@@ -338,24 +154,24 @@ def test_saved_probabilities_combine_later(synth_index, tmp_path):
     _run(test, tmp_path / "pa", [a], probs_dir=tmp_path / "qa")
     _run(test, tmp_path / "pb", [b], probs_dir=tmp_path / "qb")
     pid = test["id"].iloc[1]
-    q = P.load_prob(P.prob_path(tmp_path / "qa", pid))
+    q = probstore.load_prob(probstore.prob_path(tmp_path / "qa", pid))
     assert q.dtype == np.uint8 and q.shape == (13, 512, 512)
     assert abs(q.astype(int).sum(0) - 255).max() <= 7  # rounding of 13 classes
     sample = FlairDataset(test, _cfg(), train=False, labels=False)[1]
-    probs = P.predict_batch([a], None, {"image": sample["image"][None]})[0].numpy()
+    probs = E.predict_batch([a], None, {"image": sample["image"][None]})[0].numpy()
     assert np.abs(q / 255.0 - probs).max() <= 0.5 / 255 + 1e-6  # round(p * 255)
     logs: list[str] = []
-    P.combine([tmp_path / "qa", tmp_path / "qb"], tmp_path / "only_a", test["id"], [1, 0], log=logs.append)
-    assert all(np.array_equal(x, P.load_prob(P.prob_path(tmp_path / "qa", k)).argmax(0))
+    combine([tmp_path / "qa", tmp_path / "qb"], tmp_path / "only_a", test["id"], [1, 0], log=logs.append)
+    assert all(np.array_equal(x, probstore.load_prob(probstore.prob_path(tmp_path / "qa", k)).argmax(0))
                for k, x in _preds(tmp_path / "only_a").items())
-    P.combine([tmp_path / "qa", tmp_path / "qb"], tmp_path / "ab", test["id"], [1, 3], log=logs.append)
-    qa = P.load_prob(P.prob_path(tmp_path / "qa", pid)).astype(np.float32)
-    qb = P.load_prob(P.prob_path(tmp_path / "qb", pid)).astype(np.float32)
+    combine([tmp_path / "qa", tmp_path / "qb"], tmp_path / "ab", test["id"], [1, 3], log=logs.append)
+    qa = probstore.load_prob(probstore.prob_path(tmp_path / "qa", pid)).astype(np.float32)
+    qb = probstore.load_prob(probstore.prob_path(tmp_path / "qb", pid)).astype(np.float32)
     assert np.array_equal(read_label(tmp_path / "ab" / f"PRED_{pid}.tif"), (0.25 * qa + 0.75 * qb).argmax(0))
     # a folder that lacks an id is named
-    P.prob_path(tmp_path / "qb", pid).unlink()
-    with pytest.raises(P.PredictError, match="qb: 1 of 4 PROB files missing"):
-        P.combine([tmp_path / "qa", tmp_path / "qb"], tmp_path / "ab2", test["id"], log=logs.append)
+    probstore.prob_path(tmp_path / "qb", pid).unlink()
+    with pytest.raises(PredictError, match="qb: 1 of 4 PROB files missing"):
+        combine([tmp_path / "qa", tmp_path / "qb"], tmp_path / "ab2", test["id"], log=logs.append)
 
 
 def test_unreadable_patch_fallback_with_skip_bad(synth_index, tmp_path):
@@ -424,8 +240,6 @@ def test_cli_predict_submit_and_combine(synth_index, tmp_path, capsys):
     assert "2 model(s)" in out and "projected for the 16050 test patches" in out and "mIoU" in out
     zips = list(subs.glob("r18_15-00_*.zip"))  # baseline 15 min, then our measured time
     assert len(zips) == 1
-    from src.submit import validate
-
     assert validate(zips[0], test["id"])["files"] == 3
     assert (tmp_path / "pred_scores.json").is_file() and (tmp_path / "pred_confusion.png").is_file()
     # the same command again: nothing re-predicted (same measured time, so the same zip name), and the
@@ -443,8 +257,44 @@ def test_cli_predict_submit_and_combine(synth_index, tmp_path, capsys):
     comb, pred = _preds(tmp_path / "comb"), _preds(tmp_path / "pred")
     assert comb.keys() == pred.keys() == set(test["id"])
     for k, x in comb.items():
-        assert np.array_equal(x, P.load_prob(P.prob_path(tmp_path / "probs", k)).argmax(0))
+        assert np.array_equal(x, probstore.load_prob(probstore.prob_path(tmp_path / "probs", k)).argmax(0))
         assert (x == pred[k]).mean() > 0.9
+
+
+def test_cli_combine_submit_names_the_zip_with_the_saved_runs_time(synth_index, tmp_path, capsys):
+    """Bug 5: `--combine ... --submit NAME --baseline-time S` ended in a traceback (the combination
+    reported no measured time). Its time is now the saved runs' (their probs.json) plus its own."""
+    test = synth_index["test"].iloc[:3]
+    index_csv = tmp_path / "index_test.csv"
+    test.to_csv(index_csv, index=False)
+    a = _run(test, tmp_path / "pa", [Conv1x1(0).eval()], probs_dir=tmp_path / "qa")
+    b = _run(test, tmp_path / "pb", [Conv1x1(5).eval()], probs_dir=tmp_path / "qb")
+    subs = tmp_path / "subs"
+    P.main(["--combine", str(tmp_path / "qa"), str(tmp_path / "qb"), "--index", str(index_csv),
+            "--out", str(tmp_path / "comb"), "--submit", "ens", "--baseline-time", "900",
+            "--submit-dir", str(subs)])
+    manifest = json.loads((tmp_path / "comb" / predstore.MANIFEST).read_text())
+    runs_per_patch = a["infer_s"] / a["n_timed"] + b["infer_s"] / b["n_timed"]
+    assert manifest["sources_s_per_patch"] == pytest.approx(runs_per_patch)
+    assert manifest["n_timed"] == 3 and manifest["infer_s"] > 0 and manifest["complete"]
+    total = 3 * (runs_per_patch + manifest["infer_s"] / manifest["n_timed"])
+    assert [p.name for p in subs.iterdir()] == [zip_name("ens", 900, total)]
+    # probability folders that record no time (saved by hand, or by an older kit): the combination's own
+    # time names the zip, with a warning
+    rng = np.random.default_rng(0)
+    for d in ("qc", "qd"):
+        (tmp_path / d).mkdir()
+        for pid in test["id"]:
+            probstore.save_prob(probstore.prob_path(tmp_path / d, pid),
+                                rng.integers(0, 256, (13, 512, 512), dtype=np.uint8))
+    capsys.readouterr()
+    P.main(["--combine", str(tmp_path / "qc"), str(tmp_path / "qd"), "--index", str(index_csv),
+            "--out", str(tmp_path / "old"), "--submit", "old", "--baseline-time", "900",
+            "--submit-dir", str(subs)])
+    assert "no inference time" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "old" / predstore.MANIFEST).read_text())
+    assert manifest["sources_s_per_patch"] is None
+    assert (subs / zip_name("old", 900, manifest["infer_s"])).is_file()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, synth_index):

@@ -28,7 +28,9 @@ import pytest
 from src import predict as P
 from src import train as T
 from src.checkpoint import load_checkpoint
-from src.rasters import DataError, read_label
+from src.errors import DataError
+from src.predstore import FALLBACK_CLASS, pred_ok
+from src.rasters import read_label
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
@@ -62,8 +64,9 @@ def soak(tmp_path_factory):
     """50 patches (30 train, 20 test): index and folds built on good files, then exactly 5 % of the 100
     image / train-label / S2 .npy files damaged (as if the disk went bad mid-project)."""
     from src.folds import make_folds
-    from src.index import build_index, write_index
-    from src.synth import make_dataset
+    from src.index_scan import build_index
+    from src.synth_write import make_dataset
+    from src.tables import write_index
 
     base = tmp_path_factory.mktemp("soak")
     root = make_dataset(base / "raw", train_domains=3, test_domains=2, zones=2, patches=5, seed=1)
@@ -95,7 +98,7 @@ def soak(tmp_path_factory):
 
 
 def test_index_check_names_exactly_the_damaged_files(soak):
-    from src.index import scan
+    from src.index_scan import scan
 
     report = scan(soak["root"], check=True, workers=2)
     named = {p.path for p in report.problems if p.fatal}
@@ -123,7 +126,7 @@ def test_soak_training_skips_exactly_the_damaged_patches(soak, soak_run):
 
 
 def test_soak_prediction_gives_a_valid_submission_and_an_exact_skip_list(soak, soak_run, tmp_path, capsys):
-    from src.submit import validate
+    from src.submission import validate
 
     pred, subs = tmp_path / "pred", tmp_path / "subs"
     P.main(["--runs", str(soak_run["runs"] / "r"), "--out", str(pred), "--tta", "none", "--submit", "soak",
@@ -135,7 +138,7 @@ def test_soak_prediction_gives_a_valid_submission_and_an_exact_skip_list(soak, s
     skipped = ids_in(pred / "skipped.txt")
     assert set(skipped) == soak["bad_test"] and len(skipped) == len(set(skipped)) and skipped
     for pid in skipped:  # the fallback class: "other" (12), no false positive on a scored class
-        assert (read_label(pred / f"PRED_{pid}.tif") == P.FALLBACK_CLASS).all()
+        assert (read_label(pred / f"PRED_{pid}.tif") == FALLBACK_CLASS).all()
     assert "mIoU" in capsys.readouterr().out
 
 
@@ -182,8 +185,7 @@ def test_damaged_file_mid_training_stops_with_its_name_or_is_skipped(data_dir, t
     broken, name, hit = _broken_copy(data_dir, tmp_path, kind)
     with pytest.raises(SystemExit) as info:
         T.main(train_args(broken, tmp_path / "strict", "epochs=1", "max_val_batches=1"))
-    # the message is the last line; the progress bar left unclosed by the exception precedes it on that
-    # line (see the report: src/train.py should close the bar in a finally)
+    # the message is the last line of stderr (the progress is closed before it, even on an error)
     last = capsys.readouterr().err.strip().splitlines()[-1].split("data error: ", 1)
     assert info.value.code == 1 and len(last) == 2 and name in last[1]
     T.main(train_args(broken, tmp_path / "lenient", "epochs=1", "max_val_batches=1", "skip_bad=1"))
@@ -245,9 +247,9 @@ def test_wrong_shapes_are_caught_with_the_file_named(synth_index, tmp_path, kind
 def test_wrong_size_or_bands_caught_by_index_check(tmp_path):
     """An unlabelled test image has no label to compare with: `python -m src.index --check` names it
     (the dataset checks the band count; the submission validator rejects a non-512x512 PRED file)."""
-    from src.index import scan
+    from src.index_scan import scan
     from src.rasters import write_tif
-    from src.synth import make_dataset
+    from src.synth_write import make_dataset
 
     root = make_dataset(tmp_path / "raw", train_domains=1, test_domains=1, zones=1, patches=2, seed=3)
     small, bands = sorted(root.glob("flair_2_aerial_test/**/IMG_*.tif"))
@@ -304,7 +306,7 @@ def test_a_skipped_non_finite_step_leaves_the_weights_finite(data_dir, tmp_path)
 
 # ----------------------------------------------------------------------------- predict killed mid-run
 def test_predict_killed_then_rerun_completes_writing_only_the_missing(soak, soak_run, tmp_path):
-    from src.submit import validate
+    from src.submission import validate
 
     out = tmp_path / "pred"
     cmd = [sys.executable, "-m", "src.predict", "--runs", str(soak_run["runs"] / "r"), "--out", str(out),
@@ -321,7 +323,7 @@ def test_predict_killed_then_rerun_completes_writing_only_the_missing(soak, soak
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("PRED_*.tif")}
     n_ids = len(soak["test"])
     assert 2 <= len(first) < n_ids
-    assert all(P.pred_ok(out / name) for name in first)  # atomic writes: no partial file under a final name
+    assert all(pred_ok(out / name) for name in first)  # atomic writes: no partial file under a final name
     done = subprocess.run(cmd[:-1] + ["batch_size=4"], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

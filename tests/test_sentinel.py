@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from src import sentinel
-from src.rasters import DataError
+from src.errors import DataError
 from src.sentinel import (
     FALLBACK_TOL,
     cloud_cover,

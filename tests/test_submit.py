@@ -12,16 +12,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from src.submit import (
-    DiskFullError,
-    SubmissionError,
-    format_time,
-    main,
-    make_zip,
-    validate,
-    write_pred,
-    zip_name,
-)
+from src.errors import DiskFullError, SubmissionError
+from src.submission import format_time, make_zip, validate, write_pred, zip_name
+from src.submit import main
 
 IDS = ["000101", "000102", "000103"]
 

@@ -1,4 +1,6 @@
-"""The synthetic generator writes the real FLAIR #2 formats, and its data keeps its promises (spec 2-6)."""
+"""The synthetic generator writes the real FLAIR #2 formats (docs/data-format.md, "Layout on disk",
+"Aerial images", "Labels and classes", "Sentinel-2 super-areas", "Metadata"), and its data keeps its
+promises."""
 from __future__ import annotations
 
 import datetime as dt
@@ -12,6 +14,8 @@ import tifffile
 
 from src import synth
 from src.rasters import read_image, read_label
+from src.synth_scene import TEST_DOMAINS, ZoneTruth, plan_dataset
+from src.synth_write import make_dataset
 
 # The session fixture synth_root is make_dataset(tmp, 3, 2, 2, 3, seed=0): the same arguments give the truth.
 FIXTURE_ARGS = dict(train_domains=3, test_domains=2, zones=2, patches=3, seed=0)
@@ -22,16 +26,16 @@ TOP = {"train": ("flair_aerial_train", "flair_labels_train", "flair_sen_train"),
 
 
 @pytest.fixture(scope="module")
-def truth() -> list[synth.ZoneTruth]:
-    return synth.plan_dataset(**FIXTURE_ARGS)
+def truth() -> list[ZoneTruth]:
+    return plan_dataset(**FIXTURE_ARGS)
 
 
-def _paths(root: Path, zt: synth.ZoneTruth, pid: str) -> tuple[Path, Path, Path]:
+def _paths(root: Path, zt: ZoneTruth, pid: str) -> tuple[Path, Path, Path]:
     aerial, labels, sen = (root / top / zt.domain / zt.zone for top in TOP[zt.split])
     return aerial / "img" / f"IMG_{pid}.tif", labels / "msk" / f"MSK_{pid}.tif", sen / "sen"
 
 
-def _s2(root: Path, zt: synth.ZoneTruth) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _s2(root: Path, zt: ZoneTruth) -> tuple[np.ndarray, np.ndarray, list[str]]:
     sen = root / TOP[zt.split][2] / zt.domain / zt.zone / "sen"
     stem = f"SEN2_sp_{zt.domain}-{zt.zone}"
     products = (sen / f"{stem}_products.txt").read_text().split()
@@ -46,7 +50,7 @@ def test_tree_names_and_ids(synth_root, truth):
     assert all(re.fullmatch(r"\d{6}", i) for i in ids) and len(set(ids)) == len(ids)
     assert {p.stem[4:] for p in msks} == set(ids)
     domains = {zt.domain for zt in truth}
-    assert {zt.domain for zt in truth if zt.split == "test"} <= set(synth.TEST_DOMAINS)
+    assert {zt.domain for zt in truth if zt.split == "test"} <= set(TEST_DOMAINS)
     assert all(re.fullmatch(r"D\d{3}_\d{4}", d) for d in domains) and len(domains) == 5
     for zt in truth:
         assert re.fullmatch(r"Z\d+_[A-Z]{2}", zt.zone)
@@ -197,8 +201,8 @@ def test_rare_classes_reach_the_labels(synth_root):
 
 
 def test_toy_layout_interleaved_same_content(tmp_path):
-    a = synth.make_dataset(tmp_path / "official", 1, 1, 1, 2, seed=3)
-    b = synth.make_dataset(tmp_path / "toy", 1, 1, 1, 2, seed=3, layout="toy", interleave="contig",
+    a = make_dataset(tmp_path / "official", 1, 1, 1, 2, seed=3)
+    b = make_dataset(tmp_path / "toy", 1, 1, 1, 2, seed=3, layout="toy", interleave="contig",
                            test_labels=False)
     toy = b / "flair_2_toy_dataset"
     assert (toy / "flair-2_centroids_sp_to_patch.json").is_file()
@@ -216,13 +220,13 @@ def test_toy_layout_interleaved_same_content(tmp_path):
 
 
 def test_mixed_interleave_and_seeds(tmp_path):
-    root = synth.make_dataset(tmp_path / "m", 1, 0, 1, 2, seed=1, interleave="mixed")
+    root = make_dataset(tmp_path / "m", 1, 0, 1, 2, seed=1, interleave="mixed")
     configs = set()
     for path in root.rglob("IMG_*.tif"):
         with tifffile.TiffFile(path) as tif:
             configs.add(tif.pages[0].planarconfig)
     assert configs == {tifffile.PLANARCONFIG.CONTIG, tifffile.PLANARCONFIG.SEPARATE}
-    ids = lambda **kw: [p for zt in synth.plan_dataset(1, 1, 1, 3, **kw) for p in zt.patches]  # noqa: E731
+    ids = lambda **kw: [p for zt in plan_dataset(1, 1, 1, 3, **kw) for p in zt.patches]  # noqa: E731
     assert ids(seed=1) == ids(seed=1) and ids(seed=1) != ids(seed=2)
 
 
@@ -232,24 +236,24 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     assert "1 patches" in capsys.readouterr().out
     assert len(list((tmp_path / "cli").rglob("IMG_*.tif"))) == 1
     with pytest.raises(ValueError, match="layout"):
-        synth.make_dataset(tmp_path / "x", layout="hf")
+        make_dataset(tmp_path / "x", layout="hf")
     with pytest.raises(ValueError, match="interleave"):
-        synth.make_dataset(tmp_path / "x", interleave="bsq")
+        make_dataset(tmp_path / "x", interleave="bsq")
 
 
 def test_many_patches_fit_in_grown_super_area():
-    zt = synth.plan_dataset(1, 0, 1, 30, seed=4, edge_rate=0.0)[0]
+    zt = plan_dataset(1, 0, 1, 30, seed=4, edge_rate=0.0)[0]
     h, w = zt.shape
     starts = [(r0, c0) for _, r0, c0 in zt.patches]
     assert len(set(starts)) == 30
     for r0, c0 in starts:  # full 40x40 window inside at every centroid, no overlap thanks to the grid
-        r, c = synth.ZoneTruth.centroid(r0, c0)
+        r, c = ZoneTruth.centroid(r0, c0)
         assert 20 <= r <= h - 20 and 20 <= c <= w - 20
 
 
 def test_parallel_workers_write_the_same_bytes(tmp_path):
-    serial = synth.make_dataset(tmp_path / "s", 1, 0, 2, 1, seed=9)
-    parallel = synth.make_dataset(tmp_path / "p", 1, 0, 2, 1, seed=9, workers=2)
+    serial = make_dataset(tmp_path / "s", 1, 0, 2, 1, seed=9)
+    parallel = make_dataset(tmp_path / "p", 1, 0, 2, 1, seed=9, workers=2)
     files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
     assert len(files) == 2 * 5 + 2
     assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())

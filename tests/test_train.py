@@ -19,11 +19,15 @@ import pytest
 import torch
 
 from src import train as T
-from src.checkpoint import load_checkpoint, load_for_inference
-from src.classes import OTHER
-from src.config import ConfigError, load_config
-from src.losses import Criterion, downsample_mask, footprint
-from src.metrics import miou_from_confusion
+from src.checkpoint import load_checkpoint
+from src.config import load_config
+from src.losses import Criterion
+from src.metrics import confusion_torch, miou_from_confusion
+from src.models import load_for_inference
+from src.run_files import CSV_COLS, IOU_COLS
+from src.schedule import lr_at
+from src.tables import fold_rows
+from src.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
@@ -55,43 +59,13 @@ def digest(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- pure pieces
+# (the loss: tests/test_losses.py)
 def test_lr_schedule_warmup_then_cosine():
-    lrs = [T.lr_at(s, 100, 10, 1e-3, 0.01) for s in range(100)]
+    lrs = [lr_at(s, 100, 10, 1e-3, 0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))          # warmup rises
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))         # cosine falls
-    assert T.lr_at(100, 100, 10, 1e-3, 0.01) == pytest.approx(1e-5)  # ends at base * min_lr_ratio
-
-
-def test_criterion_weights_aux_head_and_errors():
-    cfg = load_config(None, {"loss": "ce"})
-    crit = Criterion(cfg)
-    logits = torch.randn(2, 13, 64, 64, requires_grad=True)
-    only_other = torch.full((2, 64, 64), OTHER)
-    loss, _ = crit({"logits": logits}, only_other)
-    assert loss.item() == 0.0  # weight-0 pixels only: 0, not PyTorch's 0/0 = NaN
-    loss.backward()
-    assert crit.w[OTHER] == 0 and crit.w[11] == 1 and crit.w_s2[11] == 0 and crit.w_s2[OTHER] == 0
-    mask = torch.randint(0, 13, (2, 64, 64))
-    for kind in ("ce", "ce_dice", "focal"):
-        out = {"logits": logits, "s2_logits": torch.randn(2, 13, 40, 40)}
-        value, parts = Criterion({**cfg, "loss": kind})(out, mask)
-        assert torch.isfinite(value) and "s2" in parts
-    for bad in ({"loss": "dice"}, {"class_weights": [1, 2]}, {"class_weights": "inverse"},
-                {"label_smoothing": 1.5}):
-        with pytest.raises(ConfigError):
-            Criterion({**cfg, **bad})
-
-
-def test_s2_target_is_majority_of_the_footprint():
-    mask = torch.zeros(1, 100, 100, dtype=torch.long)
-    mask[0, :50, :50] = 3
-    mask[0, :20, 50:] = 7  # 40 % of the top-right block: the block stays class 0
-    assert downsample_mask(mask, (2, 2)).tolist() == [[[3, 0], [0, 0]]]
-    s2 = torch.arange(40 * 40, dtype=torch.float).view(1, 1, 40, 40)
-    assert footprint(s2, (512, 512)).shape[-2:] == (10, 10)   # 512 px x 0.2 m = 10.24 S2 pixels
-    assert footprint(s2, (512, 512))[0, 0, 0, 0] == 15 * 40 + 15  # centred in the 40x40 crop
-    assert footprint(s2, (128, 128)).shape[-2:] == (3, 3)
+    assert lr_at(100, 100, 10, 1e-3, 0.01) == pytest.approx(1e-5)  # ends at base * min_lr_ratio
 
 
 # ----------------------------------------------------------------------------- one-line setting errors
@@ -103,6 +77,10 @@ def test_s2_target_is_majority_of_the_footprint():
     ([], "7", 0, "fold 7 not in"),
     ([], "x", 0, "--fold: expected a fold number"),
     ([], "0", 1, "nothing to resume"),
+    (["fusion=utt", "epochs=1", "max_train_batches=1", "max_val_batches=1"], "0", 0,
+     "fusion=utt needs use_s2=true"),
+    (["use_s2=true", "epochs=1", "max_train_batches=1", "max_val_batches=1"], "0", 0,
+     "use_s2=true does nothing with fusion=none: set fusion=utt or use_s2=false"),
 ])
 def test_setting_errors_are_one_line_before_any_work(data_dir, tmp_path, capsys, extra, fold, resume,
                                                      message):
@@ -138,7 +116,7 @@ def test_fold_run_outputs_checkpoints_and_metric(data_dir, tmp_path):
                                                "last.pt"}
     rows = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(T.CSV_COLS) == set(rows[0]) and all(float(r["miou"]) >= 0 for r in rows)
+    assert set(CSV_COLS) == set(rows[0]) and all(float(r["miou"]) >= 0 for r in rows)
     assert all(float(r["train_s2_loss"]) > 0 for r in rows)  # the auxiliary S2 head is trained
     last = load_checkpoint(run / "last.pt")
     assert CONTRACT_KEYS <= set(last) and last["epoch"] == 2 and last["fold"] == "0"
@@ -150,30 +128,33 @@ def test_fold_run_outputs_checkpoints_and_metric(data_dir, tmp_path):
     model, cfg = load_for_inference(run / "best.pt")
     assert cfg == best["config"]
     assert all(torch.equal(v, best["ema"]["module"][k]) for k, v in best["model"].items())
-    train_df, val_df = T.split_rows(cfg, "0")
+    train_df, val_df = fold_rows(cfg["data_dir"], "0")
     assert set(val_df["domain"]) == {val_df["domain"].iloc[0]} and not set(val_df["id"]) & set(train_df["id"])
-    from src.dataset import FlairDataset, collate
+    from src.dataset import FlairDataset
+    from src.loader import collate
 
     # same batches as the trainer's validation, so multi-threaded conv kernels sum in the same order
     loader = torch.utils.data.DataLoader(FlairDataset(val_df, cfg, train=False),
                                          batch_size=cfg["batch_size"], collate_fn=collate)
     domains = {str(i): 0 for i in val_df["id"]}
-    res = T.evaluate(model, loader, Criterion(cfg), torch.device("cpu"), None, False, domains, 1)
-    assert res["confusion"].sum() == len(val_df) * 512 * 512  # every validation pixel, once
+    res = validate(model, loader, Criterion(cfg), torch.device("cpu"), None, False, domains, 1)
+    assert res["confusion"].sum() == len(val_df) * 512 * 512 and res["skipped"] == 0  # every pixel, once
     assert res["miou"] == pytest.approx(best["best_miou"], abs=1e-9)
     assert result["best_miou"] == best["best_miou"]
 
 
-def test_fold_all_trains_on_everything_and_saves_best(data_dir, tmp_path):
+def test_fold_all_trains_on_everything_and_saves_best(data_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     T.main(args(data_dir, runs, "epochs=1", "max_train_batches=2", fold="all"))
     run = runs / "t" / "foldall"
+    done = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done:")]
+    assert done == [f"done: trained on all folds (no validation); weights in {run}"]  # not "best mIoU -inf"
     rows = read_csv(run / "metrics.csv")
     assert len(rows) == 1 and rows[0]["miou"] == "" and rows[0]["val_loss"] == ""
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
     index = pd.read_csv(data_dir / "index_train.csv", dtype=str)
-    assert len(T.split_rows(best["config"], "all")[0]) == len(index)
+    assert len(fold_rows(best["config"]["data_dir"], "all")[0]) == len(index)
     # a fresh start in the same folder sets the earlier run aside instead of mixing the two
     first = digest(run / "last.pt")
     T.main(args(data_dir, runs, "epochs=1", "max_train_batches=1", fold="all"))
@@ -250,6 +231,73 @@ def test_corrupt_image_stops_with_its_name_or_is_skipped(data_dir, tmp_path, cap
     assert log and all(line.startswith(index.loc[row, "id"] + "\t") for line in log)
 
 
+def test_unreadable_validation_patch_is_skipped_not_scored_twice(data_dir, tmp_path, capsys):
+    """skip_bad=1 on a damaged validation patch: left out of the fold mIoU (not replaced by a neighbour
+    scored twice), counted, named in skipped.tsv and in the log."""
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    _, val_df = fold_rows(broken, "0")
+    bad_id = val_df["id"].iloc[-1]  # the last: the other validation batches stay exactly the trainer's
+    index = pd.read_csv(broken / "index_train.csv", dtype=str)
+    row = index.index[index["id"] == bad_id][0]
+    bad = tmp_path / "IMG_val_corrupt.tif"
+    bad.write_bytes(Path(index.loc[row, "img_path"]).read_bytes()[:500])  # truncated TIFF
+    index.loc[row, "img_path"] = str(bad)
+    index.to_csv(broken / "index_train.csv", index=False)
+    runs = tmp_path / "runs"
+    result = T.main(args(broken, runs, "epochs=1", "max_train_batches=1", "skip_bad=1"))
+    run = runs / "t" / "fold0"
+    out = capsys.readouterr().out
+    assert f"validation: 1 unreadable patches skipped (listed in {run / 'skipped.tsv'})" in out
+    assert result["history"][-1]["val_skipped"] == 1
+    assert read_csv(run / "metrics.csv")[0]["val_skipped"] == "1"
+    assert [ln.split("\t")[0] for ln in (run / "skipped.tsv").read_text().splitlines()] == [bad_id]
+    # the reference: the same checkpoint scored on the readable validation patches only
+    from src.dataset import FlairDataset
+    from src.loader import collate
+
+    model, cfg = load_for_inference(run / "best.pt")
+    good = val_df[val_df["id"] != bad_id]
+    loader = torch.utils.data.DataLoader(FlairDataset(good, cfg, train=False), batch_size=cfg["batch_size"],
+                                         collate_fn=collate)
+    conf = torch.zeros(13, 13, dtype=torch.int64)
+    with torch.no_grad():
+        for batch in loader:
+            conf += confusion_torch(model(batch["image"])["logits"].argmax(1), batch["mask"])
+    assert int(conf.sum()) == len(good) * 512 * 512
+    assert result["best_miou"] == pytest.approx(miou_from_confusion(conf.numpy()), abs=1e-9)
+
+
+def test_progress_in_a_log_is_one_line_per_epoch(data_dir, tmp_path, capsys, monkeypatch):
+    """stderr redirected to a file (not a terminal): no tqdm redraws ('\\r'), one progress line per epoch."""
+    monkeypatch.delenv("FLAIR_PROGRESS", raising=False)
+    T.main(args(data_dir, tmp_path / "runs", "epochs=2", "max_train_batches=2", "max_val_batches=1"))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    progress_lines = [ln.split(":")[0] for ln in err.splitlines() if ln.startswith("epoch")]
+    assert progress_lines == ["epoch 1/2", "epoch 2/2"]
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    """Each sample is the number of OpenCV threads of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        import cv2
+
+        return cv2.getNumThreads()
+
+
+def test_loader_workers_run_opencv_single_threaded():
+    """The training and validation loaders come from build_loader: one OpenCV thread per worker."""
+    from src.loader import build_loader
+
+    loader = build_loader(_OpenCVThreads(), {"workers": 2, "batch_size": 1}, train=False, collate_fn=list)
+    assert [n for batch in loader for n in batch] == [1, 1, 1, 1]
+
+
 def test_ddp_two_cpu_processes_gloo(data_dir, tmp_path):
     """torchrun with 2 processes: one set of outputs, the validation matrix summed over both shards."""
     runs = tmp_path / "runs"
@@ -263,7 +311,7 @@ def test_ddp_two_cpu_processes_gloo(data_dir, tmp_path):
     assert len(read_csv(run / "metrics.csv")) == 1
     ckpt = load_checkpoint(run / "best.pt")
     conf = np.array(ckpt["history"][0]["confusion"])
-    _, val_df = T.split_rows(ckpt["config"], "0")
+    _, val_df = fold_rows(ckpt["config"]["data_dir"], "0")
     assert conf.sum() == len(val_df) * 512 * 512  # both ranks' shards, no patch twice
     assert miou_from_confusion(conf) == ckpt["best_miou"]
     assert not math.isnan(ckpt["best_miou"])
@@ -275,8 +323,9 @@ def test_demo_fusion_beats_aerial_only_on_s2_only_classes(tmp_path):
     demo's U-T&T model clearly beats the same U-Net without S2 on herbaceous vegetation (9) and
     agricultural land (10), which look the same from the air and differ only in their S2 phenology."""
     from src.folds import make_folds
-    from src.index import build_index, write_index
-    from src.synth import make_dataset
+    from src.index_scan import build_index
+    from src.synth_write import make_dataset
+    from src.tables import write_index
 
     root = make_dataset(tmp_path / "raw", train_domains=6, test_domains=2, zones=2, patches=2, seed=0)
     data = tmp_path / "data"
@@ -290,7 +339,7 @@ def test_demo_fusion_beats_aerial_only_on_s2_only_classes(tmp_path):
 
     def s2_only(result: dict) -> float:
         last = result["history"][-1]
-        return (last[T.IOU_COLS[9]] + last[T.IOU_COLS[10]]) / 2
+        return (last[IOU_COLS[9]] + last[IOU_COLS[10]]) / 2
 
     assert results["fusion"]["best_miou"] > 0.35  # clearly non-trivial on two held-out domains
     assert s2_only(results["fusion"]) > s2_only(results["aerial"]) + 0.15

@@ -1,0 +1,184 @@
+"""Scoring a PRED folder or a submission zip with the official FLAIR #2 mIoU (docs/data-format.md,
+"Metric"), for `python -m src.evaluate` and `python -m src.predict --submit`.
+
+Every PRED_<id>.tif is matched to MSK_<id>.tif (a missing or extra id is an error listing the ids),
+each pair becomes a 13x13 confusion matrix in a worker thread (libtiff, through imagecodecs, decodes
+LZW with the GIL released; one table lookup and one bincount follow), and the matrices are summed:
+dataset-level mIoU exactly as `src.metrics` defines it. Also the scores JSON and the row-normalised
+confusion-matrix picture.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from src.classes import CLASS_NAMES, NUM_CLASSES, NUM_SCORED
+from src.errors import DataError
+from src.fileio import save_figure, write_json
+from src.metrics import confusion_from_raw, ious_from_confusion, miou_from_confusion
+from src.pred_reader import PredSource, decode_2d
+from src.progress import progress
+from src.submission import short_list
+from src.workers import default_workers
+
+MSK_PREFIX, MSK_SUFFIX = "MSK_", ".tif"
+
+
+def find_labels(folder: str | os.PathLike) -> dict[str, Path]:
+    """id -> path of every MSK_<id>.tif under `folder` (recursive); a duplicated id is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: labels folder not found")
+    out: dict[str, Path] = {}
+    for p in folder.rglob(f"{MSK_PREFIX}*{MSK_SUFFIX}"):
+        pid = p.name[len(MSK_PREFIX):-len(MSK_SUFFIX)]
+        if pid in out:
+            raise DataError(f"{folder}: two labels for id {pid}: {out[pid]} and {p}")
+        out[pid] = p
+    if not out:
+        raise DataError(f"{folder}: no MSK_*.tif files found")
+    return out
+
+
+def truth_paths(truth, labels: str | os.PathLike | None = None) -> dict[str, Path]:
+    """id -> MSK path from a labels folder, an index CSV / DataFrame (id, msk_path) or a mapping.
+
+    With `labels`, the ids come from `truth` (an index) and the files from the `labels` folder.
+    """
+    if isinstance(truth, (str, os.PathLike)) and Path(truth).is_dir():
+        return find_labels(truth)
+    if isinstance(truth, Mapping):
+        return {str(k): Path(v) for k, v in truth.items()}
+    if isinstance(truth, (str, os.PathLike)):
+        if not Path(truth).is_file():
+            raise DataError(f"{truth}: no such labels folder or index CSV")
+        from src.tables import load_index
+
+        truth = load_index(truth)
+    if not hasattr(truth, "columns") or "id" not in truth.columns:
+        raise DataError(f"truth must be a labels folder, an index CSV or a DataFrame with an id column, "
+                        f"got {type(truth).__name__}")
+    ids = [str(i) for i in truth["id"]]
+    if labels is not None:
+        found = find_labels(labels)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise DataError(f"{labels}: no MSK_<id>.tif for {len(missing)} of {len(ids)} index ids: "
+                            + short_list(missing))
+        return {i: found[i] for i in ids}
+    paths = truth["msk_path"].fillna("").astype(str) if "msk_path" in truth.columns else None
+    if paths is None or (paths == "").any():
+        n = len(ids) if paths is None else int((paths == "").sum())
+        empty = ids if paths is None else [i for i, p in zip(ids, paths) if p == ""]
+        raise DataError(f"the index has no label (msk_path) for {n} of {len(ids)} ids "
+                        f"({short_list(empty)}): pass --labels DIR")
+    return {i: Path(p) for i, p in zip(ids, paths)}
+
+
+def score_pair(src: PredSource, name: str, msk_path: Path) -> np.ndarray:
+    """13x13 confusion matrix of one prediction against its label (official truth rule)."""
+    label = src.label(name)
+    pred = decode_2d(src.read(name), label)
+    try:
+        raw = decode_2d(Path(msk_path).read_bytes(), str(msk_path))  # = rasters.read_label, 2x faster
+    except OSError as err:
+        raise DataError(f"{msk_path}: cannot read label ({err.strerror or err})") from None
+    try:
+        return confusion_from_raw(pred, raw, label, str(msk_path))
+    except ValueError as err:
+        raise DataError(str(err)) from None
+
+
+def _score_chunk(args: tuple[PredSource, list[tuple[str, Path]]]) -> np.ndarray:
+    src, pairs = args
+    total = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for name, msk in pairs:
+        total += score_pair(src, name, msk)
+    return total
+
+
+def evaluate(pred: str | os.PathLike, truth, workers: int | None = None, labels=None,
+             backend: str = "thread") -> dict:
+    """Official scores of a PRED folder or zip against `truth` (see `truth_paths`).
+
+    Returns {"miou", "ious" (12 floats, None for NaN), "iou_other", "confusion" (13x13 lists,
+    rows = truth), "class_names", "n_patches"}. Raises DataError on mismatched ids or bad files.
+    """
+    src = PredSource(pred)
+    preds = src.predictions()
+    msks = truth_paths(truth, labels)
+    missing, extra = set(msks) - set(preds), set(preds) - set(msks)
+    if missing or extra:
+        lines = [f"{pred}: predictions do not match the labels "
+                 f"({len(preds)} predictions, {len(msks)} labels)"]
+        if missing:
+            lines.append(f"  missing {len(missing)} predictions for ids: {short_list(missing)}")
+        if extra:
+            lines.append(f"  {len(extra)} predictions with no label, ids: {short_list(extra)}")
+        raise DataError("\n".join(lines))
+    pairs = [(preds[i], msks[i]) for i in sorted(msks)]
+    workers = workers or default_workers()
+    chunk = max(1, min(64, len(pairs) // (4 * workers) or 1))
+    chunks = [(src, pairs[k:k + chunk]) for k in range(0, len(pairs), chunk)]
+    if backend not in ("thread", "process"):
+        raise ValueError(f"backend must be thread or process, got {backend!r}")
+    pool_cls = ThreadPoolExecutor if backend == "thread" else ProcessPoolExecutor
+    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    pool = pool_cls(workers) if workers != 1 else nullcontext()
+    with src, pool, progress(total=len(pairs), desc="evaluate", unit="patch") as bar:
+        results = pool.map(_score_chunk, chunks) if workers != 1 else map(_score_chunk, chunks)
+        for (_, part), m in zip(chunks, results):
+            matrix += m
+            bar.update(len(part))
+    ious = ious_from_confusion(matrix)
+    miou = miou_from_confusion(matrix)
+    return {
+        "miou": None if np.isnan(miou) else miou,  # None (JSON null) only when no scored class occurs
+        "ious": [None if np.isnan(v) else float(v) for v in ious[:NUM_SCORED]],
+        "iou_other": None if np.isnan(ious[NUM_SCORED]) else float(ious[NUM_SCORED]),
+        "confusion": matrix.tolist(),
+        "class_names": CLASS_NAMES,
+        "n_patches": len(pairs),
+    }
+
+
+def save_json(result: dict, path: str | os.PathLike) -> None:
+    """The scores JSON (`--json`, and `<out>_scores.json` of `predict --submit`)."""
+    write_json(path, result, indent=1)
+
+
+def save_confusion_png(matrix, path: str | os.PathLike, names: list[str] | None = None,
+                       title: str = "") -> None:
+    """Row-normalised confusion matrix (each row: where the truth pixels of a class went)."""
+    import matplotlib
+
+    matrix_ = np.asarray(matrix, dtype=np.float64)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(CLASS_NAMES if names is None else names)
+    rows = matrix_.sum(axis=1, keepdims=True)
+    norm = np.divide(matrix_, rows, out=np.zeros_like(matrix_), where=rows > 0)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(9.5, 8.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if norm[i, j] >= 0.005:
+                ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
+    ious = ious_from_confusion(matrix_)
+    ax.set_yticks(range(n), [f"{nm}  (absent)" if r == 0 else f"{nm}  IoU {iou:.2f}"
+                             for nm, r, iou in zip(names, rows[:, 0], ious)], fontsize=8)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    ax.set_title(title or "confusion matrix (% of each truth row)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)

@@ -1,0 +1,87 @@
+"""What the training loop reads: the training set and its sampler, the validation loader, and each epoch's
+training loader, seeded so that a resumed run replays an epoch bit for bit (docs/data-format.md,
+"Samples and batches")."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from src.errors import ConfigError, DataError
+from src.loader import build_loader
+from src.seeding import derive_seed, seed_everything
+from src.validation import domain_codes
+
+if TYPE_CHECKING:
+    from src.dataset import FlairDataset
+
+
+@contextlib.contextmanager
+def as_setting_error() -> Iterator[None]:
+    """ValueErrors raised while building the dataset or model are bad settings (DataErrors stay data)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+
+
+def missing_files(df: pd.DataFrame, use_s2: bool) -> list[str]:
+    """Files listed in the index that are not on disk (labels and S2 included)."""
+    cols = ["img_path", "msk_path"] + (["s2_data", "s2_masks", "s2_products"] if use_s2 else [])
+    paths = pd.unique(pd.concat([df[c].astype(str) for c in cols if c in df.columns]))
+    return [p for p in paths if not p or not os.path.exists(p)]
+
+
+@dataclass
+class Data:
+    """The training set with its sampler, and the validation loader (None for fold "all")."""
+
+    train_ds: FlairDataset
+    sampler: DistributedSampler
+    n_batches: int                    # training batches per epoch and process
+    val_loader: DataLoader | None
+    domains: list[str]
+    domain_of: dict[str, int]         # validation id -> index into domains
+
+
+def build_data(cfg: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, rank: int, world: int,
+               bad_log: Path | None) -> Data:
+    """Datasets and the validation loader (this rank's shard); the training order is a function of
+    (seed, epoch) through the sampler, and the training loader is rebuilt each epoch (`epoch_loader`)."""
+    from src.dataset import FlairDataset  # (imported here: the settings checks stay fast)
+
+    with as_setting_error():
+        train_ds = FlairDataset(train_df, cfg, train=True, bad_log=bad_log)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
+    bs = cfg["batch_size"]
+    drop_last = len(sampler) > bs  # build_loader's rule: never drop the only batch of a tiny set
+    n_batches = len(sampler) // bs if drop_last else math.ceil(len(sampler) / bs)
+    if cfg["max_train_batches"]:
+        n_batches = min(n_batches, cfg["max_train_batches"])
+    val_loader, domains, domain_of = None, [], {}
+    if val_df is not None:
+        val_ds = FlairDataset(val_df, cfg, train=False, bad_log=bad_log)
+        shard = list(range(rank, len(val_ds), world))  # no padding: every patch counted once
+        val_loader = build_loader(val_ds, cfg, train=False, sampler=shard)
+        domains, domain_of = domain_codes(val_df)
+    return Data(train_ds, sampler, n_batches, val_loader, domains, domain_of)
+
+
+def epoch_loader(cfg: dict, data: Data, epoch: int, rank: int) -> DataLoader:
+    """Everything random in an epoch is a function of (seed, epoch, rank): exact replay after resume."""
+    seed_everything(cfg["seed"], epoch, rank)  # dropout, modality dropout
+    data.train_ds.augment.reseed(derive_seed(cfg["seed"], epoch, rank, 2))  # workers=0 (workers reseed)
+    data.sampler.set_epoch(epoch)  # data order
+    gen = torch.Generator()
+    gen.manual_seed(derive_seed(cfg["seed"], epoch, rank, 1))  # worker seeds
+    return build_loader(data.train_ds, cfg, train=True, sampler=data.sampler, generator=gen)

@@ -1,0 +1,90 @@
+"""Criterion: class weights, the auxiliary S2 head's label window and target, and s2_valid (real files for
+the edge-of-super-area case)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.classes import OTHER
+from src.config import load_config
+from src.dataset import FlairDataset
+from src.errors import ConfigError
+from src.loader import collate
+from src.losses import IGNORE, Criterion, downsample_mask, s2_label_window, s2_target
+
+
+def test_criterion_weights_aux_head_and_errors():
+    cfg = load_config(None, {"loss": "ce"})
+    crit = Criterion(cfg)
+    logits = torch.randn(2, 13, 64, 64, requires_grad=True)
+    only_other = torch.full((2, 64, 64), OTHER)
+    loss, _ = crit({"logits": logits}, only_other)
+    assert loss.item() == 0.0  # weight-0 pixels only: 0, not PyTorch's 0/0 = NaN
+    loss.backward()
+    assert crit.w[OTHER] == 0 and crit.w[11] == 1 and crit.w_s2[11] == 0 and crit.w_s2[OTHER] == 0
+    mask = torch.randint(0, 13, (2, 64, 64))
+    for kind in ("ce", "ce_dice", "focal"):
+        out = {"logits": logits, "s2_logits": torch.randn(2, 13, 40, 40)}
+        value, parts = Criterion({**cfg, "loss": kind})(out, mask)
+        assert torch.isfinite(value) and "s2" in parts
+    for bad in ({"loss": "dice"}, {"class_weights": [1, 2]}, {"class_weights": "inverse"},
+                {"label_smoothing": 1.5}):
+        with pytest.raises(ConfigError):
+            Criterion({**cfg, **bad})
+
+
+def test_s2_target_is_majority_of_the_label_window():
+    mask = torch.zeros(1, 100, 100, dtype=torch.long)
+    mask[0, :50, :50] = 3
+    mask[0, :20, 50:] = 7  # 40 % of the top-right block: the block stays class 0
+    assert downsample_mask(mask, (2, 2)).tolist() == [[[3, 0], [0, 0]]]
+    s2 = torch.arange(40 * 40, dtype=torch.float).view(1, 1, 40, 40)
+    assert s2_label_window(s2, (512, 512)).shape[-2:] == (10, 10)   # 512 px x 0.2 m = 10.24 S2 pixels
+    assert s2_label_window(s2, (512, 512))[0, 0, 0, 0] == 15 * 40 + 15  # centred in the 40x40 crop
+    assert s2_label_window(s2, (128, 128)).shape[-2:] == (3, 3)
+
+
+def test_aux_loss_ignores_s2_pixels_outside_the_super_area():
+    """Labels under invalid S2 pixels (zero-filled inputs) take no part in the auxiliary loss: it equals
+    the loss over the valid pixels alone, whatever those labels are."""
+    torch.manual_seed(0)
+    crit = Criterion(load_config(None, {"loss": "ce"}))
+    mask = torch.randint(0, 11, (2, 256, 256))          # classes 0..10: weighted in both heads
+    out = {"logits": torch.randn(2, 13, 256, 256), "s2_logits": torch.randn(2, 13, 40, 40)}
+    valid = torch.ones(2, 40, 40, dtype=torch.bool)
+    valid[:, :19] = False                  # the 256 px image sits on S2 rows/cols 17..21: 2 rows invalid
+    wrong = mask.clone()
+    wrong[:, :102] = 5                     # the labels under those two S2 rows (majority blocks 0 and 1)
+    _, parts = crit(out, mask, s2_valid=valid)
+    _, parts_wrong = crit(out, wrong, s2_valid=valid)
+    assert torch.equal(parts["s2"], parts_wrong["s2"])
+    kept = crit.ce(out["s2_logits"][:, :, 19:22, 17:22], downsample_mask(mask, (5, 5))[:, 2:], crit.w_s2)
+    torch.testing.assert_close(parts["s2"], kept)
+    # without s2_valid every pixel counts (as before), so the wrong labels change the loss
+    assert not torch.equal(crit(out, mask)[1]["s2"], crit(out, wrong)[1]["s2"])
+    target = s2_target(mask, (40, 40), valid)
+    assert (target[:, :2] == IGNORE).all() and (target[:, 2:] >= 0).all()
+    with pytest.raises(ValueError, match="s2_valid: expected shape"):
+        crit(out, mask, s2_valid=valid[:, :20])
+
+
+def test_window_at_the_super_area_edge_is_left_out_of_the_aux_loss(synth_index):
+    """A patch whose S2 window leaves the super-area: s2_valid is False there, and a batch's s2_valid
+    keeps those pixels out of the auxiliary loss."""
+    df = synth_index["train"].iloc[:2].copy()
+    df["s2_row"], df["s2_col"] = 3, 5         # window rows 0..16 and cols 0..14 lie outside
+    cfg = load_config(None, {"use_s2": True, "loss": "ce"})
+    ds = FlairDataset(df, cfg, train=False)
+    batch = collate([ds[0], ds[1]])
+    valid = batch["s2_valid"]
+    assert not valid[:, :17].any() and not valid[:, :, :15].any() and valid[:, 17:, 15:].all()
+    under = s2_label_window(valid, (512, 512))  # S2 rows/cols 15..24 lie under the patch
+    assert not under[:, :2].any() and under[:, 2:].all()
+    torch.manual_seed(0)
+    out = {"logits": torch.randn(2, 13, 512, 512), "s2_logits": torch.randn(2, 13, 40, 40)}
+    crit = Criterion(cfg)
+    _, parts = crit(out, batch["mask"], s2_valid=valid)
+    target = downsample_mask(batch["mask"], (10, 10))
+    kept = crit.ce(out["s2_logits"][:, :, 17:25, 15:25], target[:, 2:], crit.w_s2)
+    torch.testing.assert_close(parts["s2"], kept)
+    assert not torch.equal(parts["s2"], crit(out, batch["mask"])[1]["s2"])
