@@ -32,14 +32,14 @@ NAME ?= $(notdir $(RUNS))
 LABELS ?=
 DEMO ?= data/demo
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
-	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS
+	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
 	$(ARGS) \
 	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA)))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv synth index download folds train predict submit evaluate demo eda test test-all lint bench clean
+.PHONY: help venv synth index download folds train predict submit evaluate export infer demo eda test test-all lint bench clean
 
 help: ## list every target
 	@grep -E '^[a-z][a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +78,16 @@ submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (
 
 evaluate: $(STAMP) ## score predictions (PRED=folder or zip) against labels with the official mIoU
 	$(PY) -m src.evaluate --pred $(PRED) --index $(DATA)/index_$(SPLIT).csv $(if $(LABELS),--labels $(LABELS)) --json $(basename $(PRED))_scores.json --png $(basename $(PRED))_confusion.png
+
+export: $(STAMP) ## fp16 slim checkpoint + ONNX beside every best.pt under RUNS, both checked against PyTorch
+	$(PY) -m src.export --runs $(RUNS) $(ARGS)
+
+infer: $(STAMP) ## whole orthophoto(s) -> land-cover GeoTIFF: SRC=ortho.tif|dir|list.txt OUT=file.tif|dir RUNS= [TTA= BANDS= GPUS=]
+ifeq ($(GPUS),1)
+	$(PY) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(OVERRIDES)
+else
+	$(VENV)/bin/torchrun --nproc-per-node $(GPUS) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(OVERRIDES)
+endif
 
 demo: $(STAMP) ## whole chain on CPU on synthetic data: synth, index, folds, train 2 folds, predict, submit, evaluate
 	bash scripts/demo.sh $(DEMO)

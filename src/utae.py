@@ -212,10 +212,16 @@ class UTAE(nn.Module):
 
         # Per-date encoder on real dates only; padded dates stay exact zeros and are never looked at.
         flat = x.reshape(b * t, c, hh, ww)
-        idx = (~pad).reshape(-1).nonzero().squeeze(1)
-        maps = self._encode(flat[idx] if idx.numel() else flat[:1])
-        maps = [f.new_zeros((b * t,) + f.shape[1:]).index_copy(0, idx, f[: idx.numel()])
-                .view(b, t, *f.shape[1:]) for f in maps]
+        if torch.compiler.is_exporting():
+            # ONNX/torch.export cannot trace a data-dependent `nonzero`: encode every date and zero the
+            # padded ones (same result, each date is encoded on its own; costs the padded dates' work)
+            keep = (~pad).view(b, t, 1, 1, 1)
+            maps = [torch.where(keep, f.view(b, t, *f.shape[1:]), 0.0) for f in self._encode(flat)]
+        else:
+            idx = (~pad).reshape(-1).nonzero().squeeze(1)
+            maps = self._encode(flat[idx] if idx.numel() else flat[:1])
+            maps = [f.new_zeros((b * t,) + f.shape[1:]).index_copy(0, idx, f[: idx.numel()])
+                    .view(b, t, *f.shape[1:]) for f in maps]
 
         out, attn = self.ltae(maps[-1], days, pad)
         for block, skip in zip(self.up, reversed(maps[:-1])):

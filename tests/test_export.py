@@ -1,0 +1,97 @@
+"""make export (src.export): slim checkpoint and ONNX model, checked against PyTorch on CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src.checkpoint import find_checkpoints, save_checkpoint
+from src.config import load_config
+from src.export import ONNX_ATOL, OnnxModel, example_inputs, export_checkpoint, main, slim_state
+from src.models import build_model, load_for_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_checkpoint(path: Path, **over) -> Path:
+    """A best.pt as src.train writes it: EMA weights, raw weights, EMA state, optimizer moments, history."""
+    cfg = load_config(ROOT / "configs/demo.yaml", over)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    sd = model.state_dict()
+    return save_checkpoint(path, {"model": sd, "raw_model": sd, "ema": {"module": sd, "updates": 3},
+                                  "config": cfg, "fold": 0, "epoch": 2, "best_miou": 0.42,
+                                  "history": [{"epoch": 2}], "optimizer": opt.state_dict()})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    ckpt = training_checkpoint(tmp_path_factory.mktemp("runs") / "fold0" / "best.pt", use_s2=False,
+                               fusion="none")
+    return export_checkpoint(ckpt, "fp16", onnx=True, size=64)
+
+
+def test_slim_checkpoint_loads_and_predicts_like_best(exported):
+    best, slim = Path(exported["checkpoint"]), Path(exported["slim"])
+    state = torch.load(slim, weights_only=False)
+    assert set(state) == {"model", "config", "meta"} and state["meta"]["epoch"] == 2
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert slim.stat().st_size < best.stat().st_size / 5
+    assert find_checkpoints([slim]) == [slim]  # make predict RUNS=.../best.slim.pt takes it as given
+    full, cfg = load_for_inference(best)
+    small, _ = load_for_inference(slim)  # load_state_dict copies fp16 into the float32 parameters
+    assert all(p.dtype == torch.float32 for p in small.parameters())
+    rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in full.state_dict().items()}
+    assert all(torch.equal(small.state_dict()[k], v) for k, v in rounded.items())
+    inputs = example_inputs(cfg, batch=2, size=64)
+    with torch.no_grad():
+        a, b = OnnxModel(full, cfg)(**inputs), OnnxModel(small, cfg)(**inputs)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.99
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()  # fp16 weights: ~1e-3 relative per weight
+
+
+def test_onnx_matches_pytorch_on_cpu(exported):
+    import onnxruntime as ort
+
+    assert exported["onnx_max_diff"] < ONNX_ATOL
+    model, cfg = load_for_inference(exported["checkpoint"])
+    session = ort.InferenceSession(exported["onnx"], providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    image = torch.randint(0, 256, (1, 5, 96, 160)).float()  # raw band values; another batch and size
+    got = session.run(["logits"], {"image": image.numpy()})[0]
+    with torch.no_grad():
+        want = OnnxModel(model, cfg)(image).numpy()
+    assert got.shape == (1, 13, 96, 160) and np.abs(got - want).max() < ONNX_ATOL
+
+
+def test_slim_keeps_tensors_fp16_cannot_hold():
+    state = {"model": {"w": torch.tensor([1.0, 2.0]), "big": torch.tensor([1e6]), "n": torch.tensor(3)},
+             "config": {"bands": ["R"]}}
+    slim = slim_state(state)
+    assert slim["model"]["w"].dtype == torch.float16 and slim["model"]["n"].dtype == torch.int64
+    assert slim["model"]["big"].dtype == torch.float32 and slim["meta"]["kept_float32"] == ["big"]
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runs", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and err.count("\n") == 0 and "nowhere" in err
+
+
+@pytest.mark.slow
+def test_onnx_fusion_model_matches_pytorch(tmp_path):
+    """U-T&T: image + S2 series (dynamic batch and dates, padded dates included) through onnxruntime."""
+    import onnxruntime as ort
+
+    ckpt = training_checkpoint(tmp_path / "best.pt")  # demo.yaml: fusion utt
+    report = export_checkpoint(ckpt, "bf16", onnx=True, size=64)
+    assert report["onnx_max_diff"] < ONNX_ATOL
+    names = [i.name for i in ort.InferenceSession(report["onnx"]).get_inputs()]
+    assert names == ["image", "s2", "s2_days", "s2_pad"]
