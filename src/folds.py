@@ -21,19 +21,14 @@ from src.class_hist import class_histograms, domain_table
 from src.errors import DataError
 from src.fold_assign import assign_folds, check_k, folds_frame, groupkfold_folds, hf_folds
 from src.fold_report import fold_stats, plot_folds, report, summarize
-from src.tables import load_index, write_folds
+from src.tables import train_index, write_folds
 
 
 def make_folds(data_dir: str | os.PathLike, k: int = 5, seed: int = 42, scheme: str = "stratified",
                workers: int | None = None, restarts: int = 64, plot: bool = True) -> pd.DataFrame:
     """The whole `make folds` step; returns the folds table that was written."""
     data_dir = Path(data_dir)
-    index_path = data_dir / "index_train.csv"
-    if not index_path.is_file():
-        raise DataError(f"{index_path}: not found; run `make index` first")
-    index_df = load_index(index_path)
-    if index_df.empty:
-        raise DataError(f"{index_path}: no training rows")
+    index_df = train_index(data_dir)
     if scheme == "stratified":  # fail before reading any mask
         check_k(k, sorted(index_df["domain"].astype(str).unique()))
     hist = class_histograms(index_df, data_dir / "class_hist.csv", workers)

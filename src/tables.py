@@ -97,15 +97,22 @@ def load_folds(data_dir: str | os.PathLike) -> pd.DataFrame:
     return folds[FOLDS_COLS]
 
 
+def train_index(data_dir: str | os.PathLike) -> pd.DataFrame:
+    """DATA/index_train.csv, with one error naming the file when it is missing or has no rows."""
+    index_path = Path(data_dir) / "index_train.csv"
+    if not index_path.is_file():
+        raise DataError(f"{index_path}: not found; run `make index` first (data_dir={data_dir})")
+    index = load_index(index_path)
+    if index.empty:
+        raise DataError(f"{index_path}: no training rows")
+    return index
+
+
 def fold_rows(data_dir: str | os.PathLike, fold: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """(training rows, validation rows) of DATA/index_train.csv for `fold`; validation is None for "all"."""
     data_dir = Path(data_dir)
     index_path = data_dir / "index_train.csv"
-    if not index_path.is_file():
-        raise DataError(f"{index_path}: not found; run `make index` (data_dir={data_dir})")
-    index = load_index(index_path)
-    if index.empty:
-        raise DataError(f"{index_path}: no training rows")
+    index = train_index(data_dir)
     unlabeled = index["msk_path"].astype(str).eq("")
     if unlabeled.any():
         raise DataError(f"{index_path}: {int(unlabeled.sum())} training rows have no label, "
