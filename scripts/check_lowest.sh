@@ -3,7 +3,7 @@
 # allows (uv --resolution lowest-direct: every direct requirement at its floor, their own dependencies
 # at the newest compatible release), then runs the fast suite (pytest -m "not slow") in it.
 # Not part of `make test`: run it by hand whenever a bound in requirements.txt changes.
-# Cost: about 3.5 GB downloaded from PyPI (torch 2.4's CUDA build and its nvidia wheels: uv neither
+# Cost: about 3.5 GB downloaded from PyPI (torch's lowest CUDA build and its nvidia wheels: uv neither
 #   looks at local torch files nor obeys pip's /etc/xdg/pip cap), ~1.5 min to install on a fast link,
 #   then ~5 min for the fast suite on 2 cores.
 # Usage: bash scripts/check_lowest.sh [VENV_DIR]      (default /tmp/flair2-lowest-venv, rebuilt each run)
@@ -31,7 +31,7 @@ fi
 
 echo "check_lowest: lowest versions installed in $VENV:"
 "$UV" pip freeze --python "$VENV/bin/python" 2>/dev/null \
-    | grep -iE '^(torch|torchvision|segmentation.models.pytorch|timm|albumentations|opencv-python-headless|numpy|pandas|scikit-learn|tifffile|imagecodecs|matplotlib|huggingface.hub|tqdm|pyyaml|pytest|nbclient|nbformat|nbconvert|ipykernel|ruff)==' \
+    | grep -iE '^(torch|torchvision|segmentation.models.pytorch|timm|albumentations|opencv-python-headless|numpy|pandas|scikit-learn|tifffile|imagecodecs|matplotlib|huggingface.hub|tqdm|pyyaml|rasterio|onnx|onnxruntime|onnxscript|tensorboard|pytest|nbclient|nbformat|nbconvert|ipykernel|ruff)==' \
     | sed 's/^/  /'
 
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
