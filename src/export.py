@@ -73,7 +73,9 @@ class OnnxModel(nn.Module):
     Fusion models (fusion=utt) also take `s2` float32 (B, T, 10, S, S) Sentinel-2 reflectance x 10000 as
     stored in the FLAIR #2 arrays (NaN allowed: read as 0), `s2_days` int64 (B, T) and `s2_pad` bool
     (B, T), True on padded dates (docs/data-format.md, "Samples and batches"). B and T are dynamic; H and
-    W are dynamic multiples of 32 for aerial models and fixed (the export size) for fusion models.
+    W are the export size (`--size`, 512 by default: the window `make infer` uses). Dynamic sides are not
+    offered: the dynamo exporter of torch 2.5-2.6 with onnxscript 0.1 fails on the U-Net decoder's
+    upsampling to symbolic sizes, and a fixed window is what tiled inference feeds anyway.
     Softmax of the logits gives the class probabilities.
     """
 
@@ -103,17 +105,14 @@ def example_inputs(cfg: dict[str, Any], batch: int = 2, size: int = PATCH_SIZE, 
     return out
 
 
-def export_onnx(wrapper: OnnxModel, inputs: dict[str, torch.Tensor], path: Path, multiple: int = 32) -> Path:
-    """torch.onnx.export (dynamo) with a dynamic batch (and dates; aerial: sides too), written atomically."""
+def export_onnx(wrapper: OnnxModel, inputs: dict[str, torch.Tensor], path: Path) -> Path:
+    """torch.onnx.export (dynamo) with a dynamic batch (and dates), sides fixed, written atomically."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     shapes: dict[str, dict[int, Any]] = {"image": {0: batch}}
     if wrapper.fusion:
         dates = torch.export.Dim("dates", min=1, max=1024)
         shapes.update({"s2": {0: batch, 1: dates}, "s2_days": {0: batch, 1: dates},
                        "s2_pad": {0: batch, 1: dates}})
-    else:
-        shapes["image"].update({2: multiple * torch.export.Dim("h", min=1, max=4096 // multiple),
-                                3: multiple * torch.export.Dim("w", min=1, max=4096 // multiple)})
     names = list(inputs)
     with atomic_write(path) as tmp, contextlib.redirect_stdout(sys.stderr), \
             warnings.catch_warnings():
@@ -171,7 +170,7 @@ def export_checkpoint(path: Path, dtype: str = "fp16", onnx: bool = True, size: 
     elif onnx:
         out = path.with_name(f"{path.stem}.onnx")
         wrapper = OnnxModel(model, cfg).eval()
-        export_onnx(wrapper, inputs, out, multiple=int(getattr(model, "multiple", 32)))
+        export_onnx(wrapper, inputs, out)
         check = example_inputs(cfg, batch=3, size=size, dates=9, seed=1)  # another batch size: dynamic
         diff, scale = onnx_max_diff(out, wrapper, check)
         report.update(onnx=str(out), onnx_max_diff=diff)
