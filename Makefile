@@ -27,19 +27,24 @@ RESUME ?= 0
 RUNS ?= runs/unet_r34
 TTA ?=
 SPLIT ?= test
-PRED ?= predictions/$(notdir $(RUNS))
-NAME ?= $(notdir $(RUNS))
+RECIPE ?=
+ENSEMBLE_RUNS ?= $(RUNS)
+PRED ?= predictions/$(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
+NAME ?= $(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
 LABELS ?=
 DEMO ?= data/demo
+TB_DIR ?= runs
+PORT ?= 6006
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
-	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS
+	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS \
+	TB_DIR PORT RECIPE ENSEMBLE_RUNS
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
 	$(ARGS) \
 	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA)))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv synth index download folds train predict submit evaluate export infer demo eda test test-all lint bench clean
+.PHONY: help venv synth index download folds train oof ensemble predict submit evaluate export infer tensorboard demo eda test test-all lint bench clean
 
 help: ## list every target
 	@grep -E '^[a-z][a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -70,11 +75,17 @@ else
 	$(VENV)/bin/torchrun --nnodes $(NODES) --nproc-per-node $(GPUS) $(TORCHRUN_ARGS) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
 endif
 
-predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (TTA, fold/model ensemble) into PRED
-	$(PY) -m src.predict --runs $(RUNS) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+oof: $(STAMP) ## (re)write the out-of-fold probabilities of every fold under RUNS at TTA=none|flip|d4
+	$(PY) -m src.oof --runs $(RUNS) --tta $(or $(TTA),none) $(OVERRIDES)
 
-submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach)
-	$(PY) -m src.predict --runs $(RUNS) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
+ensemble: $(STAMP) ## search a recipe on the OOF stores of ENSEMBLE_RUNS="runs/a runs/b" into RECIPE=recipe.json
+	$(PY) -m src.blend --runs $(ENSEMBLE_RUNS) --out $(or $(RECIPE),recipe.json) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(if $(TTA),--tta $(TTA)) $(ARGS)
+
+predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (or a RECIPE) (TTA, fold/model ensemble) into PRED
+	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+
+submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach; RECIPE=recipe.json)
+	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
 
 evaluate: $(STAMP) ## score predictions (PRED=folder or zip) against labels with the official mIoU
 	$(PY) -m src.evaluate --pred $(PRED) --index $(DATA)/index_$(SPLIT).csv $(if $(LABELS),--labels $(LABELS)) --json $(basename $(PRED))_scores.json --png $(basename $(PRED))_confusion.png
@@ -89,7 +100,10 @@ else
 	$(VENV)/bin/torchrun --nproc-per-node $(GPUS) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(OVERRIDES)
 endif
 
-demo: $(STAMP) ## whole chain on CPU on synthetic data: synth, index, folds, train 2 folds, predict, submit, evaluate
+tensorboard: $(STAMP) ## live curves, per-class IoU and validation pictures of every run under TB_DIR=runs (PORT=6006)
+	$(VENV)/bin/tensorboard --logdir $(TB_DIR) --port $(PORT)
+
+demo: $(STAMP) ## whole chain on CPU on synthetic data: synth, index, folds, train (S2 fusion vs aerial only), predict, submit, evaluate
 	bash scripts/demo.sh $(DEMO)
 
 eda: $(STAMP) ## execute notebooks/eda.ipynb headlessly (EDA_DATA=path) into notebooks/out/ (+ HTML)

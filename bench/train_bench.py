@@ -1,8 +1,9 @@
 """Training throughput (images/s) and peak memory of a config on synthetic in-memory batches.
 
-No disk and no data loading: this measures the model step alone (forward, loss, backward, clip, AdamW,
-EMA), with the same precision / channels_last / compile settings as src.train, so data-loading
-bottlenecks can be told apart from model cost.
+No disk and no data loading: this measures the model step alone (the batch's trip to the device and its
+normalisation there, forward, loss, backward, clip, AdamW, EMA), with the same precision / channels_last
+/ compile settings as src.train, so data-loading bottlenecks can be told apart from model cost.
+bench/gpu_check.sh measures the same on a GPU for every preset, and with the real DataLoader.
 
     python bench/train_bench.py                                  # CPU defaults (demo + U-Net R34, small)
     python bench/train_bench.py --config configs/utt_r34.yaml --batch-size 8 --crop 512 --steps 20
@@ -37,13 +38,14 @@ S2_DATES = 12  # monthly composites
 
 
 def synthetic_batch(cfg: dict, batch: int, crop: int) -> dict[str, torch.Tensor]:
-    """A batch with the dataset's keys and shapes, random values."""
+    """A raw batch with the dataset's keys, dtypes and shapes (uint8 image and mask), random values."""
     g = torch.Generator().manual_seed(0)
-    out = {"image": torch.randn(batch, len(cfg["bands"]), crop, crop, generator=g),
-           "mask": torch.randint(0, 13, (batch, crop, crop), generator=g)}
+    out = {"image": torch.randint(0, 256, (batch, len(cfg["bands"]), crop, crop), generator=g,
+                                  dtype=torch.uint8),
+           "mask": torch.randint(0, 13, (batch, crop, crop), generator=g, dtype=torch.uint8)}
     if cfg["use_s2"]:
         s = cfg["s2_size"]
-        out["s2"] = torch.rand(batch, S2_DATES, 10, s, s, generator=g) * 0.3
+        out["s2"] = (torch.rand(batch, S2_DATES, 10, s, s, generator=g) * 0.3).half()
         out["s2_days"] = torch.arange(S2_DATES).repeat(batch, 1) * 30 - 120
         out["s2_pad"] = torch.zeros(batch, S2_DATES, dtype=torch.bool)
     return out
@@ -70,12 +72,11 @@ def bench(cfg: dict, batch: int, crop: int, steps: int, warmup: int) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     data = synthetic_batch(cfg, batch, crop)
-    image, extra = to_device(data, device, cfg["channels_last"])
-    mask = data["mask"].to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def one_step() -> None:
+        image, extra, mask, _ = to_device(data, cfg, device, amp_dtype, cfg["channels_last"])
         with autocast(device, amp_dtype):
             out = run_model(image, **extra)
         loss, _ = criterion(out, mask)

@@ -1,37 +1,43 @@
-"""Training augmentation applied jointly to the aerial image, its mask and the Sentinel-2 crop.
+"""Training augmentation, CPU half: what needs per-sample resampling, and the draw of everything else.
+
+The data path keeps a sample uint8 until the device (docs/data-format.md, "Samples and batches"): a
+DataLoader worker does here only what cannot be done cheaply on a batch -- the random crop (a slice), the
+`heavy` zoom/rotation crop (OpenCV warps, one band at a time, on uint8) and the matching S2 warp, and S2
+date dropout -- and draws the parameters of the rest into a small float32 vector `aug` (layout: `Slot`).
+src.device_augment applies `aug` to the whole batch on the device: the D4 element (flips and quarter
+turns, jointly on image, mask, S2 crop and its validity) and the photometric transforms of `heavy`.
 
 Presets (`cfg["augment"]`, train only; validation and test get the identity at full size):
 - `none`: no augmentation; only the random training crop to `crop_size` (when < 512).
 - `light`: D4 (a random element of the 8 flips/rotations by 90 degrees) + the random crop.
-- `heavy`: D4, then with p=0.75 a random scale/rotate crop (zoom 0.75..1.33 log-uniform, limited so the
-  source square fits in the patch, rotation +-15 degrees with p=0.5, random position: RandomResizedCrop
-  and Affine/ShiftScaleRotate in one resampling), otherwise the plain random crop; then photometric
-  transforms on the aerial image only (albumentations, all valid for any number of bands): per-band
-  brightness/contrast/gamma (`PerBandJitter`, spectral bands only, never the elevation band),
-  GaussNoise, Gaussian or motion blur, CoarseDropout (holes filled with 0, mask untouched).
+- `heavy`: D4, with p=0.75 a random scale/rotate crop (zoom 0.75..1.33 log-uniform, limited so the source
+  square fits in the patch, rotation +-15 degrees with p=0.5, random position: RandomResizedCrop and
+  Affine in one resampling), otherwise the plain random crop; then, on the aerial image only: per-band
+  brightness/contrast/gamma (p=0.8, spectral bands only, never the elevation band), Gaussian noise
+  (p=0.3), Gaussian or motion blur (p=0.2) and coarse dropout (p=0.3, holes filled with 0, mask untouched),
+  with albumentations' parameter ranges.
 
-Geometry is done here (numpy/OpenCV) rather than by albumentations' geometric transforms because the S2
-crop has another size and resolution: one S2 pixel (10 m) = 50 aerial pixels (0.2 m), and the aerial
-patch covers the central ~10.24 S2 pixels of the 40x40 crop. Every geometric step is a map M of aerial
-pixel coordinates; the S2 crop gets the same map expressed about its own centre, so the invariant
+D4 is drawn before the crop but applied after it, on the device: the two orders give the same
+distribution (the crop position is uniform and the zoom centre's range is symmetric).
+
+The S2 crop has another size and resolution: one S2 pixel (10 m) = 50 aerial pixels (0.2 m), and the
+aerial patch covers the central ~10.24 S2 pixels of the 40x40 crop. Every geometric step is a map M of
+aerial pixel coordinates; the S2 crop gets the same map expressed about its own centre, so the invariant
 "S2 crop centred on the aerial output centre, axes aligned with it, 1 S2 pixel = 50 output aerial pixels"
-holds after augmentation (docs/data-format.md, "Geometry"):
-- D4 is applied exactly (array flips/rot90) to image, mask, S2 and its validity mask;
-- a crop, zoom or rotation of the aerial image moves/zooms/rotates the S2 crop by the same linear part
-  and by the aerial translation divided by 50 (bilinear resampling of S2; pixels that come from outside
-  the crop or from NaN pads are marked invalid in `s2_valid`).
-Mask pixels that come from outside the patch (rotation corners) are filled with 12 ("other", weight 0
-under the default class weights). S2 temporal augmentation: each date is dropped with probability
-`cfg["s2_date_dropout"]` at train time, at least one date is kept.
+holds after augmentation (docs/data-format.md, "Geometry"): a crop, zoom or rotation of the aerial image
+moves/zooms/rotates the S2 crop by the same linear part and by the aerial translation divided by 50
+(bilinear resampling of S2; pixels that come from outside the crop or from NaN pads are marked invalid in
+`s2_valid`). Mask pixels that come from outside the patch (rotation corners) are filled with 12 ("other",
+weight 0 under the default class weights). S2 date dropout: each date is dropped with probability
+`cfg["s2_date_dropout"]`, at least one is kept.
 
-Randomness comes from one numpy Generator per Augment (and the albumentations Compose seeded from it);
-`reseed` is called by the dataset once per DataLoader worker so workers never repeat each other.
+Randomness: the caller passes a numpy Generator per sample, seeded from (seed, epoch, sample index)
+(src.dataset), so a sample's augmentation does not depend on the worker that loads it.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 
@@ -40,73 +46,54 @@ from src.geometry import AERIAL_PER_S2
 
 PRESETS = ("none", "light", "heavy")
 MASK_FILL = 12        # label of pixels that come from outside the patch ("other")
+MAX_BANDS = len(BAND_NAMES)
+MAX_HOLES = 6
+
+
+class Slot:
+    """Positions in the per-sample `aug` vector (float32, AUG_LEN values) that src.device_augment reads.
+
+    Per-band values are in the config's band order (unused slots stay 0). Integers (k, seeds, pixel
+    coordinates) are below 2**24, exactly representable in float32."""
+
+    K = 0                          # D4 element 0..7 (`d4`)
+    JITTER = 1                     # 1: per-band brightness/contrast/gamma about the band mean
+    BRIGHT = 2                     # MAX_BANDS brightness shifts (0..1 scale)
+    CONTRAST = BRIGHT + MAX_BANDS  # MAX_BANDS contrast factors
+    GAMMA = CONTRAST + MAX_BANDS   # MAX_BANDS gamma exponents
+    MEAN = GAMMA + MAX_BANDS       # MAX_BANDS band means (0..1) of the crop, every 8th pixel
+    NOISE_STD = MEAN + MAX_BANDS   # Gaussian noise std in grey levels (0: no noise)
+    NOISE_SEED = NOISE_STD + 1
+    BLUR = NOISE_SEED + 1          # 0: none, 1: Gaussian, 2: motion
+    BLUR_SIZE = BLUR + 1           # odd kernel side, 3..7
+    BLUR_PARAM = BLUR_SIZE + 1     # Gaussian sigma (pixels) or motion direction (degrees)
+    HOLES = BLUR_PARAM + 1         # MAX_HOLES x (top, left, bottom, right); an unused hole is all 0
+
+
+AUG_LEN = Slot.HOLES + 4 * MAX_HOLES
 
 
 def d4(arr: np.ndarray, k: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
-    """Element k (0..7) of the dihedral group on the plane `axes`: optional flip, then k%4 rotations by 90."""
+    """Element k (0..7) of the dihedral group on the plane `axes`: optional flip, then k%4 rotations by 90.
+
+    The reference definition: src.device_augment applies the same elements to batches (tested equal)."""
     if k >= 4:
         arr = np.flip(arr, axis=axes[1])
     return np.rot90(arr, k % 4, axes=axes)
 
 
-class PerBandJitter(A.ImageOnlyTransform):
-    """Brightness, contrast and gamma drawn independently for each spectral band of a uint8 image.
-
-    albumentations' colour transforms either assume RGB or apply one factor to every band; sensors and
-    acquisitions differ per band, and the elevation band must not be "brightened" at all. One 256-entry
-    lookup table per band (cv2.LUT on all bands at once), so the cost does not depend on the ranges.
-    """
-
-    def __init__(self, spectral: tuple[int, ...], brightness: float = 0.1, contrast: float = 0.2,
-                 gamma: float = 0.2, p: float = 0.5):
-        super().__init__(p=p)
-        self.spectral = tuple(spectral)
-        self.brightness, self.contrast, self.gamma = brightness, contrast, gamma
-
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        img = data["image"]
-        rng = self.random_generator
-        n = len(self.spectral)
-        means = img[::8, ::8, list(self.spectral)].reshape(-1, n).mean(axis=0) / 255.0 if n else []
-        return {
-            "brightness": rng.uniform(-self.brightness, self.brightness, n),
-            "contrast": np.exp(rng.uniform(np.log(1 - self.contrast), -np.log(1 - self.contrast), n)),
-            "gamma": np.exp(rng.uniform(np.log(1 - self.gamma), -np.log(1 - self.gamma), n)),
-            "means": np.asarray(means),
-        }
-
-    def apply(self, img: np.ndarray, brightness=(), contrast=(), gamma=(), means=(), **params) -> np.ndarray:
-        if not self.spectral:
-            return img
-        channels = img.shape[2] if img.ndim == 3 else 1
-        levels = np.arange(256, dtype=np.float32) / 255.0
-        lut = np.repeat(np.arange(256, dtype=np.uint8)[:, None], channels, axis=1)
-        for i, band in enumerate(self.spectral):
-            v = levels ** np.float32(gamma[i])
-            pivot = np.float32(means[i]) ** np.float32(gamma[i])
-            v = (v - pivot) * np.float32(contrast[i]) + pivot + np.float32(brightness[i])
-            lut[:, band] = np.clip(np.rint(v * 255.0), 0, 255).astype(np.uint8)
-        if channels == 1:
-            return cv2.LUT(img, lut[:, 0]).reshape(img.shape)
-        return cv2.LUT(np.ascontiguousarray(img), lut.reshape(256, 1, channels))
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("spectral", "brightness", "contrast", "gamma")
-
-
 def _warp_image(img: np.ndarray, matrix: np.ndarray, size: int, nearest: bool, fill: int) -> np.ndarray:
-    """cv2.warpAffine of an (H,W) or (H,W,C) array to (size,size), one band at a time.
+    """cv2.warpAffine of an (H,W) or planar (C,H,W) array to (size,size), one band at a time.
 
-    OpenCV's generic path for more than 4 channels interpolates differently (and slower) than its
-    single-channel path, so bands are warped separately to keep every band identical to a 1-band warp.
-    """
+    One band at a time: OpenCV's generic path for more than 4 channels interpolates differently (and
+    slower) than its single-channel path, and planar bands need no HWC round trip."""
     flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     kw = dict(flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
     if img.ndim == 2:
-        return cv2.warpAffine(img, matrix, (size, size), **kw)
-    out = np.empty((size, size, img.shape[2]), dtype=img.dtype)
-    for b in range(img.shape[2]):
-        out[:, :, b] = cv2.warpAffine(np.ascontiguousarray(img[:, :, b]), matrix, (size, size), **kw)
+        return cv2.warpAffine(np.ascontiguousarray(img), matrix, (size, size), **kw)
+    out = np.empty((img.shape[0], size, size), dtype=img.dtype)
+    for b in range(img.shape[0]):
+        cv2.warpAffine(np.ascontiguousarray(img[b]), matrix, (size, size), dst=out[b], **kw)
     return out
 
 
@@ -142,7 +129,8 @@ def warp_s2(s2: np.ndarray, valid: np.ndarray, matrix: np.ndarray) -> tuple[np.n
     sy = np.where(np.abs(sy - np.rint(sy)) < 1e-4, np.rint(sy), sy)
     x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
     fx, fy = (sx - x0).astype(np.float32), (sy - y0).astype(np.float32)
-    out = np.zeros_like(s2)
+    flat = s2.reshape(*s2.shape[:-2], size * size)  # gathers along one flat axis: ~4x faster than 2-D
+    out = np.zeros_like(flat)
     ok = np.ones((size, size), bool)
     corners = ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx))
     for dy, dx, w in corners:
@@ -151,20 +139,52 @@ def warp_s2(s2: np.ndarray, valid: np.ndarray, matrix: np.ndarray) -> tuple[np.n
         inside = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
         xc, yc = np.clip(xi, 0, size - 1), np.clip(yi, 0, size - 1)
         ok &= ~used | (inside & valid[yc, xc])
-        out += s2[:, :, yc, xc] * np.where(inside, w, 0).astype(np.float32)
-    out[:, :, ~ok] = 0.0
+        weight = np.where(inside, w, 0).astype(np.float32).ravel()
+        out += np.take(flat, (yc * size + xc).ravel(), axis=-1) * weight
+    out = out.reshape(s2.shape)
+    out[..., ~ok] = 0.0
     return out, ok
 
 
-class Augment:
-    """Callable joint augmentation: `aug(image, mask=None, s2=None, s2_valid=None, s2_days=None) -> dict`.
+def draw_photometric(rng: np.random.Generator, image: np.ndarray, aug: np.ndarray) -> None:
+    """`heavy`'s photometric parameters for a (C,H,W) uint8 crop, written into `aug` (see `Slot`).
 
-    `image` uint8 (H,W,C), `mask` uint8 (H,W), `s2` float32 (T,10,S,S), `s2_valid` bool (S,S), `s2_days`
-    int64 (T,). Returns the same keys (None stays None), with H,W = `crop_size` when cropping.
+    Ranges and probabilities of the albumentations transforms they replace: brightness +-0.1, contrast
+    and gamma x0.8..1.25 (p=0.8); GaussNoise std 1..4 % of 255 at half resolution (p=0.3); GaussianBlur
+    3..5 px, sigma 0.5..3 or MotionBlur 3..7 px (p=0.2); CoarseDropout 1..6 holes of 3..12 % (p=0.3)."""
+    c, h, w = image.shape
+    if rng.random() < 0.8:
+        aug[Slot.JITTER] = 1.0
+        aug[Slot.BRIGHT:Slot.BRIGHT + c] = rng.uniform(-0.1, 0.1, c)
+        aug[Slot.CONTRAST:Slot.CONTRAST + c] = np.exp(rng.uniform(np.log(0.8), -np.log(0.8), c))
+        aug[Slot.GAMMA:Slot.GAMMA + c] = np.exp(rng.uniform(np.log(0.8), -np.log(0.8), c))
+        aug[Slot.MEAN:Slot.MEAN + c] = image[:, ::8, ::8].reshape(c, -1).mean(axis=1) / 255.0
+    if rng.random() < 0.3:
+        aug[Slot.NOISE_STD] = rng.uniform(0.01, 0.04) * 255.0
+        aug[Slot.NOISE_SEED] = rng.integers(2**24)
+    if rng.random() < 0.2:
+        motion = rng.random() < 0.5
+        aug[Slot.BLUR] = 2.0 if motion else 1.0
+        aug[Slot.BLUR_SIZE] = rng.choice([3, 5, 7] if motion else [3, 5])
+        aug[Slot.BLUR_PARAM] = rng.uniform(0.0, 180.0) if motion else rng.uniform(0.5, 3.0)
+    if rng.random() < 0.3:
+        for j in range(int(rng.integers(1, MAX_HOLES + 1))):
+            hh, hw = int(h * rng.uniform(0.03, 0.12)), int(w * rng.uniform(0.03, 0.12))
+            top, left = int(rng.integers(0, h - hh + 1)), int(rng.integers(0, w - hw + 1))
+            aug[Slot.HOLES + 4 * j:Slot.HOLES + 4 * j + 4] = (top, left, top + hh, left + hw)
+
+
+class Augment:
+    """Callable joint augmentation, CPU half:
+    `aug(rng, image, mask=None, s2=None, s2_valid=None, s2_days=None) -> dict`.
+
+    `image` uint8 (C,H,W), `mask` uint8 (H,W), `s2` float32 (T,10,S,S), `s2_valid` bool (S,S), `s2_days`
+    int64 (T,). Returns the same keys (None stays None), with H,W = `crop_size` when cropping, plus "aug":
+    the float32 (AUG_LEN,) parameters of the device half (None for `none`, which has no device work).
+    `rng` may be None when the preset draws nothing (evaluation).
     """
 
-    def __init__(self, preset: str = "none", crop_size: int | None = None, spectral: tuple[int, ...] = (),
-                 date_dropout: float = 0.0, seed: int | None = None):
+    def __init__(self, preset: str = "none", crop_size: int | None = None, date_dropout: float = 0.0):
         if preset not in PRESETS:
             raise ValueError(f"augment preset {preset!r}: expected one of {', '.join(PRESETS)}")
         self.preset = preset
@@ -174,27 +194,13 @@ class Augment:
         self.zoom = (0.75, 4.0 / 3.0)
         self.rotate_p, self.max_angle = 0.5, 15.0
         self.date_dropout = float(date_dropout)
-        self.photometric = None
-        if preset == "heavy":
-            self.photometric = A.Compose([
-                PerBandJitter(spectral, brightness=0.1, contrast=0.2, gamma=0.2, p=0.8),
-                A.GaussNoise(std_range=(0.01, 0.04), noise_scale_factor=0.5, p=0.3),
-                A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 7))], p=0.2),
-                A.CoarseDropout(num_holes_range=(1, 6), hole_height_range=(0.03, 0.12),
-                                hole_width_range=(0.03, 0.12), fill=0, p=0.3),
-            ])
-        self.reseed(seed)
 
-    def reseed(self, seed: int | None) -> None:
-        """Fresh random state (the dataset calls this once in each DataLoader worker)."""
-        self.rng = np.random.default_rng(seed)
-        if self.photometric is not None:
-            self.photometric.set_random_seed(int(self.rng.integers(2**31)))
-
-    def _geometry(self, h: int, w: int) -> tuple[np.ndarray | None, tuple[int, int] | None, int]:
+    def _geometry(self, rng: np.random.Generator | None, h: int, w: int
+                  ) -> tuple[np.ndarray | None, tuple[int, int] | None, int]:
         """(matrix or None, integer crop offset or None, output size) for an (h, w) input."""
         out = min(self.crop_size or max(h, w), h, w)
-        rng = self.rng
+        if not self.crop_size and not self.scale_rotate_p:
+            return None, None, out  # evaluation: the whole patch, whatever its shape
         if self.scale_rotate_p and rng.random() < self.scale_rotate_p:
             zoom = float(np.exp(rng.uniform(np.log(self.zoom[0]), np.log(self.zoom[1]))))
             zoom = max(zoom, out / min(h, w))  # the source square must fit in the patch
@@ -211,9 +217,9 @@ class Augment:
             return None, (int(rng.integers(0, h - out + 1)), int(rng.integers(0, w - out + 1))), out
         return None, None, out
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None, s2: np.ndarray | None = None,
-                 s2_valid: np.ndarray | None = None, s2_days: np.ndarray | None = None) -> dict[str, Any]:
-        rng = self.rng
+    def __call__(self, rng: np.random.Generator | None, image: np.ndarray, mask: np.ndarray | None = None,
+                 s2: np.ndarray | None = None, s2_valid: np.ndarray | None = None,
+                 s2_days: np.ndarray | None = None) -> dict[str, Any]:
         if s2 is not None and s2_valid is None:
             s2_valid = np.ones(s2.shape[-2:], bool)
         if s2 is not None and self.date_dropout > 0 and s2.shape[0] > 1:
@@ -222,41 +228,33 @@ class Augment:
                 keep[rng.integers(s2.shape[0])] = True
             s2 = s2[keep]
             s2_days = s2_days[keep] if s2_days is not None else None
-
+        aug = None
         if self.use_d4:
-            k = int(rng.integers(8))
-            if k:
-                image = d4(image, k)
-                mask = d4(mask, k) if mask is not None else None
-                if s2 is not None:
-                    s2, s2_valid = d4(s2, k, axes=(2, 3)), d4(s2_valid, k)
+            aug = np.zeros(AUG_LEN, np.float32)
+            aug[Slot.K] = rng.integers(8)
 
-        h, w = image.shape[:2]
-        matrix, offset, out = self._geometry(h, w)
+        h, w = image.shape[-2:]
+        matrix, offset, out = self._geometry(rng, h, w)
         if offset is not None:
             r, c = offset
-            image = image[r:r + out, c:c + out]
+            image = image[:, r:r + out, c:c + out]
             mask = mask[r:r + out, c:c + out] if mask is not None else None
             matrix = np.array([[1.0, 0.0, -c], [0.0, 1.0, -r]])
         elif matrix is not None:
             image = _warp_image(image, matrix, out, nearest=False, fill=0)
             if mask is not None:
-                mask = _warp_image(np.ascontiguousarray(mask), matrix, out, nearest=True, fill=MASK_FILL)
+                mask = _warp_image(mask, matrix, out, nearest=True, fill=MASK_FILL)
         if matrix is not None and s2 is not None:
             s2, s2_valid = warp_s2(s2, s2_valid, s2_matrix(matrix, (h, w), (out, out), s2.shape[-1]))
-
-        if self.photometric is not None:
-            shape = image.shape
-            image = self.photometric(image=np.ascontiguousarray(image))["image"].reshape(shape)
-        return {"image": image, "mask": mask, "s2": s2, "s2_valid": s2_valid, "s2_days": s2_days}
+        if self.preset == "heavy":
+            draw_photometric(rng, image, aug)
+        return {"image": image, "mask": mask, "s2": s2, "s2_valid": s2_valid, "s2_days": s2_days, "aug": aug}
 
 
 def build_augment(cfg: dict, train: bool) -> Augment:
     """The training preset of `cfg["augment"]` (with crop and date dropout), or the identity for eval."""
     if not train:
         return Augment("none")
-    bands = list(cfg.get("bands", BAND_NAMES))
-    spectral = tuple(i for i, b in enumerate(bands) if str(b).upper() != "E")
     crop = int(cfg.get("crop_size") or 0) or None
-    return Augment(cfg.get("augment", "none"), crop_size=crop, spectral=spectral,
-                   date_dropout=float(cfg.get("s2_date_dropout", 0.0)), seed=cfg.get("seed"))
+    return Augment(cfg.get("augment", "none"), crop_size=crop,
+                   date_dropout=float(cfg.get("s2_date_dropout", 0.0)))

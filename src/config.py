@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     # --- data ---
     "data_dir": "data",           # holds index_train.csv, index_test.csv, folds.csv
     "bands": ["R", "G", "B", "NIR", "E"],  # any subset of R,G,B,NIR,E (E = nDSM elevation)
-    "norm": "mean_std",           # mean_std (train statistics) | scale (divide by 255, as the baseline)
+    "norm": "mean_std",           # mean_std (train statistics) | scale (/255, as the baseline) | s2_stats
     "crop_size": 512,             # training crop (random crop; validation and test use full 512)
     "augment": "light",           # none | light | heavy
     "use_s2": False,
@@ -35,10 +35,14 @@ DEFAULTS: dict[str, Any] = {
     "s2_date_dropout": 0.0,       # probability of dropping each date at train time
     "use_metadata": False,
     "skip_bad": False,            # skip (and log) unreadable samples instead of stopping
+    "pseudo_dir": "",             # pseudo-labelled patches (make pseudo) added to the training split
+    "pseudo_threshold": 0.7,      # pseudo-label pixels less confident than this are ignored by the loss
+    "pseudo_weight": 1.0,         # loss weight of pseudo-labelled patches (labelled ones weigh 1)
     # --- model ---
     "arch": "Unet",               # any smp architecture name
     "encoder": "resnet34",        # any smp encoder or timm "tu-..." encoder
-    "encoder_weights": "imagenet",  # imagenet | none | path/to/local_weights.pth
+    "encoder_weights": "imagenet",  # imagenet | none | path/to/local_weights.pth | hf:<repo>[:<file>]
+    "init_from": "",              # warm start: a checkpoint; tensors matching in name and shape are loaded
     "extra_init": "mean",         # init of input channels beyond RGB: mean | copy | random
     "extra_copy_band": "R",       # band whose kernel is copied when extra_init=copy
     "num_classes": 13,
@@ -55,34 +59,44 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "batch_size": 8,
     "lr": 3e-4,
+    "encoder_lr_ratio": 1.0,      # the pretrained encoder's lr = lr * this (e.g. 0.1)
     "weight_decay": 1e-2,
     "warmup_epochs": 1.0,
     "min_lr_ratio": 0.01,
     "grad_clip": 1.0,
     "accum_steps": 1,
     "loss": "ce",                 # ce | ce_dice | focal
-    "class_weights": "default",   # default (0 for "other") | none | 13 numbers (0,1,...,0 or [0, 1, ...])
+    "class_weights": "default",   # default (0 for "other") | none | inverse | inverse_sqrt | 13 numbers
     "label_smoothing": 0.0,
     "ema": 0.999,                 # 0 disables the EMA
+    "avg_last": 0,                # >0: also average the weights of the last N epochs (SWA-style) into avg.pt
+    "sync_bn": False,             # SyncBatchNorm under DDP
     "precision": "auto",          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     "channels_last": True,
     "compile": False,
-    "workers": 4,
+    "workers": "auto",            # DataLoader workers per process: a number, or auto (the cores, minus one)
     "max_train_batches": 0,       # >0 caps batches per epoch (smoke tests, demos)
     "max_val_batches": 0,
     "val_every": 1,               # validate every N epochs (and always after the last one)
     "log_every": 10,
+    "tensorboard": True,          # TensorBoard event files in the run folder (make tensorboard)
+    "tb_images": 4,               # validation patches drawn as RGB | truth | prediction each validated epoch
+    "loggers": "",                # extra trackers: a comma list of wandb, mlflow (never contacted otherwise)
+    "oof": True,                  # a fold run saves its held-out fold's probabilities (fold<k>/oof)
     "max_nan_steps": 20,          # consecutive non-finite losses before the run stops
     "deterministic": False,       # GPU: deterministic kernels (slower); CPU runs are always deterministic
     # --- prediction ---
     "tta": "d4",                  # none | flip | d4
     "time_budget_s": 0.0,         # >0: pick the largest TTA level projected to fit
     "ensemble": "probs",          # probs | logits
+    "bn_adapt": "none",           # none | domain: re-estimate BatchNorm statistics on each test domain first
 }
 
 
 # settings whose value is a word (their str default) or a list: `class_weights=default` or `=0,1,...,0`
 LIST_OR_WORD = frozenset({"class_weights"})
+# settings whose value is a whole number or the word auto: `workers=8`, `workers=auto`
+INT_OR_AUTO = frozenset({"workers"})
 
 
 def _as_list(value: Any) -> Any:
@@ -93,6 +107,12 @@ def _as_list(value: Any) -> Any:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
+    if key in INT_OR_AUTO:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{key}: expected a whole number or auto, got {value!r}")
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -135,8 +155,28 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if "=" not in arg:
             raise ConfigError(f"override {arg!r} is not of the form key=value")
         key, raw = arg.split("=", 1)
-        out[key.strip().lstrip("-")] = yaml.safe_load(raw) if raw != "" else ""
+        key = key.strip().lstrip("-")
+        out[key] = _parse_value(key, raw)
     return out
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """A command-line value as YAML; a text setting keeps its raw text when YAML would not give a plain
+    scalar (`init_from={runs_dir}/s1/fold{fold}/best.pt` is a path with placeholders, not a mapping)."""
+    text_setting = isinstance(DEFAULTS.get(key), str) and key not in LIST_OR_WORD
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        if text_setting:
+            return raw
+        raise ConfigError(f"{key}={raw}: not a readable value ({one_line_yaml(err)})") from None
+    return raw if text_setting and isinstance(value, dict) else value
+
+
+def one_line_yaml(err: yaml.YAMLError) -> str:
+    return " ".join(str(err).split())[:160]
 
 
 def resolve(values: dict[str, Any], base: dict[str, Any] | None = None, source: str = "") -> dict[str, Any]:

@@ -1,19 +1,24 @@
-"""Index rows -> training/inference samples: aerial bands, 0..12 mask, S2 series, metadata.
+"""Index rows -> training/inference samples: aerial bands, 0..12 mask, S2 series, metadata, all still raw.
 
-Sample keys (docs/data-format.md, "Samples and batches"): "image" float32 (C,H,W) normalised per band;
-"mask" int64 (H,W) 0..12 (only for rows with a label when `labels`); with `use_s2`: "s2" float32
+Sample keys (docs/data-format.md, "Samples and batches"): "image" uint8 (C,H,W) of cfg's bands;
+"mask" uint8 (H,W) 0..12 (only for rows with a label when `labels`); with `use_s2`: "s2" float16
 (T,10,S,S) reflectance/10000, "s2_days" int64 (T,), "s2_pad" bool (T,) (all False for one sample, True on
 padded dates after src.loader.collate), "s2_valid" bool (S,S) (False where the S2 window left the
 super-area, or, after a crop or rotation, where S2 pixels came from outside the crop); with
-`use_metadata`: "meta" float32 (META_DIM,) (src.metadata); "id" str. S2 pixels outside the super-area
-are zero-filled inputs for the model and are excluded from the auxiliary S2 loss through "s2_valid"
-(src.losses.Criterion). Batching is src.loader's job.
+`use_metadata`: "meta" float32 (META_DIM,) (src.metadata); in training with `light`/`heavy`: "aug"
+float32 (src.augment.AUG_LEN,), the parameters of the device half of the augmentation; "id" str. S2 pixels
+outside the super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss
+through "s2_valid" (src.losses.Criterion). Batching is src.loader's job; normalisation, D4 and the
+photometric transforms happen on the device, on the batch (src.device_augment).
 
-Why it is fast: TIFFs through tifffile (src.rasters, no rasterio), S2 arrays memory-mapped so only the
-40x40 window of the kept dates is read, products.txt parsed once per zone and per worker, integer data
-turned into float32 once, label checks by a 256-bin count instead of a sort. Workers: the dataset holds
+Why it is fast: a worker does little more than read. TIFFs through src.rasters (libtiff, no rasterio);
+the planar image is used as decoded (no copy when every band is selected and nothing is cropped), the
+label checked and remapped through one 256-entry table; S2 arrays memory-mapped so only the 40x40 window
+of the kept dates is read, products.txt parsed once per zone and per worker. Workers: the dataset holds
 only numpy columns and settings (pickles small, no per-row Python objects whose refcounts would copy
-pages in forked workers); memmaps are opened lazily in each worker and dropped when pickled.
+pages in forked workers); memmaps are opened lazily in each worker, kept while the (persistent) worker
+lives, and dropped when pickled. Augmentation draws come from a numpy Generator seeded from (seed, epoch,
+index) (src.loader.EpochSampler passes the epoch), so they do not depend on which worker loads a sample.
 """
 from __future__ import annotations
 
@@ -31,17 +36,20 @@ import torch
 from torch.utils.data import Dataset
 
 from src.augment import build_augment
-from src.bands import band_indices
+from src.bands import BAND_NAMES, band_indices
 from src.classes import invalid_label_values, remap
 from src.errors import DataError, one_line
 from src.metadata import encode_metadata
-from src.normalize import norm_stats
 from src.rasters import read_image, read_label
 from src.sentinel import open_zone, s2_series
 
 log = logging.getLogger(__name__)
 
 S2_SCALE = np.float32(10000.0)  # stored reflectance x 10000 -> ~[0, 1] (the baseline feeds raw values)
+
+# raw label value -> 0..12, and 255 for values that are not labels (0, 20..255): remap and check at once
+_CHECKED_REMAP = remap(np.arange(256, dtype=np.uint8))
+_CHECKED_REMAP[invalid_label_values(np.arange(256))] = 255
 
 _STR_COLS = ("id", "img_path", "msk_path", "camera", "date", "time")
 _S2_COLS = ("s2_data", "s2_masks", "s2_products")
@@ -56,7 +64,8 @@ class FlairDataset(Dataset):
     """Torch dataset over index rows (src.index schema); see the module docstring for the sample keys.
 
     `train` selects the training augmentation (cfg["augment"], crop_size, s2_date_dropout); otherwise the
-    identity at full size. `labels=False` never reads masks (test-time inference).
+    identity at full size. `labels=False` never reads masks (test-time inference). An item is an index,
+    or (index, epoch) from src.loader.EpochSampler (a plain index uses `self.epoch`).
     With cfg["skip_bad"], a sample whose files raise DataError is logged (logging + one line appended to
     `bad_log` when given) and counted in `bad_count` (per process). In training it is replaced by the next
     readable index (wrapping around): an epoch keeps its size. Otherwise it becomes the marker
@@ -88,10 +97,7 @@ class FlairDataset(Dataset):
             self.cols[c] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
         self.train, self.labels = train, labels
         self.band_idx = band_indices(cfg["bands"])
-        self.mean, self.std = norm_stats(cfg)
-        # (x - mean) / std for every uint8 value, per band, in float32: the exact formula, applied by lookup
-        levels = np.arange(256, dtype=np.float32)[:, None]
-        self.norm_lut = np.ascontiguousarray((levels - self.mean) / self.std, dtype=np.float32)
+        self.all_bands = self.band_idx == list(range(len(BAND_NAMES)))  # the decoded array as it is
         self.use_s2 = bool(cfg.get("use_s2", False))
         self.s2_kw = dict(size=int(cfg.get("s2_size", 40)),
                           filter_clouds=bool(cfg.get("s2_filter_clouds", True)),
@@ -103,6 +109,7 @@ class FlairDataset(Dataset):
         self.bad_log = Path(bad_log) if bad_log else None
         self.bad_count = 0
         self.augment = build_augment(cfg, train)
+        self.seed, self.epoch = int(cfg.get("seed", 0)), 0
         self.timings: dict[str, float] | None = None
         self.clock = time.perf_counter
         self._bad: dict[int, str] = {}  # row -> its one-line error (per process)
@@ -118,20 +125,23 @@ class FlairDataset(Dataset):
         return state
 
     def _check_worker(self) -> None:
-        """First call in a new process/worker: fresh zone cache and a per-worker augmentation seed."""
+        """First call in a new process/worker: a fresh zone cache (kept for the worker's life)."""
         info = torch.utils.data.get_worker_info()
         owner = (os.getpid(), info.id if info is not None else None)
         if owner != self._owner:
             if self._owner is not None or info is not None:
                 self._zones = {}
-            if info is not None:
-                self.augment.reseed(info.seed)
             self._owner = owner
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def rng(self, i: int, epoch: int) -> np.random.Generator | None:
+        """The augmentation draws of sample i in `epoch`: a function of (seed, epoch, i) only."""
+        return np.random.default_rng((self.seed, epoch, i)) if self.train else None
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = (int(item[0]), int(item[1])) if isinstance(item, tuple) else (int(item), self.epoch)
         self._check_worker()
         if not self.skip_bad:
-            return self.load(i)
+            return self.load(i, self.rng(i, epoch))
         if not self.train:
             return self._load_or_mark(i)
         for step in range(self.n):
@@ -139,7 +149,7 @@ class FlairDataset(Dataset):
             if j in self._bad:
                 continue
             try:
-                return self.load(j)
+                return self.load(j, self.rng(i, epoch))
             except DataError as err:
                 self._record_bad(j, err)
         raise DataError(f"every one of the {self.n} samples failed to load (see {self.bad_log or 'the log'})")
@@ -186,68 +196,73 @@ class FlairDataset(Dataset):
             self.timings[key] = self.timings.get(key, 0.0) + now - start
         return now
 
-    def load(self, i: int) -> dict[str, Any]:
-        """Sample i without the skip_bad replacement (DataError names the failing file)."""
-        c = self.cols
+    def read_mask(self, path: str, shape: tuple[int, ...], img_path: str) -> np.ndarray:
+        """The label of a patch as uint8 0..12; DataError naming the file for a wrong shape or values
+        outside 1..19 (one table lookup remaps and flags them, docs/data-format.md, "Labels and classes")."""
+        raw = read_label(path)
+        if raw.shape != shape:
+            raise DataError(f"{path}: label shape {raw.shape} differs from image {shape} of {img_path}")
+        if raw.dtype == np.uint8:
+            mask = cv2.LUT(np.ascontiguousarray(raw), _CHECKED_REMAP)
+            bad = mask.max(initial=0) == 255
+        else:
+            bad = bool(invalid_label_values(raw))
+            mask = None if bad else remap(raw)
+        if bad:
+            raise DataError(f"{path}: label values outside 1..19: {invalid_label_values(raw)}")
+        return mask
+
+    def read_s2(self, i: int, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(s2 float32 (T,10,S,S) reflectance/10000 with pads at 0, s2_valid (S,S), s2_days (T,))."""
+        data, masks, products = self._zone(i)
+        row, col = self.cols["s2_row"][i], self.cols["s2_col"][i]
+        if not (np.isfinite(row) and np.isfinite(col)) or row < 0 or col < 0:
+            raise DataError(f"{path}: no S2 centroid for this patch in the index")
+        try:
+            s2, s2_days = s2_series(data, masks, products, (int(row), int(col)), **self.s2_kw)
+        except ValueError as err:
+            raise DataError(f"{self.zone_paths[self.zone_code[i]][0]}: patch {self.text('id', i)}: "
+                            f"{err}") from None
+        nan = np.isnan(s2)
+        s2_valid = ~nan.any(axis=(0, 1))
+        if not s2_valid.all():
+            s2[nan] = 0.0
+        s2 /= S2_SCALE
+        return s2, s2_valid, s2_days
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """Sample i without the skip_bad replacement (DataError names the failing file); `rng` draws the
+        training augmentation."""
         t = self.clock()
         path = self.text("img_path", i)
         img = read_image(path, bands=5)
         if img.dtype != np.uint8:
             raise DataError(f"{path}: expected uint8 aerial bands, got {img.dtype}")
-        image = cv2.merge([img[b] for b in self.band_idx]).reshape(*img.shape[1:], -1)  # HWC, one copy
-        mask = None
+        image = img if self.all_bands else img[self.band_idx]
         msk_path = self.text("msk_path", i)
-        if self.labels and msk_path:
-            raw = read_label(msk_path)
-            if raw.shape != image.shape[:2]:
-                raise DataError(f"{msk_path}: label shape {raw.shape} differs from image {image.shape[:2]} "
-                                f"of {path}")
-            if raw.dtype == np.uint8:  # a 256-bin count is ~10x faster than np.unique
-                counts = np.bincount(raw.ravel(), minlength=256)
-                bad = bool(counts[0] or counts[20:].any())
-            else:
-                bad = bool(invalid_label_values(raw))
-            if bad:
-                raise DataError(f"{msk_path}: label values outside 1..19: {invalid_label_values(raw)}")
-            mask = remap(raw)
+        mask = self.read_mask(msk_path, img.shape[1:], path) if self.labels and msk_path else None
         t = self._tick("read", t)
-
         s2 = s2_valid = s2_days = None
         if self.use_s2:
-            data, masks, products = self._zone(i)
-            row, col = c["s2_row"][i], c["s2_col"][i]
-            if not (np.isfinite(row) and np.isfinite(col)) or row < 0 or col < 0:
-                raise DataError(f"{path}: no S2 centroid for this patch in the index")
-            try:
-                s2, s2_days = s2_series(data, masks, products, (int(row), int(col)), **self.s2_kw)
-            except ValueError as err:
-                raise DataError(f"{self.zone_paths[self.zone_code[i]][0]}: patch {self.text('id', i)}: "
-                                f"{err}") from None
-            nan = np.isnan(s2)
-            s2_valid = ~nan.any(axis=(0, 1))
-            s2[nan] = 0.0
-            s2 /= S2_SCALE
+            s2, s2_valid, s2_days = self.read_s2(i, path)
         t = self._tick("s2", t)
-
-        out = self.augment(image, mask, s2, s2_valid, s2_days)
+        out = self.augment(rng, image, mask, s2, s2_valid, s2_days)
         t = self._tick("augment", t)
-
-        hwc = np.ascontiguousarray(out["image"])
-        chw = np.empty((hwc.shape[2], *hwc.shape[:2]), dtype=np.float32)
-        for b, plane in enumerate(cv2.split(hwc)):  # uint8 -> normalised float32 through a lookup table
-            cv2.LUT(plane, self.norm_lut[:, b], dst=chw[b])
-        sample: dict[str, Any] = {"image": torch.from_numpy(chw), "id": self.text("id", i)}
+        sample: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(out["image"])),
+                                  "id": self.text("id", i)}
         if out["mask"] is not None:
-            sample["mask"] = torch.from_numpy(out["mask"].astype(np.int64))
+            sample["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"]))
         if self.use_s2:
-            sample["s2"] = torch.from_numpy(np.ascontiguousarray(out["s2"], dtype=np.float32))
+            sample["s2"] = torch.from_numpy(out["s2"]).to(torch.float16)  # (torch converts ~15x faster)
             sample["s2_days"] = torch.from_numpy(np.asarray(out["s2_days"], dtype=np.int64))
             sample["s2_pad"] = torch.zeros(len(out["s2_days"]), dtype=torch.bool)
             sample["s2_valid"] = torch.from_numpy(np.ascontiguousarray(out["s2_valid"]))
         if self.use_metadata:
+            c = self.cols
             sample["meta"] = torch.from_numpy(encode_metadata(
                 self.text("camera", i), self.text("date", i), self.text("time", i), c["patch_centroid_x"][i],
                 c["patch_centroid_y"][i], c["patch_centroid_z"][i]))
+        if out["aug"] is not None:
+            sample["aug"] = torch.from_numpy(out["aug"])
         self._tick("finalize", t)
         return sample
-

@@ -2,8 +2,10 @@
 with its TTA views, the uint8 quantisation of saved probabilities, and the TTA level a time budget allows.
 Shared by `src.predict` (test patches) and `src.infer` (whole orthophotos).
 
-- TTA views of a batch are stacked (V*B rows) and go through the network in one call; the S2 crop is
-  flipped/rotated with the aerial image (src/tta.py), and outputs are mapped back before averaging.
+- Batches arrive on the device already normalised (src.device_augment.device_batch: uint8 travels to the
+  device, normalisation happens there); TTA views of a batch are stacked (V*B rows) on the device and go
+  through the network in one call; the S2 crop is flipped/rotated with the aerial image (src/tta.py),
+  and outputs are mapped back before averaging.
 - `ensemble=probs` (default) averages softmax probabilities over views and models with the weights;
   `ensemble=logits` averages logits and takes one softmax at the end.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,31 +76,57 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class Mix:
+    """A blend recipe's combination (src.recipe; docs/recipes.md, "Out-of-fold ensembling"), replacing the
+    per-model weights: class c's probability is sum_m class_weights[m][c] * p_m[c] (one model alone where
+    the recipe chose one for c), times exp(biases[c]), renormalised over the classes."""
+
+    class_weights: tuple[tuple[float, ...], ...]  # (models, 13)
+    biases: tuple[float, ...]                     # (13,)
+
+    def column(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.class_weights[k], dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+    def finish(self, total: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.biases, dtype=torch.float64).exp().to(total.device, total.dtype)
+        q = total * scale.view(1, -1, 1, 1)
+        return q / q.sum(1, keepdim=True).clamp_min(1e-30)
+
+
 @torch.inference_mode()
 def predict_batch(models: Sequence[nn.Module], weights: Sequence[float] | None,
                   batch: dict[str, Any] | Sequence[dict[str, Any]], tta: str = "none",
                   ensemble: str = "probs", *, precision: str = "auto",
-                  channels_last: bool = False) -> torch.Tensor:
+                  channels_last: bool = False, mix: Mix | None = None) -> torch.Tensor:
     """Class probabilities (B, 13, H, W) float32 of a weighted ensemble with TTA, on the models' device.
 
-    `batch` is one collated batch shared by all models, or a list with one batch per model (models
-    fed different inputs). Each model sees the V views of its batch stacked as V*B rows in one call,
-    with the S2 crop transformed like the image; outputs are inverted to the original frame and averaged
+    `batch` is one batch of model inputs ("image" normalised, e.g. by src.device_augment.device_batch)
+    shared by all models, or a list with one batch per model (models fed different inputs). Each model
+    sees the V views of its batch stacked as V*B rows in one call, with the S2 crop transformed like the
+    image; outputs are inverted to the original frame and averaged
     (probabilities, or logits when `ensemble="logits"`), then combined across models with the weights.
     Precision follows the kit's policy (src.runtime.amp_dtype: `auto` is plain fp32 on CPU).
+    A `mix` (a blend recipe) replaces the weights by per-class weights and biases (probabilities only).
     """
     if ensemble not in ("probs", "logits"):
         raise PredictError(f"ensemble must be probs or logits, got {ensemble!r}")
+    if mix is not None and (ensemble != "probs" or len(mix.class_weights) != len(models)):
+        raise PredictError(f"a recipe mixes probabilities of {len(mix.class_weights)} models: got "
+                           f"{len(models)} models, ensemble={ensemble}")
     batches = [batch] * len(models) if isinstance(batch, dict) else list(batch)
     if len(batches) != len(models):
         raise PredictError(f"{len(batches)} batches for {len(models)} models")
     w = normalise_weights(weights, len(models))
     vs = T.views(tta)
     total: torch.Tensor | None = None
-    for model, wi, b in zip(models, w, batches):
+    for k, (model, wi, b) in enumerate(zip(models, w, batches)):
         dev = model_device(model)
         dtype = amp_dtype(precision, dev)
         nb = dev.type == "cuda"
+        if b["image"].dtype == torch.uint8:
+            raise PredictError("predict_batch: the image is raw uint8: normalise it first "
+                               "(src.device_augment.device_batch)")
         image = b["image"].to(dev, non_blocking=nb)
         inputs = {"image": image}
         inputs.update({k: b[k].to(dev, non_blocking=nb) for k in INPUT_KEYS
@@ -115,7 +144,10 @@ def predict_batch(models: Sequence[nn.Module], weights: Sequence[float] | None,
                 y = y.softmax(1) if ensemble == "probs" else y
                 acc = y if acc is None else acc + y
         acc = acc / len(vs)
-        total = acc * wi if total is None else total + acc.to(total.device) * wi
+        wk = wi if mix is None else mix.column(k, acc)
+        total = acc * wk if total is None else total + (acc * wk).to(total.device)
+    if mix is not None:
+        return mix.finish(total)
     return total if ensemble == "probs" else total.softmax(1)
 
 
@@ -137,7 +169,7 @@ def choose_tta(models: Sequence[nn.Module], weights: Sequence[float], batches: l
     Each level runs the first batch once untimed (warm-up) and once timed; the projection is
     network time only (data loading runs in parallel workers). Larger levels are skipped once one
     does not fit; if even `none` does not fit it is used anyway, with a warning."""
-    n = len(batches[0]["id"])
+    n = len(batches[0]["image"])
     choice = "none"
     for level in T.LEVELS:
         kw = dict(tta=level, ensemble=cfg["ensemble"], precision=cfg["precision"],

@@ -1,10 +1,14 @@
 """Score predictions (a PRED folder or a submission zip) with the official FLAIR #2 mIoU (`make evaluate`).
 
     python -m src.evaluate --pred PRED_DIR_OR_ZIP --index DATA/index_test.csv [--labels DIR]
-        [--json SCORES.json] [--png CONFUSION.png] [--workers N] [--backend thread|process]
+        [--json SCORES.json] [--png CONFUSION.png] [--domains PREFIX] [--workers N] [--backend thread|process]
 
-Outputs: a per-class table on stdout, optional JSON and a row-normalised confusion-matrix PNG. The
-scoring lives in `src.scoring` (docs/data-format.md, "Metric"); this is only its command line.
+Outputs: a per-class table and each domain's mIoU on stdout, optional JSON and a row-normalised
+confusion-matrix PNG, and the per-domain report (PREFIX.csv: mIoU and the 13 IoUs of each domain;
+PREFIX.png: the same as a figure), by default beside the JSON (`X_scores.json` -> `X_domains.csv/.png`):
+the test set is 10 unseen domains and domain shift decides the ranking. The scoring lives in
+`src.scoring` (docs/data-format.md, "Metric") and the report in `src.domain_report`; this is only the
+command line.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.domain_report import domain_rows, format_lines, write_report
 from src.errors import DataError
 from src.metrics import format_table, ious_from_confusion, miou_from_confusion
 from src.scoring import evaluate, save_confusion_png, save_json
@@ -28,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", help="index CSV (id, msk_path); with --labels it only sets the ids")
     parser.add_argument("--json", help="write {miou, ious, confusion, ...} here")
     parser.add_argument("--png", help="write the row-normalised confusion matrix picture here")
+    parser.add_argument("--domains", help="write the per-domain report PREFIX.csv + PREFIX.png "
+                        "(default: beside --json)")
     parser.add_argument("--workers", type=int, default=None, help="readers (default: CPUs, max 16)")
     parser.add_argument("--backend", choices=["thread", "process"], default="thread",
                         help="threads (default; LZW decoding releases the GIL) or processes")
@@ -51,6 +58,32 @@ def main(argv: list[str] | None = None) -> None:
         title = f"{Path(args.pred).name}: mIoU {miou_from_confusion(matrix):.4f}"
         save_confusion_png(matrix, args.png, title=title)
         print(f"wrote {args.png}")
+    report_domains(result, args.domains or domains_prefix(args.json), Path(args.pred).name)
+
+
+def domains_prefix(json_path: str | None) -> str | None:
+    """`X_scores.json` or `X.json` -> `X_domains` (None without a JSON path)."""
+    if not json_path:
+        return None
+    stem = str(json_path).removesuffix(".json").removesuffix("_scores")
+    return f"{stem}_domains"
+
+
+def report_domains(result: dict, prefix: str | None, title: str) -> None:
+    """Each domain's mIoU on stdout; with a prefix, the CSV and figure of src.domain_report."""
+    per = result.get("per_domain")
+    if not per:
+        print("per-domain report: domains unknown (no domain column in the index, no D<nnn>_<year> folders)")
+        return
+    confusion = np.asarray(per["confusion"], dtype=np.int64)
+    if prefix is None:
+        rows = domain_rows(confusion, per["domains"], per["n_patches"])
+    else:
+        rows = write_report(confusion, per["domains"], prefix, per["n_patches"], f"{title}:")
+    print(f"per-domain mIoU ({len(per['domains'])} domains):")
+    print("\n".join(format_lines(rows[:-1])))
+    if prefix is not None:
+        print(f"wrote {prefix}.csv, {prefix}.png")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,51 @@
-"""Samples -> batches: `collate` and the one DataLoader builder that training, validation, prediction and
-the benchmarks all use (so worker settings, OpenCV threads and pinning are decided once)."""
+"""Samples -> batches: `collate`, the epoch-aware sampler and the one DataLoader builder that training,
+validation, prediction and the benchmarks all use (so worker settings, OpenCV threads and pinning are
+decided once)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from src.seeding import seed_worker
 from src.workers import loader_workers, single_thread_opencv
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) pairs from a sampler with `set_epoch` (DistributedSampler): the dataset seeds
+    a sample's augmentation from them, so persistent workers (which never see the main process's
+    attributes again) still know the epoch, and a batch does not depend on the number of workers."""
+
+    def __init__(self, sampler: Any):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((int(i), self.epoch) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory, so that sending the batch to the
+    main process copies nothing (what torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    template = torch.empty(0, dtype=dtype)
+    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
+    return template.new(storage).view(shape)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    first = tensors[0]
+    return torch.stack(tensors, out=_empty((len(tensors), *first.shape), first.dtype))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -34,16 +70,16 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if not all(key in s for s in samples):
             raise ValueError(f"collate: key {key!r} present in some samples only "
                              "(mixed labelled and unlabelled rows?)")
-        batch[key] = torch.stack([s[key] for s in samples])
+        batch[key] = _stack([s[key] for s in samples])
     if any("s2" in s for s in samples):
         if not all("s2" in s for s in samples):
             raise ValueError("collate: key 's2' present in some samples only")
         lengths = [s["s2"].shape[0] for s in samples]
         t_max = max(lengths)
         first = samples[0]["s2"]
-        s2 = first.new_zeros((len(samples), t_max, *first.shape[1:]))
-        days = torch.zeros((len(samples), t_max), dtype=torch.int64)
-        pad = torch.ones((len(samples), t_max), dtype=torch.bool)
+        s2 = _empty((len(samples), t_max, *first.shape[1:]), first.dtype).zero_()
+        days = _empty((len(samples), t_max), torch.int64).zero_()
+        pad = _empty((len(samples), t_max), torch.bool).fill_(True)
         for b, (s, n) in enumerate(zip(samples, lengths)):
             s2[b, :n] = s["s2"]
             days[b, :n] = s["s2_days"]
@@ -56,11 +92,12 @@ def build_loader(ds: Dataset, cfg: dict, *, train: bool, sampler: Any = None,
                  generator: torch.Generator | None = None, collate_fn: Callable = collate,
                  batch_size: int | None = None, persistent: bool = False) -> DataLoader:
     """The kit's DataLoader: cfg `workers` (a number or auto), OpenCV single-threaded before the workers
-    fork, pinned memory on CUDA, seeded workers.
+    fork (a worker is one core), pinned memory on CUDA (non-blocking copies), 4 batches prefetched per
+    worker, seeded workers.
 
     Training shuffles (unless a sampler is given) and drops the last incomplete batch, except when there
     is no more than one batch (tiny demos would otherwise get empty epochs). `generator` seeds the worker
-    seeds and the shuffle (exact resume); `persistent` keeps the workers across epochs.
+    seeds and the shuffle; `persistent` keeps the workers (and their open S2 zones) across epochs.
     """
     workers = loader_workers(cfg.get("workers", 0))
     if workers > 0:

@@ -23,10 +23,14 @@ from src.geometry import centred_s2_box
 PLOWED = 11  # plowed land: weight 0 in the S2 head by default (IGN baseline)
 LOSSES = ("ce", "ce_dice", "focal")
 IGNORE = -100  # target value of pixels that take no part in a loss
+FROM_DATA = ("inverse", "inverse_sqrt")  # class_weights words resolved into numbers from the training masks
 
 
 def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
-    """cfg["class_weights"] -> (13,) float tensor; "default" zeroes "other" (and plowed land for S2)."""
+    """cfg["class_weights"] -> (13,) float tensor; "default" zeroes "other" (and plowed land for S2).
+
+    A list (also what inverse | inverse_sqrt resolve to, src.train_knobs) weighs both heads the same.
+    """
     spec = cfg["class_weights"]
     n = int(cfg.get("num_classes", NUM_CLASSES))
     if spec == "default":
@@ -38,6 +42,9 @@ def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
         return w
     if spec == "none":
         return torch.ones(n)
+    if spec in FROM_DATA:  # the numbers depend on the training split: train.prepare resolves them first
+        raise ConfigError(f"class_weights={spec} is computed from the training split's class histograms "
+                          "before training (src.train_knobs.resolve_knobs); elsewhere pass the 13 numbers")
     if isinstance(spec, (list, tuple)):
         if len(spec) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
             raise ConfigError(f"class_weights: expected {n} numbers, got {spec!r}")
@@ -45,7 +52,8 @@ def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
         if (w < 0).any() or w.sum() <= 0:
             raise ConfigError("class_weights: weights must be >= 0 with a positive sum")
         return w
-    raise ConfigError(f"class_weights: expected default | none | a list of {n} numbers, got {spec!r}")
+    raise ConfigError(f"class_weights: expected default | none | inverse | inverse_sqrt | a list of {n} "
+                      f"numbers, got {spec!r}")
 
 
 def s2_label_window(s2_map: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:

@@ -16,11 +16,13 @@ The RGB kernels are kept as they are (no rescaling), so a pretrained model sees 
 ImageNet training. Without pretrained weights the new convolution keeps PyTorch's default init.
 
 Pretrained weights (`encoder_weights`): "imagenet" (or any other smp weight name) downloads through
-smp/timm; "none"; or a path to a local file (.pt/.pth via torch.load, or .safetensors) holding
+smp/timm; "none"; or a weights file (src.weights_file: a local .pt/.pth/.bin/.safetensors, or
+`hf:<owner>/<name>[:<file>]` from the Hugging Face hub, cached) holding
 either the encoder's state dict, a whole smp model's state dict (keys "encoder.*": the encoder is
 loaded, decoder/head tensors of matching shape too), or a dict with such a state dict under
 "model" / "state_dict" (a flair2-kit checkpoint works). The model is created with no weights and
-the file is loaded without network. The file's first conv may have 3 inputs (RGB; `extra_init`
+the file is read without network (an hf: file once it is cached); the trainer prints what was
+loaded and skipped. The file's first conv may have 3 inputs (RGB; `extra_init`
 then applies) or exactly len(bands) inputs (loaded as is; with 3 bands only for a flair2-kit file,
 recognised by its "net." keys, since any other 3-input file is taken as ImageNet-style RGB).
 
@@ -46,7 +48,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -59,6 +60,7 @@ from src.checkpoint import load_checkpoint
 from src.errors import CheckpointError
 from src.geometry import s2_pixels_under
 from src.utae import S2_CHANNELS, UTAE
+from src.weights_file import is_weights_ref, load_state_file
 
 log = logging.getLogger(__name__)
 
@@ -66,39 +68,6 @@ RGB = {"R": 0, "G": 1, "B": 2}  # channel order of ImageNet-pretrained first con
 EXTRA_INIT = ("mean", "copy", "random")
 FUSIONS = ("none", "utt")
 HIDDEN = 64          # width of the pooled-S2 and metadata MLPs
-
-
-# ----------------------------------------------------------------------------------- weights files
-def _is_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
-
-
-def load_state_file(path: str | Path, strip: tuple[str, ...] = ("module.", "_orig_mod.", "net.")
-                    ) -> dict[str, torch.Tensor]:
-    """A state dict from a local file, unwrapped from "model"/"state_dict", with the DDP, torch.compile
-    and flair2-kit ("net.") key prefixes removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: encoder_weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
-    out = {}
-    for key, value in obj.items():
-        for prefix in strip:
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
 
 
 # ------------------------------------------------------------------------------ first convolution
@@ -138,8 +107,9 @@ def adapt_first_conv(encoder: nn.Module, bands: list[str], mode: str = "mean", c
         encoder._out_channels = [len(bands), *list(encoder._out_channels)[1:]]
 
 
-def _load_weights_file(net: nn.Module, path: str, bands: list[str], mode: str, copy_band: str) -> None:
-    """Load a local weights file into `net` (3-channel encoder) and adapt the first conv to `bands`."""
+def _load_weights_file(net: nn.Module, path: str, bands: list[str], mode: str, copy_band: str) -> str:
+    """Load a weights file (local or hf:) into `net` (3-channel encoder) and adapt the first conv to
+    `bands`; returns a one-line report of what was loaded and skipped."""
     raw = load_state_file(path, strip=("module.", "_orig_mod."))
     kit = any(k.startswith("net.") for k in raw)  # a flair2-kit model (only its smp part is used)
     sd = {k.removeprefix("net."): v for k, v in raw.items()}
@@ -174,18 +144,20 @@ def _load_weights_file(net: nn.Module, path: str, bands: list[str], mode: str, c
     if missing:
         raise ValueError(f"{path}: no weights for {len(missing)} encoder tensors, e.g. {missing[:3]} "
                          "(a state dict for another encoder?)")
-    if unexpected:
-        log.info("%s: ignored %d tensors not in the encoder (e.g. %s)", path, len(unexpected), unexpected[:3])
     if not as_is and not rgb_order:
         adapt_first_conv(encoder, bands, mode, copy_band, pretrained=True)
+    rest: dict[str, torch.Tensor] = {}
+    skipped = list(unexpected)
     if whole:
         target = net.state_dict()
         rest = {k: v for k, v in sd.items() if not k.startswith("encoder.")
                 and k in target and target[k].shape == v.shape}
         nn.Module.load_state_dict(net, rest, strict=False)
-        skipped = [k for k in sd if not k.startswith("encoder.") and k not in rest]
-        log.info("%s: loaded %d decoder/head tensors, skipped %d (absent or other shape)", path, len(rest),
-                 len(skipped))
+        skipped += [k for k in sd if not k.startswith("encoder.") and k not in rest]
+    conv = "as is" if as_is or rgb_order else f"RGB, extra bands by extra_init={mode}"
+    return (f"encoder_weights {path}: loaded {len(enc_sd) - len(unexpected)} encoder tensors (first "
+            f"convolution {conv}) and {len(rest)} decoder/head tensors; skipped {len(skipped)} (not in the "
+            f"model or another shape{', e.g. ' + ', '.join(skipped[:3]) if skipped else ''})")
 
 
 def build_aerial(cfg: dict[str, Any]) -> nn.Module:
@@ -198,7 +170,7 @@ def build_aerial(cfg: dict[str, Any]) -> nn.Module:
         raise ValueError(f"extra_copy_band must be one of R, G, B (a pretrained kernel), got {copy_band!r}")
     weights = cfg["encoder_weights"]
     weights = None if weights in (None, "", "none", "None", "null") else str(weights)
-    local = weights is not None and _is_path(weights)
+    local = weights is not None and is_weights_ref(weights)
     try:
         net = smp.create_model(cfg["arch"], encoder_name=cfg["encoder"],
                                encoder_weights=None if local else weights, in_channels=3,
@@ -212,8 +184,8 @@ def build_aerial(cfg: dict[str, Any]) -> nn.Module:
         raise ValueError(f"could not get {weights!r} weights for encoder {cfg['encoder']!r} "
                          f"({type(err).__name__}: {why}); without network use encoder_weights=none "
                          "or a local file") from None
-    if local:
-        _load_weights_file(net, weights, bands, mode, copy_band)
+    if local:  # the report is printed by the trainer (src.warm_start)
+        net.weights_report = _load_weights_file(net, weights, bands, mode, copy_band)
     elif bands != ["R", "G", "B"]:
         adapt_first_conv(net.encoder, bands, mode, copy_band, pretrained=weights is not None)
     return net

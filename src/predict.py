@@ -39,7 +39,9 @@ from torch import nn
 from src import tta as T
 from src.combine import combine
 from src.config import exit_on_config_error, parse_overrides, resolve
+from src.device_augment import device_batch
 from src.ensemble import (
+    Mix,
     choose_tta,
     model_device,
     normalise_weights,
@@ -60,6 +62,7 @@ from src.predstore import (
 )
 from src.progress import fmt_duration as fmt_s
 from src.progress import progress
+from src.recipe import load_recipe, recipe_checkpoints
 from src.runtime import amp_dtype, pick_device, precision_name, tune_cuda
 from src.tables import has_labels, split_index
 from src.workers import default_workers, loader_workers
@@ -83,19 +86,23 @@ def run_prediction(models: Sequence[nn.Module], model_cfgs: Sequence[dict[str, A
                    weights: Sequence[float] | None, index_df: pd.DataFrame, out_dir: str | Path,
                    cfg: dict[str, Any], *, tta: str | None = None, probs_dir: str | Path | None = None,
                    identity: dict[str, Any] | None = None, overwrite: bool = False,
-                   n_total: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                   n_total: int | None = None, mix: Mix | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write PRED_<id>.tif for every row of `index_df` that lacks one; returns a report dict.
 
     `models` are ready nn.Modules (on their device, eval mode), `model_cfgs` their configs (input
     settings), `cfg` the prediction settings (batch_size, workers, ensemble, precision, channels_last,
     tta, time_budget_s, skip_bad). `tta` given explicitly wins over `cfg`; otherwise a positive
-    time_budget_s picks the level. `identity` describes the setup for the resume check.
+    time_budget_s picks the level. `identity` describes the setup for the resume check. A `mix` (blend
+    recipe: per-class weights and biases, src.recipe) replaces `weights`.
     """
     out_dir = Path(out_dir)
     probs_dir = Path(probs_dir) if probs_dir else None
     w = normalise_weights(weights, len(models))
     identity = dict(identity or {"models": [type(m).__name__ for m in models]})
     identity.update(weights=[round(x, 6) for x in w], ensemble=cfg["ensemble"])
+    if mix is not None:
+        identity["mix"] = [[round(x, 6) for x in row] for row in (*mix.class_weights, mix.biases)]
     budget = float(cfg.get("time_budget_s") or 0) if tta is None else 0.0
     if tta is None and budget <= 0:
         tta = cfg["tta"]
@@ -121,11 +128,14 @@ def run_prediction(models: Sequence[nn.Module], model_cfgs: Sequence[dict[str, A
         log(f"predict: all {len(ids)} predictions already present in {out_dir}")
         return report
     run = _Run(models, w, cfg, out_dir, probs_dir, report, log)
+    run.mix = mix
     return run.predict(todo, model_cfgs, identity, tta, budget, n_total or len(index_df))
 
 
 class _Run:
     """One prediction pass over the missing patches: its loader, writer, manifest and measured time."""
+
+    mix: Mix | None = None
 
     def __init__(self, models: Sequence[nn.Module], weights: list[float], cfg: dict[str, Any], out_dir: Path,
                  probs_dir: Path | None, report: dict[str, Any], log: Callable[[str], None]):
@@ -137,6 +147,7 @@ class _Run:
     def predict(self, todo: pd.DataFrame, model_cfgs: Sequence[dict[str, Any]], identity: dict[str, Any],
                 tta: str | None, budget: float, n_total: int) -> dict[str, Any]:
         loader, self.group_of = prediction_loader(todo, model_cfgs, self.cfg)
+        self.group_cfgs = [model_cfgs[self.group_of.index(g)] for g in range(max(self.group_of) + 1)]
         t0 = time.perf_counter()  # the measured inference time: data loading, networks, writing
         batches = iter(loader)
         first = self._first_readable(batches)
@@ -164,8 +175,12 @@ class _Run:
         return self._finish(todo, written, elapsed, record)
 
     def _inputs(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        """The batch each model is fed (its input setting's batch)."""
-        return [item["batches"][g] for g in self.group_of]
+        """The batch each model is fed: its input setting's raw batch, copied to the device and normalised
+        there in the autocast dtype (once per input setting, shared by the models that read it)."""
+        dtype = amp_dtype(self.cfg["precision"], self.device)
+        ready = [device_batch(b, c, self.device, dtype=dtype)
+                 for b, c in zip(item["batches"], self.group_cfgs)]
+        return [ready[g] for g in self.group_of]
 
     def _first_readable(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
         """The first batch holding a readable patch (skip_bad: a batch may hold only unreadable ones)."""
@@ -181,7 +196,7 @@ class _Run:
         writer = Writer(self.out_dir, self.probs_dir, threads=max(2, default_workers(8)))
         writer.n_left = len(todo)
         kw = dict(tta=tta, ensemble=self.cfg["ensemble"], precision=self.cfg["precision"],
-                  channels_last=self.cfg["channels_last"])
+                  channels_last=self.cfg["channels_last"], mix=self.mix)
         ok = False
         try:
             with progress(total=len(todo), desc="predict", unit="patch") as bar:
@@ -240,7 +255,7 @@ def predict(runs: Sequence[str | Path], out_dir: str | Path, *, split: str = "te
             weights: Sequence[float] | None = None, tta: str | None = None,
             overrides: dict[str, Any] | list[str] | None = None, probs_dir: str | Path | None = None,
             index: str | Path | None = None, overwrite: bool = False, device: str = "auto",
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            mix: Mix | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Load the checkpoints under `runs`, predict the split's index into `out_dir`; report dict."""
     from src.checkpoint import load_checkpoint
     from src.models import load_for_inference
@@ -265,7 +280,7 @@ def predict(runs: Sequence[str | Path], out_dir: str | Path, *, split: str = "te
     identity = {"models": [{"path": str(p.resolve()), "size": p.stat().st_size,
                             "mtime_ns": p.stat().st_mtime_ns} for p in paths]}
     report = run_prediction(models, cfgs, w, index_df, out_dir, first_cfg, tta=tta, probs_dir=probs_dir,
-                            identity=identity, overwrite=overwrite, log=log)
+                            identity=identity, overwrite=overwrite, mix=mix, log=log)
     report["index_df"] = index_df
     return report
 
@@ -318,6 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--runs", nargs="+", help="run folders (every best.pt under them), checkpoint files")
     src.add_argument("--combine", nargs="+", help="folders of saved probabilities (--save-probs) to ensemble")
+    src.add_argument("--recipe", help="ensemble recipe JSON of `make ensemble` (runs, TTA, class weights)")
     ap.add_argument("--split", default="test", help="index split to predict: DATA/index_<split>.csv")
     ap.add_argument("--index", help="explicit index CSV (default: data_dir/index_<split>.csv)")
     ap.add_argument("--out", required=True, help="folder for PRED_<id>.tif (re-running resumes)")
@@ -335,11 +351,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_command(args: argparse.Namespace, weights: list[float] | None) -> None:
-    if args.runs:
-        runs, overrides = _split_runs_and_overrides(args.runs, args.overrides)
-        report = predict(runs, args.out, split=args.split, weights=weights, tta=args.tta,
+    if args.runs or args.recipe:  # a recipe (src.recipe): its checkpoints, TTA, class weights and biases
+        recipe = load_recipe(args.recipe) if args.recipe else {}
+        paths, mix = recipe_checkpoints(recipe) if recipe else (args.runs, None)
+        runs, overrides = _split_runs_and_overrides([str(p) for p in paths], args.overrides)
+        report = predict(runs, args.out, split=args.split, weights=weights, tta=args.tta or recipe.get("tta"),
                          overrides=overrides, probs_dir=args.save_probs, index=args.index,
-                         overwrite=args.overwrite, device=args.device)
+                         overwrite=args.overwrite, device=args.device, mix=mix)
         index_df = report["index_df"]
     else:
         dirs, overrides = _split_runs_and_overrides(args.combine, args.overrides)

@@ -15,7 +15,9 @@ from src.fileio import atomic_write, save_figure
 IOU_COLS = [f"iou_{k}_{name.replace(' ', '_')}" for k, name in enumerate(CLASS_NAMES)]
 CSV_COLS = ["epoch", "step", "lr", "train_loss", "train_s2_loss", "val_loss", "miou", *IOU_COLS,
             "img_s", "epoch_s", "nan_steps", "val_skipped"]
-RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "best.pt", "last.pt", "skipped.tsv")
+RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "best.pt", "last.pt", "skipped.tsv", "domains.csv",
+             "domains.png")
+TB_EVENTS = "events.out.tfevents.*"  # TensorBoard event files (src.tracking), set aside with the rest
 
 
 def run_dir_of(cfg: dict[str, Any], fold: str) -> Path:
@@ -26,6 +28,7 @@ def set_aside_previous_run(run_dir: Path, log: Callable[[str], None] = print) ->
     """A fresh start (--resume 0) in a used folder moves the old outputs to previous/ (replacing
     what was there), so an old best.pt is never mistaken for the new run's, nor silently lost."""
     old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    old += sorted(run_dir.glob(TB_EVENTS))
     if not any(p.suffix == ".pt" for p in old):
         return
     keep = run_dir / "previous"
@@ -41,15 +44,19 @@ def _blank_nan(v: Any) -> Any:
     return "" if isinstance(v, float) and math.isnan(v) else v
 
 
-def write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
-    """metrics.csv (one row per epoch, rewritten whole so a resumed run stays consistent) + curves.png."""
+def write_metrics(history: list[dict[str, Any]], run_dir: Path, plot: bool = True) -> None:
+    """metrics.csv (one row per epoch, rewritten whole so a resumed run stays consistent) + curves.png.
+
+    `plot=False` leaves curves.png as it is: drawing it costs ~0.4 s, as much as a short CPU epoch, and
+    only validated epochs add a point to its mIoU panel (TensorBoard has the live curves)."""
     with atomic_write(run_dir / "metrics.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLS, extrasaction="ignore")
             writer.writeheader()
             for row in history:
                 writer.writerow({k: _blank_nan(v) for k, v in row.items()})
-    plot_curves(history, run_dir / "curves.png")
+    if plot or not (run_dir / "curves.png").exists():
+        plot_curves(history, run_dir / "curves.png")
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:

@@ -4,12 +4,15 @@
 Every PRED_<id>.tif is matched to MSK_<id>.tif (a missing or extra id is an error listing the ids),
 each pair becomes a 13x13 confusion matrix in a worker thread (libtiff, through imagecodecs, decodes
 LZW with the GIL released; one table lookup and one bincount follow), and the matrices are summed:
-dataset-level mIoU exactly as `src.metrics` defines it. Also the scores JSON and the row-normalised
-confusion-matrix picture.
+dataset-level mIoU exactly as `src.metrics` defines it. The matrices are also summed per domain (the
+index's `domain` column, or the D<nnn>_<year> folder of each label), since the test set is 10 unseen
+domains and domain shift decides the ranking (tables and figure: src.domain_report). Also the scores
+JSON and the row-normalised confusion-matrix picture.
 """
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +30,7 @@ from src.submission import short_list
 from src.workers import default_workers
 
 MSK_PREFIX, MSK_SUFFIX = "MSK_", ".tif"
+DOMAIN_DIR = re.compile(r"^D\d{3}_\d{4}$")  # a domain folder of the official layout, e.g. D015_2020
 
 
 def find_labels(folder: str | os.PathLike) -> dict[str, Path]:
@@ -80,6 +84,22 @@ def truth_paths(truth, labels: str | os.PathLike | None = None) -> dict[str, Pat
     return {i: Path(p) for i, p in zip(ids, paths)}
 
 
+def truth_domains(truth, msks: Mapping[str, Path]) -> dict[str, str] | None:
+    """id -> domain: the index's `domain` column when `truth` is an index, else the D<nnn>_<year> folder
+    in each label's path; None when some id has neither (no per-domain report then)."""
+    if hasattr(truth, "columns") and "domain" in truth.columns:
+        table = {str(i): str(d) for i, d in zip(truth["id"], truth["domain"]) if isinstance(d, str) and d}
+        if all(i in table for i in msks):
+            return {i: table[i] for i in msks}
+    out = {}
+    for i, p in msks.items():
+        found = [part for part in Path(p).parts if DOMAIN_DIR.match(part)]
+        if not found:
+            return None
+        out[i] = found[-1]
+    return out
+
+
 def score_pair(src: PredSource, name: str, msk_path: Path) -> np.ndarray:
     """13x13 confusion matrix of one prediction against its label (official truth rule)."""
     label = src.label(name)
@@ -102,15 +122,38 @@ def _score_chunk(args: tuple[PredSource, list[tuple[str, Path]]]) -> np.ndarray:
     return total
 
 
+def _domain_chunks(src: PredSource, pairs: list[tuple[str, Path]], domains: list[str], workers: int
+                   ) -> tuple[list[tuple[PredSource, list[tuple[str, Path]]]], list[str]]:
+    """Work units of at most 64 (prediction, label) pairs, each within one domain so that its summed
+    matrix belongs to that domain: (chunks, the domain of each chunk)."""
+    size = max(1, min(64, len(pairs) // (4 * workers) or 1))
+    chunks, chunk_domain = [], []
+    for d in sorted(set(domains)):
+        group = [pair for pair, dom in zip(pairs, domains) if dom == d]
+        chunks += [(src, group[k:k + size]) for k in range(0, len(group), size)]
+        chunk_domain += [d] * (len(chunks) - len(chunk_domain))
+    return chunks, chunk_domain
+
+
+def _none_if_nan(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
 def evaluate(pred: str | os.PathLike, truth, workers: int | None = None, labels=None,
              backend: str = "thread") -> dict:
     """Official scores of a PRED folder or zip against `truth` (see `truth_paths`).
 
     Returns {"miou", "ious" (12 floats, None for NaN), "iou_other", "confusion" (13x13 lists,
-    rows = truth), "class_names", "n_patches"}. Raises DataError on mismatched ids or bad files.
+    rows = truth), "class_names", "n_patches", "per_domain"}; "per_domain" is {"domains" (sorted),
+    "n_patches", "miou", "confusion" (D x 13 x 13)}, or None when the domains are unknown (see
+    `truth_domains`). Raises DataError on mismatched ids or bad files.
     """
     src = PredSource(pred)
     preds = src.predictions()
+    if isinstance(truth, (str, os.PathLike)) and Path(truth).is_file():  # an index CSV: read it once
+        from src.tables import load_index
+
+        truth = load_index(truth)
     msks = truth_paths(truth, labels)
     missing, extra = set(msks) - set(preds), set(preds) - set(msks)
     if missing or extra:
@@ -121,29 +164,37 @@ def evaluate(pred: str | os.PathLike, truth, workers: int | None = None, labels=
         if extra:
             lines.append(f"  {len(extra)} predictions with no label, ids: {short_list(extra)}")
         raise DataError("\n".join(lines))
-    pairs = [(preds[i], msks[i]) for i in sorted(msks)]
+    domain_of = truth_domains(truth, msks) or {}
+    ids = sorted(msks)
+    names = sorted(set(domain_of.values()))
     workers = workers or default_workers()
-    chunk = max(1, min(64, len(pairs) // (4 * workers) or 1))
-    chunks = [(src, pairs[k:k + chunk]) for k in range(0, len(pairs), chunk)]
+    chunks, chunk_domain = _domain_chunks(src, [(preds[i], msks[i]) for i in ids],
+                                          [domain_of.get(i, "") for i in ids], workers)
     if backend not in ("thread", "process"):
         raise ValueError(f"backend must be thread or process, got {backend!r}")
     pool_cls = ThreadPoolExecutor if backend == "thread" else ProcessPoolExecutor
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    per_domain = np.zeros((max(len(names), 1), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    code = {d: k for k, d in enumerate(names)}
     pool = pool_cls(workers) if workers != 1 else nullcontext()
-    with src, pool, progress(total=len(pairs), desc="evaluate", unit="patch") as bar:
+    with src, pool, progress(total=len(ids), desc="evaluate", unit="patch") as bar:
         results = pool.map(_score_chunk, chunks) if workers != 1 else map(_score_chunk, chunks)
-        for (_, part), m in zip(chunks, results):
-            matrix += m
+        for (_, part), d, m in zip(chunks, chunk_domain, results):
+            per_domain[code.get(d, 0)] += m
             bar.update(len(part))
+    matrix = per_domain.sum(0)
     ious = ious_from_confusion(matrix)
     miou = miou_from_confusion(matrix)
     return {
-        "miou": None if np.isnan(miou) else miou,  # None (JSON null) only when no scored class occurs
-        "ious": [None if np.isnan(v) else float(v) for v in ious[:NUM_SCORED]],
-        "iou_other": None if np.isnan(ious[NUM_SCORED]) else float(ious[NUM_SCORED]),
+        "miou": _none_if_nan(miou),  # None (JSON null) only when no scored class occurs
+        "ious": [_none_if_nan(v) for v in ious[:NUM_SCORED]],
+        "iou_other": _none_if_nan(ious[NUM_SCORED]),
         "confusion": matrix.tolist(),
         "class_names": CLASS_NAMES,
-        "n_patches": len(pairs),
+        "n_patches": len(ids),
+        "per_domain": None if not names else {
+            "domains": names, "n_patches": [sum(domain_of[i] == d for i in ids) for d in names],
+            "miou": [_none_if_nan(miou_from_confusion(m)) for m in per_domain],
+            "confusion": per_domain.tolist()},
     }
 
 

@@ -15,7 +15,7 @@ Why it is shaped this way:
 - Multi-GPU / multi-node: run under torchrun; batch_size is per process, logging and checkpoints
   are rank 0's, the validation matrix is all-reduced (src.distributed).
 
-The pieces live below it: src.train_data (datasets, per-epoch seeded loaders), src.train_state (model,
+The pieces live below it: src.train_data (datasets, loaders, the epoch's sampler), src.train_state (model,
 EMA, optimizer, progress; the checkpoint dict and resume), src.schedule (lr), src.nonfinite (skipped
 steps), src.validation (the validation pass), src.run_files (run folder, metrics.csv, curves.png).
 """
@@ -38,19 +38,24 @@ from torch.utils.data import DataLoader
 from src.checkpoint import load_checkpoint, save_checkpoint
 from src.config import DEFAULTS, exit_on_config_error, load_config, parse_overrides, resolve, save_config
 from src.distributed import all_sum, any_rank, barrier, cleanup, setup_distributed
+from src.domain_report import format_lines, write_run_domains
 from src.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from src.losses import Criterion
-from src.metrics import format_table, miou_from_confusion
+from src.metrics import format_table
 from src.nonfinite import NonFiniteGuard
+from src.oof_store import write_fold_oof
 from src.progress import progress
 from src.run_files import IOU_COLS, run_dir_of, set_aside_previous_run, write_metrics
 from src.runtime import PRECISIONS, amp_dtype, autocast, precision_name, tune_cuda
 from src.schedule import Schedule, set_lr
 from src.seeding import seed_everything
 from src.tables import fold_rows
+from src.tracking import Tracker
+from src.tracking import check_settings as check_tracking
 from src.train_data import Data, as_setting_error, build_data, epoch_loader, missing_files
 from src.train_state import Nets, Progress, build_nets, checkpoint_state, resume, wrap
-from src.validation import targets_to_device, to_device, validate
+from src.validation import to_device, validate
+from src.workers import loader_workers
 
 
 # ----------------------------------------------------------------------------- settings checks (cheap)
@@ -62,14 +67,16 @@ def check_settings(cfg: dict) -> None:
         raise ConfigError("epochs, batch_size and accum_steps must be >= 1")
     if cfg["lr"] <= 0 or not 0 <= cfg["min_lr_ratio"] <= 1 or not 0 <= cfg["ema"] < 1:
         raise ConfigError("need lr > 0, 0 <= min_lr_ratio <= 1 and 0 <= ema < 1")
-    if cfg["workers"] < 0 or cfg["max_nan_steps"] < 0 or cfg["val_every"] < 1:
-        raise ConfigError("need workers >= 0, max_nan_steps >= 0 and val_every >= 1")
+    loader_workers(cfg["workers"])  # a number >= 0 or auto
+    if cfg["max_nan_steps"] < 0 or cfg["val_every"] < 1:
+        raise ConfigError("need max_nan_steps >= 0 and val_every >= 1")
     # S2 feeds only the fusion branch: either setting alone trains dead weights or reads S2 for nothing
     if cfg["fusion"] != "none" and not cfg["use_s2"]:
         raise ConfigError(f"fusion={cfg['fusion']} needs use_s2=true")
     if cfg["use_s2"] and cfg["fusion"] == "none":
         raise ConfigError("use_s2=true does nothing with fusion=none: set fusion=utt or use_s2=false")
     Criterion(cfg)  # validates loss, class_weights, label_smoothing
+    check_tracking(cfg)  # tb_images, loggers, a missing tensorboard package
 
 
 def better(new: float, best: float) -> bool:
@@ -97,7 +104,7 @@ def optimizer_step(cfg: dict, nets: Nets, lr: float, guard: NonFiniteGuard, epoc
 
 def train_epoch(cfg: dict, epoch: int, loader: DataLoader, n_batches: int, nets: Nets, sched: Schedule,
                 run: Progress, guard: NonFiniteGuard, device: torch.device, dtype: torch.dtype | None,
-                world: int, main_proc: bool) -> tuple[torch.Tensor, float]:
+                world: int, main_proc: bool, tracker: Tracker) -> tuple[torch.Tensor, float]:
     """One pass over the training loader: ([loss * n, s2 loss * n, n] summed over ranks, seconds)."""
     nets.train_model.train()
     nets.optimizer.zero_grad(set_to_none=True)
@@ -110,8 +117,8 @@ def train_epoch(cfg: dict, epoch: int, loader: DataLoader, n_batches: int, nets:
         for i, batch in enumerate(loader):
             if i >= n_batches:
                 break
-            image, extra = to_device(batch, device, cfg["channels_last"])
-            mask, s2_valid = targets_to_device(batch, device)
+            image, extra, mask, s2_valid = to_device(batch, cfg, device, dtype, cfg["channels_last"],
+                                                     augment=True)
             guard.snapshot()
             with autocast(device, dtype):
                 out = nets.train_model(image, **extra)
@@ -137,10 +144,11 @@ def train_epoch(cfg: dict, epoch: int, loader: DataLoader, n_batches: int, nets:
                 run.step += 1
             bar.update(1)
             if main_proc and (i % max(1, cfg["log_every"]) == 0 or i + 1 == n_batches):
-                seen = float(sums[2])
-                bar.set_postfix(loss=f"{float(sums[0]) / max(seen, 1):.4f}",
-                                img_s=f"{seen * world / (time.time() - t0):.1f}",
-                                lr=f"{nets.optimizer.param_groups[0]['lr']:.2e}")
+                seen, lr = float(sums[2]), nets.optimizer.param_groups[0]["lr"]
+                img_s = seen * world / (time.time() - t0)
+                bar.set_postfix(loss=f"{float(sums[0]) / max(seen, 1):.4f}", img_s=f"{img_s:.1f}",
+                                lr=f"{lr:.2e}")
+                tracker.step(run.step, loss=float(loss.detach()), lr=lr, img_s=img_s)
     finally:
         bar.close()
     all_sum(sums)
@@ -159,14 +167,17 @@ def epoch_row(epoch: int, run: Progress, nets: Nets, sums: torch.Tensor, epoch_s
 
 
 def record_validation(row: dict[str, Any], res: dict[str, Any], data: Data, bad_log: Path | None,
-                      log: Callable[[str], None]) -> None:
+                      log: Callable[[str], None], domains_dir: Path | None) -> None:
     """Validation results into the history row (the confusion matrix is kept in the checkpoint's history,
-    not the CSV) and the log: the per-class table, each domain's mIoU, unreadable patches left out."""
+    not the CSV) and the log: the per-class table, each domain's mIoU and weakest class, unreadable patches
+    left out; rank 0 (`domains_dir`) also writes the run's domains.csv / domains.png."""
     row.update(val_loss=res["loss"], miou=res["miou"], **dict(zip(IOU_COLS, res["ious"].tolist())),
                confusion=res["confusion"].tolist(), val_skipped=res["skipped"])
     log(format_table(res["ious"], support=res["confusion"].sum(1)))
-    for d, name in enumerate(data.domains):
-        log(f"    {name}: mIoU {miou_from_confusion(res['per_domain'][d]):.4f}")
+    if domains_dir is not None:
+        rows = write_run_domains(domains_dir, row["epoch"], res["per_domain"], data.domains, data.domain_of)
+        for line in format_lines(rows[:-1]):  # (the last row is the whole fold: the table above)
+            log(line)
     if res["skipped"]:
         log(f"validation: {res['skipped']} unreadable patches skipped (listed in {bad_log})")
 
@@ -174,6 +185,9 @@ def record_validation(row: dict[str, Any], res: dict[str, Any], data: Data, bad_
 def save_epoch(cfg: dict, fold: str, run_dir: Path, nets: Nets, run: Progress, sched: Schedule,
                improved: bool, bad_log: Path | None, log: Callable[[str], None]) -> None:
     """Rank 0's outputs at an epoch end: best.pt (when improved), last.pt, metrics.csv, curves.png."""
+    from src.train_state import average_epoch  # avg_last: the epoch's weights into last.pt's sum; avg.pt
+
+    average_epoch(cfg, fold, run_dir, nets, run, sched, log)
     state = checkpoint_state(cfg, fold, nets, run, sched)
     if improved:  # best first: a kill between the two writes must not lose the best model
         save_checkpoint(run_dir / "best.pt", state)
@@ -215,6 +229,9 @@ def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | N
     # model, EMA, loss, optimizer; the run folder
     with as_setting_error():
         model = build_model(cfg).to(device)
+    if resume_state is None:  # init_from warm start; prints what weights files loaded (src.warm_start)
+        from src.warm_start import apply_init_from
+        apply_init_from(model, cfg, fold, log)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_state is None:
@@ -234,18 +251,21 @@ def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | N
         + f"; {data.n_batches} batches x {cfg['batch_size']} per process per epoch, "
           f"{sched.total_steps} optimizer steps")
     wrap(nets, cfg, world, device)
+    tracker = Tracker.open(run_dir, cfg, enabled=main_proc, device=device,
+                           resume_step=None if resume_state is None else run.step)
 
     for epoch in range(run.epoch, cfg["epochs"]):
         loader = epoch_loader(cfg, data, epoch, rank)
         sums, epoch_s = train_epoch(cfg, epoch, loader, data.n_batches, nets, sched, run, guard, device,
-                                    dtype, world, main_proc)
+                                    dtype, world, main_proc, tracker)
         row = epoch_row(epoch, run, nets, sums, epoch_s, guard.epoch, s2_head=cfg["fusion"] != "none")
         validating = data.val_loader is not None and (
             (epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == cfg["epochs"])
         if validating:
             res = validate(nets.eval_model, data.val_loader, nets.criterion, device, dtype,
-                           cfg["channels_last"], data.domain_of, len(data.domains), cfg["max_val_batches"])
-            record_validation(row, res, data, bad_log, log)
+                           cfg["channels_last"], data.domain_of, len(data.domains), cfg["max_val_batches"],
+                           cfg=cfg, samples=cfg["tb_images"] if main_proc else 0, show=main_proc)
+            record_validation(row, res, data, bad_log, log, run_dir if main_proc else None)
         # fold "all" has no validation: every epoch's weights are the "best" ones
         improved = data.val_loader is None or (validating and better(row["miou"], run.best_miou))
         if validating and improved:
@@ -259,7 +279,11 @@ def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | N
             + (f", {guard.epoch} steps skipped" if guard.epoch else ""))
         if main_proc:
             save_epoch(cfg, fold, run_dir, nets, run, sched, improved, bad_log, log)
+        tracker.epoch(row, data.domains, res["per_domain"] if validating else None,
+                      res["samples"] if validating else None)
         barrier()
+    tracker.close()
+    write_fold_oof(cfg, fold, val_df, nets.eval_model, run_dir, rank, world, device, log)  # for src.blend
 
     last = run.history[-1]["miou"] if run.history else math.nan
     if data.val_loader is None:
@@ -290,8 +314,11 @@ def prepare(args: argparse.Namespace) -> tuple[dict, str, pd.DataFrame, pd.DataF
         if changed:
             print(f"note: resuming with the settings saved in {last}; {args.config} differs on "
                   f"{', '.join(changed)} (pass key=value to change a setting)")
-    check_settings(cfg)
+    from src.train_knobs import resolve_knobs  # class_weights=inverse|inverse_sqrt: 13 numbers from the masks
+
     train_df, val_df = fold_rows(cfg["data_dir"], fold)
+    cfg = resolve_knobs(cfg, train_df)  # (before config.yaml is written: prediction and resume see them)
+    check_settings(cfg)
     missing = missing_files(pd.concat([train_df, val_df]) if val_df is not None else train_df, cfg["use_s2"])
     if missing:
         index_path = Path(cfg["data_dir"]) / "index_train.csv"

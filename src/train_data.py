@@ -1,6 +1,7 @@
-"""What the training loop reads: the training set and its sampler, the validation loader, and each epoch's
-training loader, seeded so that a resumed run replays an epoch bit for bit (docs/data-format.md,
-"Samples and batches")."""
+"""What the training loop reads: the training set, its sampler and its loader (built once: persistent
+workers keep their open S2 zones across epochs), and the validation loader. Each epoch's order and
+augmentation are a function of (seed, epoch), so a resumed run replays an epoch bit for bit
+(docs/data-format.md, "Samples and batches")."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from src.errors import ConfigError, DataError
-from src.loader import build_loader
+from src.loader import EpochSampler, build_loader
 from src.seeding import derive_seed, seed_everything
 from src.validation import domain_codes
 
@@ -44,10 +45,11 @@ def missing_files(df: pd.DataFrame, use_s2: bool) -> list[str]:
 
 @dataclass
 class Data:
-    """The training set with its sampler, and the validation loader (None for fold "all")."""
+    """The training set with its sampler and loader, and the validation loader (None for fold "all")."""
 
     train_ds: FlairDataset
-    sampler: DistributedSampler
+    sampler: EpochSampler             # (index, epoch) pairs in DistributedSampler's order
+    train_loader: DataLoader
     n_batches: int                    # training batches per epoch and process
     val_loader: DataLoader | None
     domains: list[str]
@@ -56,13 +58,18 @@ class Data:
 
 def build_data(cfg: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, rank: int, world: int,
                bad_log: Path | None) -> Data:
-    """Datasets and the validation loader (this rank's shard); the training order is a function of
-    (seed, epoch) through the sampler, and the training loader is rebuilt each epoch (`epoch_loader`)."""
+    """Datasets and loaders (this rank's shard). The training order is a function of (seed, epoch) through
+    the sampler, the augmentation of (seed, epoch, index) through the dataset: the training loader keeps
+    its workers across epochs (`epoch_loader` only moves the sampler on)."""
     from src.dataset import FlairDataset  # (imported here: the settings checks stay fast)
 
     with as_setting_error():
         train_ds = FlairDataset(train_df, cfg, train=True, bad_log=bad_log)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
+    sampler = EpochSampler(DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                              seed=cfg["seed"]))
+    gen = torch.Generator()
+    gen.manual_seed(derive_seed(cfg["seed"], rank, 1))  # worker seeds (nothing in a sample depends on them)
+    train_loader = build_loader(train_ds, cfg, train=True, sampler=sampler, generator=gen, persistent=True)
     bs = cfg["batch_size"]
     drop_last = len(sampler) > bs  # build_loader's rule: never drop the only batch of a tiny set
     n_batches = len(sampler) // bs if drop_last else math.ceil(len(sampler) / bs)
@@ -74,14 +81,11 @@ def build_data(cfg: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, r
         shard = list(range(rank, len(val_ds), world))  # no padding: every patch counted once
         val_loader = build_loader(val_ds, cfg, train=False, sampler=shard)
         domains, domain_of = domain_codes(val_df)
-    return Data(train_ds, sampler, n_batches, val_loader, domains, domain_of)
+    return Data(train_ds, sampler, train_loader, n_batches, val_loader, domains, domain_of)
 
 
 def epoch_loader(cfg: dict, data: Data, epoch: int, rank: int) -> DataLoader:
     """Everything random in an epoch is a function of (seed, epoch, rank): exact replay after resume."""
     seed_everything(cfg["seed"], epoch, rank)  # dropout, modality dropout
-    data.train_ds.augment.reseed(derive_seed(cfg["seed"], epoch, rank, 2))  # workers=0 (workers reseed)
-    data.sampler.set_epoch(epoch)  # data order
-    gen = torch.Generator()
-    gen.manual_seed(derive_seed(cfg["seed"], epoch, rank, 1))  # worker seeds
-    return build_loader(data.train_ds, cfg, train=True, sampler=data.sampler, generator=gen)
+    data.sampler.set_epoch(epoch)  # data order, and the epoch of every sample's augmentation draws
+    return data.train_loader

@@ -1,18 +1,27 @@
 """The state of a training run: the networks and optimizer it steps, how far it is, and the checkpoint
-dict that saves both (docs/data-format.md, "Checkpoints") and that `resume` restores."""
+dict that saves both (docs/data-format.md, "Checkpoints") and that `resume` restores; also the knobs that
+act on that state: SyncBatchNorm under DDP (`wrap`) and the average of the last epochs' weights
+(`average_epoch`, src.weight_avg: its running sum is part of last.pt, so a resumed run ends with the
+same avg.pt)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from src.checkpoint import save_checkpoint
 from src.ema import EMA
+from src.errors import ConfigError
 from src.losses import Criterion
 from src.runtime import needs_grad_scaler
 from src.schedule import Schedule, param_groups
 from src.seeding import rng_state, set_rng_state
+from src.weight_avg import WeightAverage, averaged_epochs
 
 
 @dataclass
@@ -26,6 +35,7 @@ class Nets:
     scaler: torch.amp.GradScaler
     train_model: torch.nn.Module
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
+    avg: WeightAverage | None = None  # avg_last > 0: the sum of the last epochs' weights
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -46,18 +56,43 @@ class Progress:
 
 
 def build_nets(cfg: dict, model: torch.nn.Module, device: torch.device) -> Nets:
-    """EMA, loss and AdamW (+ GradScaler for fp16) around a built model; `wrap` adds DDP after resuming."""
+    """EMA, loss, AdamW (+ GradScaler for fp16) and the epoch average around a built model; `wrap` adds
+    SyncBatchNorm and DDP after resuming. The encoder's groups get lr * encoder_lr_ratio (src.schedule)."""
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
     criterion = Criterion(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
+    groups = param_groups(model, cfg["weight_decay"], cfg.get("encoder_lr_ratio", 1.0))
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(cfg["precision"], device))
-    return Nets(model, ema, criterion, optimizer, scaler, train_model=model)
+    avg = WeightAverage(cfg["epochs"], cfg["avg_last"]) if cfg.get("avg_last", 0) > 0 else None
+    return Nets(model, ema, criterion, optimizer, scaler, train_model=model, avg=avg)
+
+
+def sync_batchnorm(nets: Nets, cfg: dict, world: int, device: torch.device) -> bool:
+    """sync_bn=true: BatchNorm -> SyncBatchNorm (statistics over the global batch), only with several
+    processes on CUDA: SyncBatchNorm has no CPU (gloo) kernels, so elsewhere the setting is ignored with a
+    one-line note and BatchNorm stays per process. True when converted.
+
+    The conversion keeps the same parameter and buffer tensors, so the optimizer, the EMA and the
+    checkpoints (same state_dict keys, plain BatchNorm at inference) are unaffected.
+    """
+    if not cfg.get("sync_bn", False):
+        return False
+    if world > 1 and device.type == "cuda":
+        nets.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.model)
+        nets.train_model = nets.model
+        return True
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"note: sync_bn=true ignored: SyncBatchNorm needs CUDA and several processes "
+              f"(this run: {device.type} x{world}); BatchNorm statistics stay per process")
+    return False
 
 
 def wrap(nets: Nets, cfg: dict, world: int, device: torch.device) -> None:
-    """DDP (after resuming: it broadcasts rank 0's weights) and torch.compile around the model."""
+    """SyncBatchNorm (sync_bn), DDP (after resuming: it broadcasts rank 0's weights) and torch.compile
+    around the model."""
+    sync_batchnorm(nets, cfg, world, device)
     if world > 1:
         nets.ddp = torch.nn.parallel.DistributedDataParallel(
             nets.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -72,16 +107,49 @@ def checkpoint_state(cfg: dict, fold: str, nets: Nets, run: Progress, sched: Sch
             "ema": nets.ema.state_dict() if nets.ema is not None else None, "config": cfg, "fold": fold,
             "epoch": run.epoch, "step": run.step, "best_miou": run.best_miou, "history": run.history,
             "optimizer": nets.optimizer.state_dict(), "scaler": nets.scaler.state_dict(),
-            "scheduler": sched.state_dict(), "rng": rng_state(), "nan_steps": run.nan_steps}
+            "scheduler": sched.state_dict(), "rng": rng_state(), "nan_steps": run.nan_steps,
+            "avg": nets.avg.state_dict() if nets.avg is not None else None}
 
 
 def resume(nets: Nets, state: dict[str, Any]) -> Progress:
-    """Weights, optimizer, scaler, EMA and RNG states of last.pt; the run goes on from its epoch."""
+    """Weights, optimizer, scaler, EMA, epoch average and RNG states of last.pt; the run goes on from its
+    epoch. The groups' lr multipliers stay this run's (an encoder_lr_ratio override applies)."""
     nets.model.load_state_dict(state["raw_model"])
-    nets.optimizer.load_state_dict(state["optimizer"])
+    scales = [g.get("lr_scale") for g in nets.optimizer.param_groups]
+    try:
+        nets.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # another number or size of parameter groups
+        raise ConfigError(f"the optimizer state in last.pt does not fit this run's parameter groups ({err}); "
+                          "encoder_lr_ratio cannot change between 1 and another value on resume") from None
+    for group, scale in zip(nets.optimizer.param_groups, scales):
+        group.pop("lr_scale", None)
+        if scale is not None:
+            group["lr_scale"] = scale
     nets.scaler.load_state_dict(state["scaler"])
     if nets.ema is not None and state.get("ema"):
         nets.ema.load_state_dict(state["ema"])
+    if nets.avg is not None and state.get("avg"):
+        nets.avg.load_state_dict(state["avg"])
     set_rng_state(state["rng"])
     return Progress(epoch=state["epoch"], step=state["step"], best_miou=state["best_miou"],
                     history=list(state["history"]), nan_steps=int(state.get("nan_steps", 0)))
+
+
+def average_epoch(cfg: dict, fold: str, run_dir: Path, nets: Nets, run: Progress, sched: Schedule,
+                  log: Callable[[str], None] = print) -> None:
+    """avg_last=N, rank 0 at the end of epoch `run.epoch`, before last.pt is written (so it holds the sum):
+    add the model's weights when the epoch is one of the last N (under DDP every rank holds the same
+    weights); after the last epoch write avg.pt, a normal checkpoint whose "model" is the average
+    (src.models.load_for_inference and prediction read it like best.pt)."""
+    if nets.avg is None or not nets.avg.wants(run.epoch):
+        return
+    nets.avg.update(nets.model)
+    if run.epoch != cfg["epochs"]:
+        return
+    span = averaged_epochs(cfg["epochs"], cfg["avg_last"])
+    state = checkpoint_state(cfg, fold, nets, run, sched)
+    state.update(model=nets.avg.average(nets.model.state_dict()), averaged_epochs=list(span),
+                 avg=None)  # (the float64 sums stay in last.pt, where a resume needs them)
+    save_checkpoint(run_dir / "avg.pt", state)
+    log(f"avg_last={cfg['avg_last']}: weights averaged over epochs {span[0]}..{span[-1]} saved in "
+        f"{run_dir / 'avg.pt'}")

@@ -1,11 +1,14 @@
-"""Joint augmentation: aerial image, mask and S2 crop stay aligned under every preset."""
+"""Joint augmentation: aerial image, mask and S2 crop stay aligned under every preset, through both
+halves (src.augment in the worker, src.device_augment on the batch)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from src.augment import MASK_FILL, Augment, PerBandJitter, build_augment, d4, s2_matrix, warp_s2
+from src.augment import AUG_LEN, MASK_FILL, Augment, Slot, build_augment, d4, s2_matrix, warp_s2
 from src.config import load_config
+from src.device_augment import augment_batch
 
 L_CLASS = 3
 S2 = 40
@@ -28,22 +31,39 @@ def planted(t: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     s2_l = ground_l(255.5 + 50 * (sx - 19.5), 255.5 + 50 * (sy - 19.5)).astype(np.float32)
     s2 = np.repeat(np.repeat(s2_l[None, None], 10, axis=1), t, axis=0)
     s2 *= np.arange(1, t + 1, dtype=np.float32)[:, None, None, None]  # dates distinguishable
-    return image.astype(np.uint8), mask, s2, np.arange(t, dtype=np.int64) * 30
+    return np.moveaxis(image.astype(np.uint8), -1, 0).copy(), mask, s2, np.arange(t, dtype=np.int64) * 30
+
+
+def full(aug: Augment, cfg: dict, seed: int, image, mask=None, s2=None, days=None) -> dict:
+    """Both halves on one sample: the worker's (crop, warps, draws), then the device's (D4, photometric)."""
+    out = aug(np.random.default_rng(seed), image, mask, s2, None, days)
+    if out["aug"] is None:
+        return out
+    batch = {"image": torch.from_numpy(np.ascontiguousarray(out["image"]))[None]}
+    if mask is not None:
+        batch["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"]))[None]
+    if s2 is not None:
+        batch["s2"] = torch.from_numpy(out["s2"])[None]
+        batch["s2_valid"] = torch.from_numpy(out["s2_valid"])[None]
+    res = augment_batch(batch, torch.from_numpy(out["aug"])[None], cfg)
+    done = {k: v[0].numpy() for k, v in res.items()}
+    done["image"] = done["image"].astype(np.uint8)
+    return {**out, **done}
 
 
 def check_alignment(out: dict) -> tuple[int, int]:
     """Assert image, mask and S2 agree; returns (#S2 pixels compared inside the L, outside the L)."""
     image, mask, s2, valid = out["image"], out["mask"], out["s2"], out["s2_valid"]
-    assert image.shape[:2] == mask.shape
+    assert image.shape[1:] == mask.shape
     scored = mask != MASK_FILL
     in_l = mask == L_CLASS
-    band = image[..., 0].astype(np.float32)
+    band = image[0].astype(np.float32)
     if in_l[scored].any() and (~in_l)[scored].any():
         threshold = (band[in_l & scored].mean() + band[~in_l & scored].mean()) / 2
         mismatch = np.mean((band > threshold)[scored] != in_l[scored])
         assert mismatch < 0.05, f"image and mask disagree on {mismatch:.1%} of the pixels"
     # S2 pixel q <-> aerial output b = c_out + 50 (q - c_s2); compare where both are unambiguous
-    h = image.shape[0]
+    h = image.shape[1]
     c_out = (h - 1) / 2
     hits = [0, 0]
     s2_l = s2[0, 0] / s2[0, 0].max() if s2[0, 0].max() > 0 else s2[0, 0]
@@ -74,10 +94,9 @@ def test_joint_alignment(preset, crop):
     image, mask, s2, days = planted()
     totals = np.zeros(2, int)
     for seed in range(12):
-        cfg = load_config(None, {"augment": preset, "crop_size": crop, "seed": seed})
-        aug = build_augment(cfg, train=True)
-        out = aug(image, mask, s2.copy(), None, days)
-        assert out["image"].shape == (crop, crop, 5) and out["mask"].shape == (crop, crop)
+        cfg = load_config(None, {"augment": preset, "crop_size": crop})
+        out = full(build_augment(cfg, train=True), cfg, seed, image, mask, s2.copy(), days)
+        assert out["image"].shape == (5, crop, crop) and out["mask"].shape == (crop, crop)
         assert out["s2"].shape == (3, 10, S2, S2) and out["s2_valid"].shape == (S2, S2)
         totals += check_alignment(out)
     assert totals[0] > 0 and totals[1] > 0  # the comparison really happened, on both sides of the L
@@ -86,12 +105,13 @@ def test_joint_alignment(preset, crop):
 def test_d4_moves_all_targets_with_the_same_element():
     image, mask, s2, days = planted()
     seen = set()
+    cfg = load_config(None, {"augment": "light"})
     for seed in range(40):
-        aug = Augment("light", seed=seed)
-        out = aug(image, mask, s2, None, days)
-        matches = [k for k in range(8) if np.array_equal(out["image"], d4(image, k))]
+        out = full(Augment("light"), cfg, seed, image, mask, s2, days)
+        matches = [k for k in range(8) if np.array_equal(out["image"], d4(image, k, axes=(1, 2)))]
         assert len(matches) == 1  # the L has no symmetry: exactly one element explains the image
         k = matches[0]
+        assert k == out["aug"][Slot.K]
         seen.add(k)
         np.testing.assert_array_equal(out["mask"], d4(mask, k))
         np.testing.assert_array_equal(out["s2"], d4(s2, k, axes=(2, 3)))  # exact, no resampling
@@ -109,24 +129,24 @@ def test_d4_group():
 def test_eval_is_identity_at_full_size():
     image, mask, s2, days = planted()
     cfg = load_config(None, {"augment": "heavy", "crop_size": 256, "s2_date_dropout": 0.5})
-    out = build_augment(cfg, train=False)(image, mask, s2, None, days)
+    out = build_augment(cfg, train=False)(None, image, mask, s2, None, days)
     assert out["image"] is image and out["mask"] is mask and out["s2"] is s2
-    assert out["s2_valid"].all()
+    assert out["s2_valid"].all() and out["aug"] is None
 
 
 def test_date_dropout_keeps_order_and_at_least_one():
     _, _, s2, days = planted(t=10)
-    image = np.zeros((64, 64, 5), np.uint8)
+    image = np.zeros((5, 64, 64), np.uint8)
     lengths = set()
     for seed in range(30):
-        out = Augment("none", date_dropout=0.5, seed=seed)(image, None, s2, None, days)
+        out = Augment("none", date_dropout=0.5)(np.random.default_rng(seed), image, None, s2, None, days)
         kept = out["s2_days"] // 30
         assert 1 <= len(kept) <= 10 and np.all(np.diff(kept) > 0)
         np.testing.assert_array_equal(out["s2"], s2[kept])
         lengths.add(len(kept))
     assert len(lengths) > 2
     for seed in range(10):
-        out = Augment("none", date_dropout=0.999, seed=seed)(image, None, s2, None, days)
+        out = Augment("none", date_dropout=0.999)(np.random.default_rng(seed), image, None, s2, None, days)
         assert len(out["s2_days"]) == 1
 
 
@@ -155,33 +175,20 @@ def test_warp_s2_marks_pixels_from_outside_invalid():
     assert not ok[:, 0].any() and ok[:, 1:].all()
 
 
-def test_per_band_jitter_is_per_band_and_spares_elevation():
-    import albumentations as A
-
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 256, (64, 64, 5), dtype=np.uint8)
-    jitter = A.Compose([PerBandJitter(spectral=(0, 1, 2, 3), p=1.0)], seed=3)
-    changed = np.zeros(5, bool)
-    for _ in range(5):
-        out = jitter(image=image)["image"]
-        assert out.shape == image.shape and out.dtype == np.uint8
-        np.testing.assert_array_equal(out[..., 4], image[..., 4])
-        changed |= (out != image).any(axis=(0, 1))
-        # a per-band monotone lookup table: the order of pixel values is kept within each band
-        for b in range(4):
-            order = np.argsort(image[..., b].ravel(), kind="stable")
-            assert np.all(np.diff(out[..., b].ravel()[order].astype(int)) >= 0)
-    assert changed[:4].all()
-
-
-def test_heavy_works_on_band_subsets():
+def test_heavy_draws_its_photometric_parameters_and_works_on_band_subsets():
     image, mask, s2, days = planted()
+    drawn = np.zeros(AUG_LEN)
     for bands in (["R", "G", "B"], ["NIR", "E"], ["E"]):
-        cfg = load_config(None, {"augment": "heavy", "crop_size": 128, "bands": bands, "seed": 0})
+        cfg = load_config(None, {"augment": "heavy", "crop_size": 128, "bands": bands})
         aug = build_augment(cfg, train=True)
-        for _ in range(5):
-            out = aug(np.ascontiguousarray(image[..., :len(bands)]), mask, s2, None, days)
-            assert out["image"].shape == (128, 128, len(bands))
+        for seed in range(8):
+            sub = np.ascontiguousarray(image[:len(bands)])
+            out = full(aug, cfg, seed, sub, mask, s2, days)
+            assert out["image"].shape == (len(bands), 128, 128) and out["aug"].shape == (AUG_LEN,)
+            assert not out["aug"][Slot.BRIGHT + len(bands):Slot.CONTRAST].any()  # no band beyond cfg's
+            drawn += out["aug"] != 0
+    for slot in (Slot.JITTER, Slot.NOISE_STD, Slot.BLUR, Slot.HOLES):
+        assert 0 < drawn[slot] < 24, slot  # each transform drawn sometimes, never always
 
 
 def test_unknown_preset():

@@ -60,3 +60,11 @@ def test_types_keys_and_yaml_errors_are_one_line(tmp_path: Path):
         load_config(tmp_path / "none.yaml")
     assert parse_overrides(["--seed=3", "name="]) == {"seed": 3, "name": ""}
     assert resolve({"seed": 1}, {**DEFAULTS, "seed": 5})["seed"] == 1
+
+
+def test_text_settings_keep_braces_and_bad_yaml_is_one_line():
+    """A path with placeholders is text, not a YAML mapping; an unreadable number names the setting."""
+    over = parse_overrides(["init_from={runs_dir}/s1/fold{fold}/best.pt", "name={fold}", "bands=[R,G]"])
+    assert over == {"init_from": "{runs_dir}/s1/fold{fold}/best.pt", "name": "{fold}", "bands": ["R", "G"]}
+    with pytest.raises(ConfigError, match=r"lr=\[1,: not a readable value"):
+        parse_overrides(["lr=[1,"])

@@ -1,5 +1,6 @@
-"""FlairDataset (+ src.loader's collate/build_loader, src.metadata) on the synthetic tree (real TIFF /
-.npy files)."""
+"""FlairDataset (+ src.loader's collate/build_loader/EpochSampler, src.metadata) on the synthetic tree
+(real TIFF / .npy files): raw samples, their batches, and augmentation that depends on (seed, epoch,
+index) only."""
 from __future__ import annotations
 
 import pickle
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from src.augment import AUG_LEN
 from src.classes import remap
 from src.config import load_config
 from src.dataset import FlairDataset
+from src.device_augment import device_batch
 from src.errors import DataError
-from src.loader import build_loader, collate
+from src.loader import EpochSampler, build_loader, collate
 from src.metadata import META_DIM, encode_metadata
 from src.rasters import read_image, read_label, write_tif
 from src.sentinel import read_products, s2_series
@@ -35,17 +38,20 @@ def test_sample_keys_types_and_s2(synth_index):
         s = ds[i]
         row = df.iloc[i]
         assert s["id"] == row["id"]
-        assert s["image"].dtype == torch.float32 and s["image"].shape == (5, 512, 512)
-        assert s["mask"].dtype == torch.int64 and s["mask"].shape == (512, 512)
+        assert s["image"].dtype == torch.uint8 and s["image"].shape == (5, 512, 512)
+        np.testing.assert_array_equal(s["image"].numpy(), read_image(row["img_path"]))
+        assert s["mask"].dtype == torch.uint8 and s["mask"].shape == (512, 512)
         np.testing.assert_array_equal(s["mask"].numpy(), remap(read_label(row["msk_path"])))
+        assert "aug" not in s
         data = np.load(row["s2_data"], mmap_mode="r")
         masks = np.load(row["s2_masks"], mmap_mode="r")
         x, days = s2_series(data, masks, read_products(row["s2_products"]), (row["s2_row"], row["s2_col"]))
         valid = ~np.isnan(x).any(axis=(0, 1))
         np.testing.assert_array_equal(s["s2_valid"].numpy(), valid)
-        np.testing.assert_array_equal(s["s2"].numpy(), np.where(np.isnan(x), 0, x) / np.float32(10000))
+        expect = (np.where(np.isnan(x), 0, x) / np.float32(10000)).astype(np.float16)
+        np.testing.assert_array_equal(s["s2"].numpy(), expect)
         np.testing.assert_array_equal(s["s2_days"].numpy(), days)
-        assert s["s2"].dtype == torch.float32 and s["s2_days"].dtype == torch.int64
+        assert s["s2"].dtype == torch.float16 and s["s2_days"].dtype == torch.int64
         assert s["s2_pad"].dtype == torch.bool and not s["s2_pad"].any()
         assert 0 <= s["s2"].min() and s["s2"].max() <= 1.5
         assert s["meta"].shape == (META_DIM,) and s["meta"].dtype == torch.float32
@@ -53,18 +59,22 @@ def test_sample_keys_types_and_s2(synth_index):
 
 
 def test_normalisation_uses_the_five_band_statistics(synth_index):
-    row = synth_index["train"].iloc[0]
-    raw = read_image(row["img_path"]).astype(np.float32)
-    s = FlairDataset(synth_index["train"].iloc[:1], cfg_of(), train=False)[0]["image"].numpy()
+    """The bands a model is fed: the dataset's raw bands, normalised on the device (src.device_augment)."""
+    one = synth_index["train"].iloc[:1]
+    raw = read_image(one["img_path"].iloc[0]).astype(np.float32)
+
+    def fed(**kw):
+        cfg = cfg_of(**kw)
+        return device_batch(collate([FlairDataset(one, cfg, train=False)[0]]), cfg, torch.device("cpu"))
+    s = fed()["image"][0].numpy()
     for b in range(5):
         expect = (raw[b] - np.float32(SPEC_MEAN[b])) / np.float32(SPEC_STD[b])
         np.testing.assert_allclose(s[b], expect, rtol=1e-6, atol=1e-6)
-    one = synth_index["train"].iloc[:1]
-    sub = FlairDataset(one, cfg_of(bands=["NIR", "R", "E"]), train=False)[0]["image"]
+    sub = fed(bands=["NIR", "R", "E"])["image"][0]
     for out_b, b in enumerate((3, 0, 4)):
         expect = (raw[b] - np.float32(SPEC_MEAN[b])) / np.float32(SPEC_STD[b])
         np.testing.assert_allclose(sub[out_b].numpy(), expect, rtol=1e-6, atol=1e-6)
-    scaled = FlairDataset(synth_index["train"].iloc[:1], cfg_of(norm="scale"), train=False)[0]["image"]
+    scaled = fed(norm="scale")["image"][0]
     np.testing.assert_allclose(scaled.numpy(), raw / np.float32(255), rtol=1e-6)
     with pytest.raises(ValueError, match="X"):
         FlairDataset(synth_index["train"], cfg_of(bands=["R", "X"]), train=False)
@@ -103,6 +113,7 @@ def test_training_crop_and_date_dropout(synth_index):
     for i in range(3):
         s = ds[i]
         assert s["image"].shape == (5, 128, 128) and s["mask"].shape == (128, 128)
+        assert s["aug"].shape == (AUG_LEN,) and s["aug"].dtype == torch.float32
         assert 1 <= s["s2"].shape[0] <= ref[i]["s2"].shape[0] == len(ref[i]["s2_days"])
         assert set(s["s2_days"].tolist()) <= set(ref[i]["s2_days"].tolist())
         assert s["mask"].min() >= 0 and s["mask"].max() <= 12
@@ -131,11 +142,38 @@ def test_workers_and_pickling(synth_index):
     assert len(ids) == len(df) // 4 * 4 and len(set(ids)) == len(ids)
     ev = build_loader(FlairDataset(df, cfg, train=False), cfg, train=False)
     assert sum(len(b["id"]) for b in ev) == len(df)
-    # each worker draws its own augmentation: the same row seen by two workers is cropped differently
-    same = FlairDataset(df.iloc[[0, 0, 0, 0]], cfg, train=True)
-    loader = torch.utils.data.DataLoader(same, batch_size=1, num_workers=2, collate_fn=collate)
-    first, second = (b["image"] for _, b in zip(range(2), loader))
-    assert not torch.equal(first, second)
+
+
+def epoch_batches(ds: FlairDataset, cfg: dict, epochs: list[int], persistent: bool = False) -> list[list]:
+    """Every batch of each epoch in `epochs`, through one loader whose sampler is moved on (as training)."""
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, seed=0))
+    loader = build_loader(ds, cfg, train=True, sampler=sampler, persistent=persistent)
+    out = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        out.append([(b["id"], b["image"].clone(), b["mask"].clone(), b["s2"].clone(), b["aug"].clone())
+                    for b in loader])
+    return out
+
+
+def same(a: list, b: list) -> bool:
+    return all(x[0] == y[0] and all(torch.equal(u, v) for u, v in zip(x[1:], y[1:])) for x, y in zip(a, b))
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(synth_index):
+    """Persistent workers and exact resume rest on this: an epoch's batches are the same with 0 or 2
+    workers, again when replayed, and differ in another epoch; the same row at two indices is augmented
+    independently."""
+    df = synth_index["train"].iloc[:8]
+    cfg = cfg_of(use_s2=True, augment="heavy", crop_size=64, batch_size=4, s2_date_dropout=0.3)
+    ds = FlairDataset(df, cfg, train=True)
+    main = epoch_batches(ds, {**cfg, "workers": 0}, [0, 1])
+    workers = epoch_batches(ds, {**cfg, "workers": 2}, [1, 0, 1], persistent=True)
+    assert same(main[0], workers[1]) and same(main[1], workers[0]) and same(main[1], workers[2])
+    assert not same(main[0], main[1])
+    twice = FlairDataset(df.iloc[[0, 0]], cfg, train=True)
+    assert not torch.equal(twice[(0, 0)]["image"], twice[(1, 0)]["image"])
+    assert torch.equal(twice[(0, 3)]["image"], twice[(0, 3)]["image"])
 
 
 def corrupt_copy(synth_index, tmp_path, value: int):

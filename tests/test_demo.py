@@ -1,4 +1,5 @@
-"""`make demo` end to end (scripts/demo.sh) on a tiny synthetic set: every step runs, the zip validates."""
+"""`make demo` end to end (scripts/demo.sh) on a tiny synthetic set: every step runs, the zip validates, the
+fusion model and the aerial-only one are both scored and compared on the S2-only classes."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from src.classes import CLASS_NAMES
 from src.submission import validate
 from src.tables import load_index
 
@@ -30,16 +32,30 @@ def test_demo_script_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("synth", "index", "folds", "train0", "train1", "predict", "evaluate", "pictures"):
+    for step in ("synth", "index", "folds", "train", "train-aerial", "predict", "predict-aerial", "evaluate",
+                 "evaluate-aerial", "pictures"):
         assert f"<== [{step}]" in out, step
-    assert "tta=d4" in out and "2 model(s)" in out
+    assert "tta=none" in out and "1 model(s)" in out
     zips = list((tmp_path / "subs").glob("demo-*.zip"))
     assert len(zips) == 1 and f"submission zip:   {zips[0]}" in out
     test_ids = load_index(tmp_path / "data" / "index_test.csv")["id"].tolist()
     assert validate(zips[0], test_ids)["files"] == len(test_ids) >= 1
-    scores = json.loads((tmp_path / "pred" / "demo_scores.json").read_text())
-    assert f"synthetic test set mIoU: {scores['miou']:.4f}" in out
-    for png in ("demo_confusion.png", "demo_grid.png"):
-        assert (tmp_path / "pred" / png).read_bytes()[:4] == b"\x89PNG"
-    for fold in (0, 1):  # the runs went where they were told (nothing written into the repository)
-        assert (tmp_path / "runs" / "demo" / f"fold{fold}" / "best.pt").is_file()
+    pred = tmp_path / "pred"
+    fusion, aerial = (json.loads((pred / f"demo{s}_scores.json").read_text()) for s in ("", "_aerial"))
+    assert fusion["per_domain"]["domains"] and aerial["n_patches"] == len(test_ids)
+
+    def cell(v):
+        return "   n/a" if v is None else f"{v:6.3f}"
+
+    assert "Sentinel-2 fusion (U-T&T) vs the same U-Net on the aerial bands only" in out
+    for k in (9, 10):  # the S2-only classes, side by side
+        assert f"{k:>2} {CLASS_NAMES[k]:<29} {cell(fusion['ious'][k])} {cell(aerial['ious'][k])}" in out
+    assert f"{'mIoU (classes 0..11)':<32} {cell(fusion['miou'])} {cell(aerial['miou'])}" in out
+    for png in ("demo_confusion.png", "demo_grid.png", "demo_domains.png"):
+        assert (pred / png).read_bytes()[:4] == b"\x89PNG"
+    assert (pred / "demo_domains.csv").read_text().startswith("domain,patches,pixels,miou,")
+    for run in ("demo", "demo_aerial"):  # the runs went where they were told (none into the repository)
+        folder = tmp_path / "runs" / run / "fold0"
+        assert (folder / "best.pt").is_file()
+        assert (folder / "domains.csv").read_text().startswith("epoch,domain,patches,pixels,miou,")
+        assert list(folder.glob("events.out.tfevents.*"))  # TensorBoard curves

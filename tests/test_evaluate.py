@@ -161,3 +161,42 @@ def test_cli_writes_json_and_png(scored, synth_data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as code:
         main(["--pred", str(tmp_path / "nowhere"), "--labels", str(tmp_path)])
     assert code.value.code == 1 and "error:" in capsys.readouterr().err
+
+
+def test_scores_per_domain_from_the_index_or_the_label_folders(scored, synth_root, synth_data_dir, tmp_path):
+    """Each test domain's matrix is its own patches' sum (the per-domain report of make evaluate)."""
+    df, folder, expected = scored
+    per = {}
+    for pid, msk, dom in zip(df["id"], df["msk_path"], df["domain"]):
+        per.setdefault(dom, ConfusionMatrix()).update(tifffile.imread(folder / f"PRED_{pid}.tif"),
+                                                      remap(read_label(msk)))
+    names = sorted(per)
+    assert len(names) >= 2
+    for truth in (synth_data_dir / "index_test.csv", synth_root / "flair_2_labels_test", df):
+        r = evaluate(folder, truth, workers=2)["per_domain"]
+        assert r["domains"] == names
+        assert r["n_patches"] == [int((df["domain"] == d).sum()) for d in names]
+        np.testing.assert_array_equal(np.array(r["confusion"]), [per[d].matrix for d in names])
+        assert r["miou"] == pytest.approx([per[d].miou() for d in names])
+    flat = tmp_path / "flat"  # labels outside any D<nnn>_<year> folder and no index: domains unknown
+    flat.mkdir()
+    for msk in df["msk_path"]:
+        shutil.copy(msk, flat)
+    r = evaluate(folder, flat)
+    assert r["per_domain"] is None
+    np.testing.assert_array_equal(np.array(r["confusion"]), expected.matrix)
+
+
+def test_cli_writes_the_domain_report_beside_the_json(scored, synth_data_dir, tmp_path, capsys):
+    df, folder, _ = scored
+    main(["--pred", str(folder), "--index", str(synth_data_dir / "index_test.csv"),
+          "--json", str(tmp_path / "p_scores.json")])
+    out = capsys.readouterr().out
+    assert f"per-domain mIoU ({df['domain'].nunique()} domains):" in out
+    table = (tmp_path / "p_domains.csv").read_text().splitlines()
+    assert table[0].startswith("domain,patches,pixels,miou,iou_0_building")
+    assert [line.split(",")[0] for line in table[1:]] == [*sorted(df["domain"].unique()), "all"]
+    assert (tmp_path / "p_domains.png").read_bytes()[:4] == b"\x89PNG"
+    main(["--pred", str(folder), "--index", str(synth_data_dir / "index_test.csv"),
+          "--domains", str(tmp_path / "elsewhere")])
+    assert (tmp_path / "elsewhere.csv").is_file() and (tmp_path / "elsewhere.png").is_file()

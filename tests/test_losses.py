@@ -76,6 +76,7 @@ def test_window_at_the_super_area_edge_is_left_out_of_the_aux_loss(synth_index):
     cfg = load_config(None, {"use_s2": True, "loss": "ce"})
     ds = FlairDataset(df, cfg, train=False)
     batch = collate([ds[0], ds[1]])
+    batch["mask"] = batch["mask"].long()  # (uint8 until the device: src.device_augment casts it there)
     valid = batch["s2_valid"]
     assert not valid[:, :17].any() and not valid[:, :, :15].any() and valid[:, 17:, 15:].all()
     under = s2_label_window(valid, (512, 512))  # S2 rows/cols 15..24 lie under the patch

@@ -18,6 +18,7 @@ from src import predstore, probstore
 from src.combine import combine
 from src.config import DEFAULTS
 from src.errors import DataError, PredictError
+from src.normalize import normalize
 from src.rasters import read_label
 from src.submission import validate, zip_name
 from tests.test_ensemble import S2Recorder
@@ -70,7 +71,7 @@ def test_every_patch_gets_a_prediction_when_batches_do_not_divide(synth_index, t
     row = 7
     sample = FlairDataset(test, _cfg(), train=False, labels=False)[row]
     with torch.no_grad():
-        want = model(sample["image"][None])["logits"][0].argmax(0).numpy()
+        want = model(normalize(sample["image"][None], _cfg()))["logits"][0].argmax(0).numpy()
     got = read_label(tmp_path / "pred" / f"PRED_{sample['id']}.tif")
     assert np.array_equal(got, want)
 
@@ -158,7 +159,9 @@ def test_saved_probabilities_combine_later(synth_index, tmp_path):
     assert q.dtype == np.uint8 and q.shape == (13, 512, 512)
     assert abs(q.astype(int).sum(0) - 255).max() <= 7  # rounding of 13 classes
     sample = FlairDataset(test, _cfg(), train=False, labels=False)[1]
-    probs = E.predict_batch([a], None, {"image": sample["image"][None]})[0].numpy()
+    probs = E.predict_batch([a], None, {"image": normalize(sample["image"][None], _cfg())})[0].numpy()
+    with pytest.raises(PredictError, match="raw uint8"):
+        E.predict_batch([a], None, {"image": sample["image"][None]})
     assert np.abs(q / 255.0 - probs).max() <= 0.5 / 255 + 1e-6  # round(p * 255)
     logs: list[str] = []
     combine([tmp_path / "qa", tmp_path / "qb"], tmp_path / "only_a", test["id"], [1, 0], log=logs.append)

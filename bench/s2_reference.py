@@ -1,0 +1,134 @@
+"""The Sentinel-2 reference a fusion model must clear (issue 18, item 7): a per-pixel random forest.
+
+On the kit's own synthetic set (scripts/demo.sh's shape by default: 8 training domains, 2 unseen test
+domains), each aerial pixel is described by its 5 aerial bands and, with --s2, the NDVI of each monthly S2
+composite of the S2 pixel it lies in (10 m, docs/data-format.md "Geometry"; months absent from a series
+repeat the nearest present one). A random forest is fitted on pixels sampled from every training patch and
+scored on every pixel of the test patches with the official metric (mIoU over classes 0..11). It is the
+reference the issue asks for: herbaceous vegetation (9) and agricultural land (10) are identical in the
+synthetic aerial bands and differ only in their S2 phenology, so a model that uses the series well must
+beat the forest on them.
+
+    .venv/bin/python bench/s2_reference.py [--data DIR] [--pixels 2000] [--trees 100] [--seed 0]
+
+Without --data it writes the synthetic set into a temporary folder first (a few seconds). Prints the
+per-class IoU of the forest with and without the S2 features, side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from sklearn.ensemble import RandomForestClassifier  # noqa: E402
+
+from src.classes import CLASS_NAMES, NUM_SCORED  # noqa: E402
+from src.config import load_config  # noqa: E402
+from src.dataset import FlairDataset  # noqa: E402
+from src.geometry import AERIAL_PER_S2  # noqa: E402
+from src.metrics import confusion_matrix, ious_from_confusion, miou_from_confusion  # noqa: E402
+from src.tables import load_index  # noqa: E402
+
+B4, B8 = 2, 6  # red and near-infrared in the S2 band order B2 B3 B4 B5 B6 B7 B8 B8A B11 B12
+MONTHS = 12
+
+
+def make_data(folder: Path) -> Path:
+    """The demo's synthetic set, indexed (scripts/demo.sh: 8 + 2 domains x 2 zones x 2 patches, seed 0)."""
+    from src.index_scan import build_index
+    from src.synth_write import make_dataset
+    from src.tables import write_index
+
+    root = make_dataset(folder / "raw", train_domains=8, test_domains=2, zones=2, patches=2, seed=0)
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    write_index(build_index(root), data)
+    return data
+
+
+def monthly_ndvi(sample: dict) -> np.ndarray:
+    """(MONTHS, S, S) NDVI of the monthly composites, by calendar month (days before 15 May -> month)."""
+    s2 = sample["s2"].float().numpy()
+    ndvi = (s2[:, B8] - s2[:, B4]) / np.maximum(s2[:, B8] + s2[:, B4], 1e-6)
+    months = np.round(4 - sample["s2_days"].numpy() / 30.44).astype(int) % MONTHS  # 15 May -> 4 (May)
+    out = np.full((MONTHS, *ndvi.shape[1:]), np.nan, np.float32)
+    out[months] = ndvi
+    present = np.flatnonzero(~np.isnan(out[:, 0, 0])) if len(months) else np.array([], int)
+    for m in range(MONTHS):  # a missing month repeats the nearest present one (circularly)
+        if np.isnan(out[m, 0, 0]) and len(present):
+            gap = np.minimum(np.abs(present - m), MONTHS - np.abs(present - m))
+            out[m] = out[present[np.argmin(gap)]]
+    return np.nan_to_num(out)
+
+
+def pixel_features(sample: dict, with_s2: bool) -> np.ndarray:
+    """(H*W, F) float32: the aerial bands, then (with_s2) the monthly NDVI of each pixel's S2 pixel."""
+    image = sample["image"].numpy().astype(np.float32)
+    c, h, w = image.shape
+    feats = [image.reshape(c, -1)]
+    if with_s2:
+        ndvi = monthly_ndvi(sample)
+        s = ndvi.shape[-1]
+        rows = np.clip(np.floor(s / 2 + (np.arange(h) + 0.5 - h / 2) / AERIAL_PER_S2).astype(int), 0, s - 1)
+        cols = np.clip(np.floor(s / 2 + (np.arange(w) + 0.5 - w / 2) / AERIAL_PER_S2).astype(int), 0, s - 1)
+        feats.append(ndvi[:, rows[:, None], cols[None, :]].reshape(MONTHS, -1))
+    return np.concatenate(feats).T
+
+
+def run(data: Path, pixels: int, trees: int, seed: int) -> dict[str, np.ndarray]:
+    cfg = load_config(None, {"use_s2": True, "data_dir": str(data), "workers": 0})
+    train = FlairDataset(load_index(data / "index_train.csv"), cfg, train=False)
+    test = FlairDataset(load_index(data / "index_test.csv"), cfg, train=False)
+    rng = np.random.default_rng(seed)
+    train_samples = [train[i] for i in range(len(train))]
+    test_samples = [test[i] for i in range(len(test))]
+    out = {}
+    for name, with_s2 in (("aerial", False), ("aerial+S2 NDVI", True)):
+        t0 = time.perf_counter()
+        xs, ys = [], []
+        for s in train_samples:
+            pick = rng.choice(s["mask"].numel(), size=pixels, replace=False)
+            xs.append(pixel_features(s, with_s2)[pick])
+            ys.append(s["mask"].numpy().reshape(-1)[pick])
+        forest = RandomForestClassifier(n_estimators=trees, min_samples_leaf=2, n_jobs=-1, random_state=seed)
+        forest.fit(np.concatenate(xs), np.concatenate(ys))
+        conf = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), np.int64)
+        for s in test_samples:
+            pred = forest.predict(pixel_features(s, with_s2)).astype(np.uint8)
+            conf += confusion_matrix(pred, s["mask"].numpy().reshape(-1))
+        out[name] = conf
+        print(f"{name}: {len(xs)} patches x {pixels} px, {trees} trees, test mIoU "
+              f"{miou_from_confusion(conf):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, help="indexed data (default: the demo's synthetic set)")
+    parser.add_argument("--pixels", type=int, default=2000, help="training pixels sampled per patch")
+    parser.add_argument("--trees", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or make_data(Path(tmp))
+        confs = run(data, args.pixels, args.trees, args.seed)
+    names = list(confs)
+    print(f"\n{'test-set IoU':<32}" + "".join(f"{n:>16}" for n in names))
+    ious = {n: ious_from_confusion(c) for n, c in confs.items()}
+    for k in range(NUM_SCORED):
+        print(f"{k:>2} {CLASS_NAMES[k]:<29}" + "".join(
+            f"{'n/a' if np.isnan(ious[n][k]) else f'{ious[n][k]:.3f}':>16}" for n in names))
+    print(f"{'mIoU (classes 0..11)':<32}" + "".join(f"{miou_from_confusion(confs[n]):>16.3f}" for n in names))
+
+
+if __name__ == "__main__":
+    main()
