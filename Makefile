@@ -30,6 +30,7 @@ SPLIT ?= test
 RECIPE ?=
 ENSEMBLE_RUNS ?= $(RUNS)
 PRED ?= predictions/$(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
+PSEUDO ?= data/pseudo
 NAME ?= $(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
 LABELS ?=
 DEMO ?= data/demo
@@ -37,14 +38,14 @@ TB_DIR ?= runs
 PORT ?= 6006
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
 	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS \
-	TB_DIR PORT RECIPE ENSEMBLE_RUNS
+	TB_DIR PORT RECIPE ENSEMBLE_RUNS PSEUDO
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
 	$(ARGS) \
 	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA)))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv synth index download folds train oof ensemble predict submit evaluate export infer tensorboard demo eda test test-all lint bench clean
+.PHONY: help venv synth index download folds train oof ensemble predict pseudo submit evaluate export infer tensorboard demo eda test test-all lint bench clean
 
 help: ## list every target
 	@grep -E '^[a-z][a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -83,6 +84,12 @@ ensemble: $(STAMP) ## search a recipe on the OOF stores of ENSEMBLE_RUNS="runs/a
 
 predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (or a RECIPE) (TTA, fold/model ensemble) into PRED
 	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+
+pseudo: $(STAMP) ## pseudo-label SPLIT=test with RUNS (or a RECIPE) at TTA into PSEUDO=data/pseudo (class + confidence)
+	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split $(SPLIT) --out $(PSEUDO)/pred \
+		--save-probs $(PSEUDO)/probs $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+	$(PY) -m src.pseudo --probs $(PSEUDO)/probs --index $(DATA)/index_$(SPLIT).csv --out $(PSEUDO) \
+		--skipped $(PSEUDO)/pred/skipped.txt
 
 submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach; RECIPE=recipe.json)
 	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)

@@ -3,20 +3,26 @@
 On the kit's own synthetic set (scripts/demo.sh's shape by default: 8 training domains, 2 unseen test
 domains), each aerial pixel is described by its 5 aerial bands and, with --s2, the NDVI of each monthly S2
 composite of the S2 pixel it lies in (10 m, docs/data-format.md "Geometry"; months absent from a series
-repeat the nearest present one). A random forest is fitted on pixels sampled from every training patch and
+repeat the nearest present one). The S2 features are the kit's own early-fusion features
+(src/s2_features.py, `s2_early=ndvi`) sampled nearest, i.e. the S2 pixel under each aerial pixel, so the
+forest and the models read the same numbers. A random forest is fitted on pixels sampled from the training
+patches (every one, or with --fold K the demo's training rows of fold K: the domains outside fold K) and
 scored on every pixel of the test patches with the official metric (mIoU over classes 0..11). It is the
 reference the issue asks for: herbaceous vegetation (9) and agricultural land (10) are identical in the
 synthetic aerial bands and differ only in their S2 phenology, so a model that uses the series well must
 beat the forest on them.
 
-    .venv/bin/python bench/s2_reference.py [--data DIR] [--pixels 2000] [--trees 100] [--seed 0]
+    .venv/bin/python bench/s2_reference.py [--data DIR] [--fold all|K] [--pixels 2000] [--trees 100]
+                                           [--seed 0] [--json FILE]
 
-Without --data it writes the synthetic set into a temporary folder first (a few seconds). Prints the
-per-class IoU of the forest with and without the S2 features, side by side.
+Without --data it writes the synthetic set (and the demo's folds: K=4, seed 0) into a temporary folder first
+(a few seconds). Prints the per-class IoU of the forest with and without the S2 features, side by side;
+`--json FILE` also writes them (bench/s2_variants.py puts them beside the models').
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -24,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,16 +41,15 @@ from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 from src.classes import CLASS_NAMES, NUM_SCORED  # noqa: E402
 from src.config import load_config  # noqa: E402
 from src.dataset import FlairDataset  # noqa: E402
-from src.geometry import AERIAL_PER_S2  # noqa: E402
 from src.metrics import confusion_matrix, ious_from_confusion, miou_from_confusion  # noqa: E402
-from src.tables import load_index  # noqa: E402
-
-B4, B8 = 2, 6  # red and near-infrared in the S2 band order B2 B3 B4 B5 B6 B7 B8 B8A B11 B12
-MONTHS = 12
+from src.s2_features import early_features  # noqa: E402
+from src.tables import fold_rows, load_index  # noqa: E402
 
 
 def make_data(folder: Path) -> Path:
-    """The demo's synthetic set, indexed (scripts/demo.sh: 8 + 2 domains x 2 zones x 2 patches, seed 0)."""
+    """The demo's synthetic set, indexed, with its folds (scripts/demo.sh: 8 + 2 domains x 2 zones x 2
+    patches, seed 0; K=4 stratified folds, seed 0)."""
+    from src.folds import make_folds
     from src.index_scan import build_index
     from src.synth_write import make_dataset
     from src.tables import write_index
@@ -52,41 +58,27 @@ def make_data(folder: Path) -> Path:
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     write_index(build_index(root), data)
+    make_folds(data, k=4, seed=0, scheme="stratified", plot=False)
     return data
 
 
-def monthly_ndvi(sample: dict) -> np.ndarray:
-    """(MONTHS, S, S) NDVI of the monthly composites, by calendar month (days before 15 May -> month)."""
-    s2 = sample["s2"].float().numpy()
-    ndvi = (s2[:, B8] - s2[:, B4]) / np.maximum(s2[:, B8] + s2[:, B4], 1e-6)
-    months = np.round(4 - sample["s2_days"].numpy() / 30.44).astype(int) % MONTHS  # 15 May -> 4 (May)
-    out = np.full((MONTHS, *ndvi.shape[1:]), np.nan, np.float32)
-    out[months] = ndvi
-    present = np.flatnonzero(~np.isnan(out[:, 0, 0])) if len(months) else np.array([], int)
-    for m in range(MONTHS):  # a missing month repeats the nearest present one (circularly)
-        if np.isnan(out[m, 0, 0]) and len(present):
-            gap = np.minimum(np.abs(present - m), MONTHS - np.abs(present - m))
-            out[m] = out[present[np.argmin(gap)]]
-    return np.nan_to_num(out)
-
-
 def pixel_features(sample: dict, with_s2: bool) -> np.ndarray:
-    """(H*W, F) float32: the aerial bands, then (with_s2) the monthly NDVI of each pixel's S2 pixel."""
+    """(H*W, F) float32: the aerial bands, then (with_s2) the 12 monthly NDVI of each pixel's S2 pixel."""
     image = sample["image"].numpy().astype(np.float32)
     c, h, w = image.shape
     feats = [image.reshape(c, -1)]
     if with_s2:
-        ndvi = monthly_ndvi(sample)
-        s = ndvi.shape[-1]
-        rows = np.clip(np.floor(s / 2 + (np.arange(h) + 0.5 - h / 2) / AERIAL_PER_S2).astype(int), 0, s - 1)
-        cols = np.clip(np.floor(s / 2 + (np.arange(w) + 0.5 - w / 2) / AERIAL_PER_S2).astype(int), 0, s - 1)
-        feats.append(ndvi[:, rows[:, None], cols[None, :]].reshape(MONTHS, -1))
+        s2, days = sample["s2"][None].float(), sample["s2_days"][None]
+        ndvi = early_features(s2, days, torch.zeros(days.shape, dtype=torch.bool), "ndvi", (h, w), "nearest")
+        feats.append(ndvi[0].numpy().reshape(ndvi.shape[1], -1))
     return np.concatenate(feats).T
 
 
-def run(data: Path, pixels: int, trees: int, seed: int) -> dict[str, np.ndarray]:
+def run(data: Path, pixels: int, trees: int, seed: int, fold: str = "all") -> dict[str, np.ndarray]:
     cfg = load_config(None, {"use_s2": True, "data_dir": str(data), "workers": 0})
-    train = FlairDataset(load_index(data / "index_train.csv"), cfg, train=False)
+    train_rows, _ = fold_rows(data, fold)  # the rows `make train FOLD=<fold>` trains on
+    print(f"fold {fold}: {len(train_rows)} training patches from {train_rows['domain'].nunique()} domains")
+    train = FlairDataset(train_rows, cfg, train=False)
     test = FlairDataset(load_index(data / "index_test.csv"), cfg, train=False)
     rng = np.random.default_rng(seed)
     train_samples = [train[i] for i in range(len(train))]
@@ -117,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pixels", type=int, default=2000, help="training pixels sampled per patch")
     parser.add_argument("--trees", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fold", default="all", help="train on the rows of `make train FOLD=` (all | K)")
+    parser.add_argument("--json", type=Path, help="also write {name: {miou, ious}} here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_data(Path(tmp))
-        confs = run(data, args.pixels, args.trees, args.seed)
+        confs = run(data, args.pixels, args.trees, args.seed, args.fold)
     names = list(confs)
     print(f"\n{'test-set IoU':<32}" + "".join(f"{n:>16}" for n in names))
     ious = {n: ious_from_confusion(c) for n, c in confs.items()}
@@ -128,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:>2} {CLASS_NAMES[k]:<29}" + "".join(
             f"{'n/a' if np.isnan(ious[n][k]) else f'{ious[n][k]:.3f}':>16}" for n in names))
     print(f"{'mIoU (classes 0..11)':<32}" + "".join(f"{miou_from_confusion(confs[n]):>16.3f}" for n in names))
+    if args.json:
+        args.json.write_text(json.dumps({n: {"miou": float(miou_from_confusion(confs[n])),
+                                             "ious": [None if np.isnan(v) else float(v) for v in ious[n]]}
+                                         for n in names}, indent=1))
 
 
 if __name__ == "__main__":

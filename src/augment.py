@@ -41,6 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from src.augment_extra import ExtraTransform
 from src.bands import BAND_NAMES
 from src.geometry import AERIAL_PER_S2
 
@@ -184,7 +185,8 @@ class Augment:
     `rng` may be None when the preset draws nothing (evaluation).
     """
 
-    def __init__(self, preset: str = "none", crop_size: int | None = None, date_dropout: float = 0.0):
+    def __init__(self, preset: str = "none", crop_size: int | None = None, date_dropout: float = 0.0,
+                 extra: ExtraTransform | None = None):
         if preset not in PRESETS:
             raise ValueError(f"augment preset {preset!r}: expected one of {', '.join(PRESETS)}")
         self.preset = preset
@@ -194,6 +196,7 @@ class Augment:
         self.zoom = (0.75, 4.0 / 3.0)
         self.rotate_p, self.max_angle = 0.5, 15.0
         self.date_dropout = float(date_dropout)
+        self.extra = extra  # the user's pixel transforms (src.augment_extra), after the crop
 
     def _geometry(self, rng: np.random.Generator | None, h: int, w: int
                   ) -> tuple[np.ndarray | None, tuple[int, int] | None, int]:
@@ -246,6 +249,8 @@ class Augment:
                 mask = _warp_image(mask, matrix, out, nearest=True, fill=MASK_FILL)
         if matrix is not None and s2 is not None:
             s2, s2_valid = warp_s2(s2, s2_valid, s2_matrix(matrix, (h, w), (out, out), s2.shape[-1]))
+        if self.extra is not None:
+            image = self.extra.apply(rng, image)
         if self.preset == "heavy":
             draw_photometric(rng, image, aug)
         return {"image": image, "mask": mask, "s2": s2, "s2_valid": s2_valid, "s2_days": s2_days, "aug": aug}
@@ -256,5 +261,7 @@ def build_augment(cfg: dict, train: bool) -> Augment:
     if not train:
         return Augment("none")
     crop = int(cfg.get("crop_size") or 0) or None
+    spec = str(cfg.get("augment_extra") or "")
+    extra = ExtraTransform(spec, len(cfg.get("bands", BAND_NAMES))) if spec else None
     return Augment(cfg.get("augment", "none"), crop_size=crop,
-                   date_dropout=float(cfg.get("s2_date_dropout", 0.0)))
+                   date_dropout=float(cfg.get("s2_date_dropout", 0.0)), extra=extra)

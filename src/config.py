@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "norm": "mean_std",           # mean_std (train statistics) | scale (/255, as the baseline) | s2_stats
     "crop_size": 512,             # training crop (random crop; validation and test use full 512)
     "augment": "light",           # none | light | heavy
+    "augment_extra": "",          # your albumentations pixel transforms: path/to/file.py:build
     "use_s2": False,
     "s2_size": 40,                # S2 crop in 10 m pixels (multiple of 8)
     "s2_filter_clouds": True,
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "extra_copy_band": "R",       # band whose kernel is copied when extra_init=copy
     "num_classes": 13,
     "fusion": "none",             # none | utt (U-T&T: U-TAE features added to each aerial stage)
+    "s2_early": "none",           # none | ndvi | bands: monthly S2 features as extra aerial input channels
     "utae_widths": [64, 64, 128, 128],
     "utae_decoder_widths": [32, 32, 64, 128],
     "ltae_heads": 16,

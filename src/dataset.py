@@ -5,7 +5,9 @@ Sample keys (docs/data-format.md, "Samples and batches"): "image" uint8 (C,H,W) 
 (T,10,S,S) reflectance/10000, "s2_days" int64 (T,), "s2_pad" bool (T,) (all False for one sample, True on
 padded dates after src.loader.collate), "s2_valid" bool (S,S) (False where the S2 window left the
 super-area, or, after a crop or rotation, where S2 pixels came from outside the crop); with
-`use_metadata`: "meta" float32 (META_DIM,) (src.metadata); in training with `light`/`heavy`: "aug"
+`use_metadata`: "meta" float32 (META_DIM,) (src.metadata); with `norm=s2_stats`: "norm_stats" float32 (C,2),
+the per-patch (mean, std) of each band in grey levels from the patch's own S2 (src.s2_norm; read even
+when `use_s2` is false); in training with `light`/`heavy`: "aug"
 float32 (src.augment.AUG_LEN,), the parameters of the device half of the augmentation; "id" str. S2 pixels
 outside the super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss
 through "s2_valid" (src.losses.Criterion). Batching is src.loader's job; normalisation, D4 and the
@@ -38,9 +40,11 @@ from torch.utils.data import Dataset
 from src.augment import build_augment
 from src.bands import BAND_NAMES, band_indices
 from src.classes import invalid_label_values, remap
-from src.errors import DataError, one_line
+from src.errors import ConfigError, DataError, one_line
 from src.metadata import encode_metadata
+from src.pseudo_labels import PseudoSource
 from src.rasters import read_image, read_label
+from src.s2_norm import patch_norm_stats
 from src.sentinel import open_zone, s2_series
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,12 @@ class FlairDataset(Dataset):
                           prob_min=int(cfg.get("s2_prob_min", 60)),
                           monthly=bool(cfg.get("s2_monthly", True)))
         self.use_metadata = bool(cfg.get("use_metadata", False))
+        self.norm_s2 = cfg.get("norm", "mean_std") == "s2_stats"
+        self.s2_fallbacks = 0  # norm=s2_stats patches normalised with the train statistics (per process)
+        if self.norm_s2 and not {*_S2_COLS, "s2_row", "s2_col"} <= set(index_df.columns):
+            raise ConfigError("norm=s2_stats needs the S2 columns of the index (s2_data, s2_masks, "
+                              "s2_products, s2_row, s2_col): rebuild it with make index")
+        self.pseudo = PseudoSource.of(index_df, cfg) if train else None  # pseudo-labelled rows (make pseudo)
         self.skip_bad = bool(cfg.get("skip_bad", False))
         self.bad_log = Path(bad_log) if bad_log else None
         self.bad_count = 0
@@ -230,6 +240,22 @@ class FlairDataset(Dataset):
         s2 /= S2_SCALE
         return s2, s2_valid, s2_days
 
+    def read_norm_stats(self, i: int) -> torch.Tensor:
+        """norm=s2_stats: (C, 2) float32 (mean, std) of row i from its S2 (src.s2_norm); a row without S2
+        files or centroid, or without a clear date, gets the train mean/std (counted in s2_fallbacks)."""
+        row, col = self.cols["s2_row"][i], self.cols["s2_col"][i]
+        data = masks = centroid = None
+        if all(self.zone_paths[self.zone_code[i]]) and np.isfinite(row) and np.isfinite(col) \
+                and row >= 0 and col >= 0:
+            data, masks, _ = self._zone(i)
+            centroid = (int(row), int(col))
+        bands = [BAND_NAMES[j] for j in self.band_idx]
+        stats, used = patch_norm_stats(bands, data, masks, centroid, self.s2_kw["size"])
+        if not used:
+            self.s2_fallbacks += 1
+            log.debug("norm=s2_stats: patch %s has no usable S2, train mean/std used", self.text("id", i))
+        return torch.from_numpy(stats)
+
     def load(self, i: int, rng: np.random.Generator | None = None) -> dict[str, Any]:
         """Sample i without the skip_bad replacement (DataError names the failing file); `rng` draws the
         training augmentation."""
@@ -240,11 +266,15 @@ class FlairDataset(Dataset):
             raise DataError(f"{path}: expected uint8 aerial bands, got {img.dtype}")
         image = img if self.all_bands else img[self.band_idx]
         msk_path = self.text("msk_path", i)
-        mask = self.read_mask(msk_path, img.shape[1:], path) if self.labels and msk_path else None
+        if self.pseudo is not None and self.pseudo.flags[i]:  # class, IGNORE_U8 below the threshold
+            mask = self.pseudo.mask(msk_path, img.shape[1:], path)
+        else:
+            mask = self.read_mask(msk_path, img.shape[1:], path) if self.labels and msk_path else None
         t = self._tick("read", t)
         s2 = s2_valid = s2_days = None
         if self.use_s2:
             s2, s2_valid, s2_days = self.read_s2(i, path)
+        norm_stats = self.read_norm_stats(i) if self.norm_s2 else None
         t = self._tick("s2", t)
         out = self.augment(rng, image, mask, s2, s2_valid, s2_days)
         t = self._tick("augment", t)
@@ -257,11 +287,15 @@ class FlairDataset(Dataset):
             sample["s2_days"] = torch.from_numpy(np.asarray(out["s2_days"], dtype=np.int64))
             sample["s2_pad"] = torch.zeros(len(out["s2_days"]), dtype=torch.bool)
             sample["s2_valid"] = torch.from_numpy(np.ascontiguousarray(out["s2_valid"]))
+        if norm_stats is not None:
+            sample["norm_stats"] = norm_stats
         if self.use_metadata:
             c = self.cols
             sample["meta"] = torch.from_numpy(encode_metadata(
                 self.text("camera", i), self.text("date", i), self.text("time", i), c["patch_centroid_x"][i],
                 c["patch_centroid_y"][i], c["patch_centroid_z"][i]))
+        if self.pseudo is not None:  # per-sample loss weight: pseudo_weight for pseudo rows, 1 otherwise
+            sample["weight"] = torch.tensor(self.pseudo.sample_weight(i), dtype=torch.float32)
         if out["aug"] is not None:
             sample["aug"] = torch.from_numpy(out["aug"])
         self._tick("finalize", t)

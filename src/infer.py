@@ -19,7 +19,8 @@ Why it is built this way:
 - Resumable per raster: an output is written under a temporary name and renamed when complete, so an
   existing output is a finished one and a re-run skips it (`--overwrite` redoes it).
 - Only aerial models: a fusion model needs a Sentinel-2 series per window and metadata models need
-  per-patch metadata, neither of which an orthophoto has; they are refused before any work.
+  per-patch metadata, neither of which an orthophoto has; they are refused before any work. So are models
+  normalised with per-patch S2 statistics (norm=s2_stats), unless `norm=mean_std` forces the train ones.
 """
 from __future__ import annotations
 
@@ -152,6 +153,10 @@ def load_models(runs: Sequence[str | Path], weights: Sequence[float] | None, dev
             raise PredictError(f"{p}: this model needs per-patch metadata (use_metadata=true); "
                                "whole-orthophoto inference supports aerial-only models")
         cfg = resolve(overrides, cfg, "command line")
+        if cfg.get("norm") == "s2_stats":
+            raise PredictError(f"{p}: this model normalises each patch with its Sentinel-2 statistics "
+                               "(norm=s2_stats); whole orthophotos have no S2: use another model, or force "
+                               "the train statistics with norm=mean_std (expect worse predictions)")
         if cfg.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         models.append(model)

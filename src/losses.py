@@ -9,6 +9,13 @@ docs/data-format.md, "Geometry") against the majority label of each (`downsample
 whose window left the super-area (or, after augmentation, came from outside the window) reach the
 model as zero-filled inputs; the batch's "s2_valid" marks them, and they are excluded from the
 auxiliary loss (ignored targets) so the head is never taught to map zeros to the labels below.
+
+Pseudo-labels (src.pseudo_labels): pixels below the confidence threshold arrive as IGNORE_U8 (255) in the
+mask and take no part in any term; `weight` (B,) scales each sample's terms (pseudo_weight for pseudo
+rows, 1 for labelled ones): CE sums weight x pixel terms over the usual (class-weighted) pixel count, so a
+batch of pseudo rows alone weighs pseudo_weight x its loss; focal and Dice are taken per group of samples
+of equal weight, scaled by the weight and the group's share of the valid pixels (exact for focal, a mean
+over pixels; Dice, a ratio over the batch, is summed per group).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from src.classes import NUM_CLASSES, OTHER
 from src.errors import ConfigError
 from src.geometry import centred_s2_box
+from src.pseudo_labels import IGNORE_U8
 
 PLOWED = 11  # plowed land: weight 0 in the S2 head by default (IGN baseline)
 LOSSES = ("ce", "ce_dice", "focal")
@@ -123,32 +131,57 @@ class Criterion(torch.nn.Module):
         self.register_buffer("w", class_weights(cfg))
         self.register_buffer("w_s2", class_weights(cfg, s2_head=True))
         scored = [k for k in range(len(self.w)) if self.w[k] > 0]
-        self.dice = DiceLoss("multiclass", classes=scored, from_logits=True) if kind == "ce_dice" else None
-        self.focal = (FocalLoss("multiclass", class_weights=self.w.tolist())
+        self.dice = (DiceLoss("multiclass", classes=scored, from_logits=True, ignore_index=IGNORE)
+                     if kind == "ce_dice" else None)
+        self.focal = (FocalLoss("multiclass", class_weights=self.w.tolist(), ignore_index=IGNORE)
                       if kind == "focal" else None)
 
-    def ce(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def ce(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+           sample_weight: torch.Tensor | None = None) -> torch.Tensor:
         valid = target >= 0
         safe = torch.where(valid, target, 0)
         per_pixel = F.cross_entropy(logits, safe, weight=weight, reduction="none",
                                     label_smoothing=self.smoothing)
         denom = (weight[safe] * valid).sum()
-        return (per_pixel * valid).sum() / denom.clamp_min(1e-6)
+        terms = per_pixel * valid
+        if sample_weight is not None:
+            terms = terms * sample_weight.to(terms.dtype).view(-1, *[1] * (terms.ndim - 1))
+        return terms.sum() / denom.clamp_min(1e-6)
 
-    def forward(self, out: dict, mask: torch.Tensor, s2_valid: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    @staticmethod
+    def grouped(fn: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor,
+                sample_weight: torch.Tensor | None) -> torch.Tensor:
+        """A batch-level loss (focal, Dice) per group of samples of equal weight, each scaled by its weight
+        and its share of the batch's valid pixels; groups without a valid pixel add 0 (never NaN)."""
+        counts = (target >= 0).flatten(1).sum(1)
+        total = int(counts.sum())
+        if sample_weight is None or total == 0 or bool((sample_weight == sample_weight[0]).all()):
+            w = 1.0 if sample_weight is None else float(sample_weight[0])
+            return fn(logits, target) * w if total else logits.sum() * 0.0
+        loss = logits.sum() * 0.0
+        for w in sorted(set(sample_weight.tolist())):
+            sel = sample_weight == w
+            n = int(counts[sel].sum())
+            if n:
+                loss = loss + fn(logits[sel], target[sel]) * (w * n / total)
+        return loss
+
+    def forward(self, out: dict, mask: torch.Tensor, s2_valid: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = out["logits"].float()
+        mask = mask.masked_fill(mask == IGNORE_U8, IGNORE)  # pseudo-label pixels below the threshold
         if self.kind == "focal":
-            seg = self.focal(logits, mask)
+            seg = self.grouped(self.focal, logits, mask, weight)
         else:
-            seg = self.ce(logits, mask, self.w)
+            seg = self.ce(logits, mask, self.w, weight)
             if self.dice is not None:
-                seg = seg + self.dice(logits, mask)
+                seg = seg + self.grouped(self.dice, logits, mask, weight)
         total, parts = seg, {"seg": seg.detach()}
         s2_logits = out.get("s2_logits")
         if s2_logits is not None:
             target = s2_target(mask, tuple(s2_logits.shape[-2:]), s2_valid)
-            s2 = self.ce(s2_label_window(s2_logits.float(), tuple(mask.shape[-2:])), target, self.w_s2)
+            s2 = self.ce(s2_label_window(s2_logits.float(), tuple(mask.shape[-2:])), target, self.w_s2,
+                         weight)
             # weight 0 still keeps the head in the graph, so DDP sees a gradient for every parameter
             total = total + self.s2_weight * s2
             parts["s2"] = s2.detach()

@@ -37,6 +37,11 @@ The U-TAE's own head gives "s2_logits". `modality_dropout` zeroes the S2 term of
 train time; samples whose dates are all padded get no S2 term either. `use_metadata` adds an MLP
 encoding of the "meta" vector (size `meta_dim`) to the deepest stage.
 
+Early fusion (`s2_early`: none | ndvi | bands, src/s2_features.py): monthly S2 features (the NDVI of
+each calendar month, or the 10 bands' monthly means) are sampled onto the aerial grid and appended to
+the image as extra input channels; the encoder's stem gets that many more inputs (zero kernels under
+pretrained weights, so the pretrained network is unchanged at the start). Works with or without "utt".
+
 Input size: sides that are not multiples of what the encoder accepts (its output stride; 512 for the
 MaxViT-512 attention windows) are reflect-padded bottom/right and the logits cropped back.
 
@@ -58,7 +63,7 @@ from torch import nn
 from src.bands import BAND_NAMES, band_indices
 from src.checkpoint import load_checkpoint
 from src.errors import CheckpointError
-from src.geometry import s2_pixels_under
+from src.s2_features import add_input_channels, early_channels, early_features, sample_footprint
 from src.utae import S2_CHANNELS, UTAE
 from src.weights_file import is_weights_ref, load_state_file
 
@@ -203,23 +208,6 @@ def size_multiple(net: nn.Module) -> int:
     return 32 * window if window > 1 else stride
 
 
-def sample_footprint(s2_map: torch.Tensor, content: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """The exact (fractional) part of an S2 map under the aerial image, sampled bilinearly at `size`.
-
-    The S2 crop is centred on the aerial image and 1 S2 pixel = 50 aerial pixels (src/augment.py keeps
-    this true after crops and rotations), so an aerial image of `content` pixels covers the central
-    content/50 S2 pixels (10.24 for 512 px). That window is sampled bilinearly at the pixel centres of
-    an output of `size` -- exact geometry, where the baseline cut an integer 10x10 crop and resized it
-    (the integer crop survives as the S2 head's label window, src.losses.s2_label_window).
-    """
-    b, _, sh, sw = s2_map.shape
-    fy = s2_pixels_under(content[0]) / sh      # fraction of the map's extent covered
-    fx = s2_pixels_under(content[1]) / sw
-    theta = s2_map.new_tensor([[fx, 0.0, 0.0], [0.0, fy, 0.0]], dtype=torch.float32).expand(b, 2, 3)
-    grid = F.affine_grid(theta, [b, 1, *size], align_corners=False)
-    return F.grid_sample(s2_map.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 class S2Fusion(nn.Module):
     """U-TAE map -> one additive term per aerial encoder stage (U-T&T), computed per sample."""
 
@@ -266,6 +254,11 @@ class FlairModel(nn.Module):
         self.use_metadata = bool(cfg["use_metadata"])
         self.modality_dropout = float(cfg["modality_dropout"])
         self.multiple = size_multiple(self.net)
+        self.s2_early = str(cfg.get("s2_early", "none"))  # early fusion: src.s2_features
+        self.early_channels = early_channels(self.s2_early)
+        weights = cfg["encoder_weights"]
+        add_input_channels(self.net.encoder, self.in_channels, self.early_channels,
+                           pretrained=weights not in (None, "", "none", "None", "null"))
         custom_forward = type(self.net).forward is not smp.base.SegmentationModel.forward
         if (fusion != "none" or self.use_metadata) and custom_forward:
             raise ValueError(f"arch {cfg['arch']}: fusion/metadata need a plain encoder->decoder->head model")
@@ -285,13 +278,42 @@ class FlairModel(nn.Module):
             raise ValueError(f"image: expected (B,{self.in_channels},H,W) for {self.in_channels} bands, "
                              f"got {tuple(image.shape)}")
 
+    def _s2_keep(self, image: torch.Tensor, s2: torch.Tensor, s2_days: torch.Tensor | None,
+                 s2_pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pad, keep): the series' padding mask and which samples get an S2 term (some real date, and
+        not dropped by modality_dropout at train time; one draw serves early and U-T&T fusion)."""
+        if s2_days is None:
+            raise ValueError("fusion model: s2 given without s2_days")
+        if s2.shape[0] != image.shape[0]:
+            raise ValueError(f"s2 batch {s2.shape[0]} != image batch {image.shape[0]}")
+        pad = (torch.zeros(s2.shape[:2], dtype=torch.bool, device=s2.device) if s2_pad is None
+               else s2_pad.to(torch.bool))
+        keep = ~pad.all(dim=1)                                          # no real date -> no S2 term
+        if self.training and self.modality_dropout > 0:
+            keep = keep & (torch.rand(keep.shape, device=keep.device) >= self.modality_dropout)
+        return pad, keep
+
+    def _early(self, image: torch.Tensor, s2: torch.Tensor | None, s2_days: torch.Tensor | None,
+               pad: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+        """The image with the monthly S2 channels appended (zeros without S2 or for dropped samples)."""
+        b, _, h, w = image.shape
+        if s2 is None:
+            extra = image.new_zeros(b, self.early_channels, h, w)
+        else:
+            extra = early_features(s2, s2_days, pad, self.s2_early, (h, w))
+            extra = extra * keep.to(extra.dtype).view(-1, 1, 1, 1)
+        return torch.cat([image, extra.to(image.dtype)], dim=1)
+
     def forward(self, image: torch.Tensor, s2: torch.Tensor | None = None,
                 s2_days: torch.Tensor | None = None, s2_pad: torch.Tensor | None = None,
                 meta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         self._check(image)
         h, w = image.shape[-2:]
+        pad = keep = None
+        if s2 is not None and (self.fusion == "utt" or self.early_channels):
+            pad, keep = self._s2_keep(image, s2, s2_days, s2_pad)
+        x = self._early(image, s2, s2_days, pad, keep) if self.early_channels else image
         ph, pw = -h % self.multiple, -w % self.multiple
-        x = image
         if ph or pw:  # pad bottom/right to a size the encoder accepts; the output is cropped back
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "constant")
         out: dict[str, torch.Tensor] = {}
@@ -300,16 +322,7 @@ class FlairModel(nn.Module):
         else:
             feats = list(self.net.encoder(x))
             if self.fusion == "utt" and s2 is not None:
-                if s2_days is None:
-                    raise ValueError("fusion model: s2 given without s2_days")
-                if s2.shape[0] != image.shape[0]:
-                    raise ValueError(f"s2 batch {s2.shape[0]} != image batch {image.shape[0]}")
-                pad = (torch.zeros(s2.shape[:2], dtype=torch.bool, device=s2.device) if s2_pad is None
-                       else s2_pad.to(torch.bool))
                 s2_map, out["s2_logits"] = self.utae(s2, s2_days, pad)
-                keep = ~pad.all(dim=1)                                  # no real date -> no S2 term
-                if self.training and self.modality_dropout > 0:
-                    keep = keep & (torch.rand(keep.shape, device=keep.device) >= self.modality_dropout)
                 feats = self.s2_fusion(feats, s2_map, keep, (h, w), tuple(x.shape[-2:]))
             if self.use_metadata:
                 if meta is None:

@@ -59,22 +59,26 @@ def collate_multi(samples: list[Any]) -> dict[str, Any]:
     return {"batches": batches, "bad": bad}
 
 
+def input_groups(model_cfgs: Sequence[dict[str, Any]]) -> list[int]:
+    """Input index of each model: models with the same input setting share one (in order of first use)."""
+    sigs: list[str] = []
+    for mcfg in model_cfgs:
+        if input_signature(mcfg) not in sigs:
+            sigs.append(input_signature(mcfg))
+    return [sigs.index(input_signature(mcfg)) for mcfg in model_cfgs]
+
+
 def prediction_loader(index_df: pd.DataFrame, model_cfgs: Sequence[dict[str, Any]], cfg: dict[str, Any]
                       ) -> tuple[DataLoader, list[int]]:
     """(loader of collate_multi dicts, input index of each model). One dataset per distinct input setting;
     the kit's loader settings (workers, single-threaded OpenCV in them, pinning) with cfg's batch size."""
     from src.dataset import FlairDataset
 
-    sigs: list[str] = []
-    group_of: list[int] = []
-    datasets: list[Dataset] = []
+    group_of = input_groups(model_cfgs)
     df = index_df.reset_index(drop=True)
-    for mcfg in model_cfgs:
-        sig = input_signature(mcfg)
-        if sig not in sigs:
-            sigs.append(sig)
-            datasets.append(FlairDataset(df, {**mcfg, "skip_bad": False}, train=False, labels=False))
-        group_of.append(sigs.index(sig))
+    datasets: list[Dataset] = [
+        FlairDataset(df, {**model_cfgs[group_of.index(g)], "skip_bad": False}, train=False, labels=False)
+        for g in range(max(group_of) + 1)]
     ds = MultiInput(datasets, df["id"].tolist(), bool(cfg.get("skip_bad")))
     loader = build_loader(ds, cfg, train=False, collate_fn=collate_multi, batch_size=int(cfg["batch_size"]))
     return loader, group_of

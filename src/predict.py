@@ -14,6 +14,9 @@ Why it is built this way (formats: docs/data-format.md, "Predictions and probabi
   killed run never leaves a partial file. Re-running with the same --out writes only the missing ones;
   a `predict.json` manifest records which checkpoints/weights/TTA made them, and a different setup is
   refused (use --overwrite) rather than silently mixing two ensembles in one submission (src.predstore).
+- `bn_adapt=domain` re-estimates every model's BatchNorm statistics on each test domain's patches before
+  predicting that domain (src.bn_adapt; `--bn-adapt-patches N` caps the patches per domain, default 256).
+- The pass over the split (loader, writer, manifest, measured time) is src.predict_pass.
 - `--save-probs DIR` keeps the ensemble's softmax per patch as `PROB_<id>.npz` (src.probstore) so
   separately predicted models can be combined later with `--combine` (src.combine) without re-running
   them.
@@ -25,229 +28,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from itertools import chain
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from src import tta as T
 from src.combine import combine
 from src.config import exit_on_config_error, parse_overrides, resolve
-from src.device_augment import device_batch
-from src.ensemble import (
-    Mix,
-    choose_tta,
-    model_device,
-    normalise_weights,
-    predict_batch,
-    quantise,
-    resolve_checkpoints,
-)
+from src.ensemble import Mix, resolve_checkpoints
 from src.errors import ConfigError, DataError, PredictError, is_disk_full, one_line
-from src.geometry import N_TEST_PATCHES
-from src.multi_input import prediction_loader
-from src.predstore import (
-    RunRecord,
-    Writer,
-    prepare_out,
-    scan_done,
-    split_seconds,
-    write_fallback,
-)
-from src.progress import fmt_duration as fmt_s
-from src.progress import progress
+from src.predict_pass import check_settings, run_prediction
 from src.recipe import load_recipe, recipe_checkpoints
-from src.runtime import amp_dtype, pick_device, precision_name, tune_cuda
+from src.runtime import pick_device, tune_cuda
 from src.tables import has_labels, split_index
-from src.workers import default_workers, loader_workers
-
-
-# ------------------------------------------------------------------------------------------ settings
-def check_settings(cfg: dict[str, Any]) -> None:
-    """Prediction settings the config types cannot check; one-line errors before any model is loaded."""
-    if cfg["tta"] not in T.LEVELS:
-        raise ConfigError(f"tta: expected one of {', '.join(T.LEVELS)}, got {cfg['tta']!r}")
-    if cfg["ensemble"] not in ("probs", "logits"):
-        raise ConfigError(f"ensemble: expected probs or logits, got {cfg['ensemble']!r}")
-    amp_dtype(cfg["precision"], torch.device("cpu"))  # raises ConfigError for an unknown precision
-    loader_workers(cfg["workers"])  # likewise for workers
-    if cfg["batch_size"] < 1 or cfg["time_budget_s"] < 0:
-        raise ConfigError("need batch_size >= 1 and time_budget_s >= 0")
-
-
-# ----------------------------------------------------------------------------------------- one split
-def run_prediction(models: Sequence[nn.Module], model_cfgs: Sequence[dict[str, Any]],
-                   weights: Sequence[float] | None, index_df: pd.DataFrame, out_dir: str | Path,
-                   cfg: dict[str, Any], *, tta: str | None = None, probs_dir: str | Path | None = None,
-                   identity: dict[str, Any] | None = None, overwrite: bool = False,
-                   n_total: int | None = None, mix: Mix | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write PRED_<id>.tif for every row of `index_df` that lacks one; returns a report dict.
-
-    `models` are ready nn.Modules (on their device, eval mode), `model_cfgs` their configs (input
-    settings), `cfg` the prediction settings (batch_size, workers, ensemble, precision, channels_last,
-    tta, time_budget_s, skip_bad). `tta` given explicitly wins over `cfg`; otherwise a positive
-    time_budget_s picks the level. `identity` describes the setup for the resume check. A `mix` (blend
-    recipe: per-class weights and biases, src.recipe) replaces `weights`.
-    """
-    out_dir = Path(out_dir)
-    probs_dir = Path(probs_dir) if probs_dir else None
-    w = normalise_weights(weights, len(models))
-    identity = dict(identity or {"models": [type(m).__name__ for m in models]})
-    identity.update(weights=[round(x, 6) for x in w], ensemble=cfg["ensemble"])
-    if mix is not None:
-        identity["mix"] = [[round(x, 6) for x in row] for row in (*mix.class_weights, mix.biases)]
-    budget = float(cfg.get("time_budget_s") or 0) if tta is None else 0.0
-    if tta is None and budget <= 0:
-        tta = cfg["tta"]
-    if tta is not None:
-        T.views(tta)  # validates the level before any work
-        identity["tta"] = tta
-    prev = prepare_out(out_dir, identity, index_df, overwrite, probs_dir)
-    if tta is None and prev is not None and prev.get("tta"):
-        tta = prev["tta"]
-        log(f"predict: resuming with tta={tta} (chosen by the time budget on the first run)")
-    ids = index_df["id"].astype(str).tolist()
-    done = set() if overwrite else scan_done(index_df, out_dir, probs_dir)
-    todo = index_df[~index_df["id"].astype(str).isin(done)].reset_index(drop=True)
-    prev = prev or {}
-    report: dict[str, Any] = {"out": str(out_dir), "n_ids": len(ids), "n_skipped_existing": len(done),
-                              "n_written": 0, "tta": tta, "infer_s": float(prev.get("infer_s", 0.0)),
-                              "n_timed": int(prev.get("n_timed", 0)), "fallback": []}
-    if done:
-        log(f"predict: {len(done)}/{len(ids)} PRED files already in {out_dir}: writing only the missing ones")
-    if todo.empty:
-        report["s_per_patch"] = report["infer_s"] / report["n_timed"] if report["n_timed"] else None
-        report["time_s"] = split_seconds({**prev, "split_ids": len(ids)})
-        log(f"predict: all {len(ids)} predictions already present in {out_dir}")
-        return report
-    run = _Run(models, w, cfg, out_dir, probs_dir, report, log)
-    run.mix = mix
-    return run.predict(todo, model_cfgs, identity, tta, budget, n_total or len(index_df))
-
-
-class _Run:
-    """One prediction pass over the missing patches: its loader, writer, manifest and measured time."""
-
-    mix: Mix | None = None
-
-    def __init__(self, models: Sequence[nn.Module], weights: list[float], cfg: dict[str, Any], out_dir: Path,
-                 probs_dir: Path | None, report: dict[str, Any], log: Callable[[str], None]):
-        self.models, self.w, self.cfg, self.log = models, weights, cfg, log
-        self.out_dir, self.probs_dir, self.report = out_dir, probs_dir, report
-        self.device = model_device(models[0])
-        self.bad: list[tuple[str, str]] = []
-
-    def predict(self, todo: pd.DataFrame, model_cfgs: Sequence[dict[str, Any]], identity: dict[str, Any],
-                tta: str | None, budget: float, n_total: int) -> dict[str, Any]:
-        loader, self.group_of = prediction_loader(todo, model_cfgs, self.cfg)
-        self.group_cfgs = [model_cfgs[self.group_of.index(g)] for g in range(max(self.group_of) + 1)]
-        t0 = time.perf_counter()  # the measured inference time: data loading, networks, writing
-        batches = iter(loader)
-        first = self._first_readable(batches)
-        if tta is None:
-            tta = "none"
-            if first is not None:
-                t_sel = time.perf_counter()
-                tta = choose_tta(self.models, self.w, self._inputs(first), self.cfg, n_total, budget,
-                                 self.device, self.log)
-                t0 += time.perf_counter() - t_sel  # the trial runs are not inference of the split
-        identity["tta"] = self.report["tta"] = tta
-        record = RunRecord(self.out_dir, self.probs_dir, identity, {
-            "split_ids": self.report["n_ids"], "infer_s": self.report["infer_s"],
-            "n_timed": self.report["n_timed"], "complete": False,
-            "probs_dir": str(self.probs_dir) if self.probs_dir else None})
-        record.write()
-        n_views = len(T.views(tta))
-        self.log(f"predict: {len(self.models)} model(s), weights {', '.join(f'{x:.3g}' for x in self.w)}, "
-                 f"tta={tta} ({n_views} views, up to {n_views * int(self.cfg['batch_size'])} images per "
-                 f"forward), ensemble={self.cfg['ensemble']}, device {self.device}, precision "
-                 f"{precision_name(amp_dtype(self.cfg['precision'], self.device))}, {len(todo)} patches "
-                 "to write")
-        items = chain([first] if first is not None else [], batches)
-        elapsed, written = self._write_all(items, todo, tta, record, t0)
-        return self._finish(todo, written, elapsed, record)
-
-    def _inputs(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        """The batch each model is fed: its input setting's raw batch, copied to the device and normalised
-        there in the autocast dtype (once per input setting, shared by the models that read it)."""
-        dtype = amp_dtype(self.cfg["precision"], self.device)
-        ready = [device_batch(b, c, self.device, dtype=dtype)
-                 for b, c in zip(item["batches"], self.group_cfgs)]
-        return [ready[g] for g in self.group_of]
-
-    def _first_readable(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
-        """The first batch holding a readable patch (skip_bad: a batch may hold only unreadable ones)."""
-        for item in batches:
-            self.bad += item["bad"]
-            if item["batches"] is not None:
-                return item
-        return None
-
-    def _write_all(self, items: Iterator[dict[str, Any]], todo: pd.DataFrame, tta: str, record: RunRecord,
-                   t0: float) -> tuple[float, list[str]]:
-        """Predict and write every batch (then the fallback files); the manifest keeps the time either way."""
-        writer = Writer(self.out_dir, self.probs_dir, threads=max(2, default_workers(8)))
-        writer.n_left = len(todo)
-        kw = dict(tta=tta, ensemble=self.cfg["ensemble"], precision=self.cfg["precision"],
-                  channels_last=self.cfg["channels_last"], mix=self.mix)
-        ok = False
-        try:
-            with progress(total=len(todo), desc="predict", unit="patch") as bar:
-                bar.update(len(self.bad))
-                for i, item in enumerate(items):
-                    if i > 0:  # the first batch's unreadable patches are already counted
-                        self.bad += item["bad"]
-                        bar.update(len(item["bad"]))
-                    if item["batches"] is not None:
-                        self._predict_one(item, kw, writer)
-                        bar.update(len(item["batches"][0]["id"]))
-            writer.close()
-            if self.bad:
-                self.report["fallback"] = write_fallback(self.out_dir, self.bad, self.log)
-            ok = True
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            elapsed = time.perf_counter() - t0
-            self.report["n_written"] = len(writer.written)
-            self.report["infer_s"] += elapsed
-            self.report["n_timed"] += len(writer.written)
-            record.write(infer_s=self.report["infer_s"], n_timed=self.report["n_timed"])
-            if not ok:
-                self.log(f"predict: stopped after {len(writer.written)} new files; re-run the same command "
-                         "to resume")
-        return elapsed, writer.written
-
-    def _predict_one(self, item: dict[str, Any], kw: dict[str, Any], writer: Writer) -> None:
-        batch = item["batches"]
-        probs = predict_batch(self.models, self.w, self._inputs(item), **kw)
-        pred = probs.max(1).indices.to(torch.uint8).cpu().numpy()  # max: 5x faster than argmax on CPU
-        q = quantise(probs).cpu().numpy() if self.probs_dir is not None else None
-        for j, pid in enumerate(batch[0]["id"]):
-            writer.submit(str(pid), pred[j], None if q is None else q[j])
-
-    def _finish(self, todo: pd.DataFrame, written: list[str], elapsed: float, record: RunRecord
-                ) -> dict[str, Any]:
-        done = set(written) | set(self.report["fallback"])
-        missing = [pid for pid in todo["id"].astype(str) if pid not in done]
-        if missing:  # cannot happen unless a dataset dropped rows silently: never hand out an incomplete set
-            raise PredictError(f"{len(missing)} patches got no prediction (first: {missing[:5]})")
-        per = elapsed / max(len(written), 1)
-        record.write(complete=True)
-        self.report.update(elapsed_s=elapsed, s_per_patch=per, projected_test_s=per * N_TEST_PATCHES,
-                           time_s=record.split_seconds())
-        self.log(f"predict: wrote {len(written)} PRED files to {self.out_dir} in {fmt_s(elapsed)} "
-                 f"({per:.3f} s/patch); projected for the {N_TEST_PATCHES} test patches: "
-                 f"{fmt_s(per * N_TEST_PATCHES)}")
-        return self.report
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -255,8 +52,10 @@ def predict(runs: Sequence[str | Path], out_dir: str | Path, *, split: str = "te
             weights: Sequence[float] | None = None, tta: str | None = None,
             overrides: dict[str, Any] | list[str] | None = None, probs_dir: str | Path | None = None,
             index: str | Path | None = None, overwrite: bool = False, device: str = "auto",
-            mix: Mix | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Load the checkpoints under `runs`, predict the split's index into `out_dir`; report dict."""
+            mix: Mix | None = None, bn_patches: int | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Load the checkpoints under `runs`, predict the split's index into `out_dir`; report dict.
+    `bn_patches` caps the patches per domain that bn_adapt=domain re-estimates on (0: all)."""
     from src.checkpoint import load_checkpoint
     from src.models import load_for_inference
 
@@ -265,6 +64,8 @@ def predict(runs: Sequence[str | Path], out_dir: str | Path, *, split: str = "te
     dev = pick_device(device)
     # settings are checked (one-line errors) before any model is built
     first_cfg = resolve(ov, dict(load_checkpoint(paths[0])["config"]), "command line")
+    if bn_patches is not None:
+        first_cfg["bn_adapt_patches"] = bn_patches
     check_settings({**first_cfg, **({"tta": tta} if tta else {})})
     index_df = split_index(first_cfg["data_dir"], split, index)
     models, cfgs = [], []
@@ -346,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--submit-dir", default="submissions", help="where --submit puts the zip")
     ap.add_argument("--overwrite", action="store_true", help="delete this split's PRED files in --out first")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
+    ap.add_argument("--bn-adapt-patches", type=int, metavar="N", help="bn_adapt=domain: patches per domain "
+                    "the BatchNorm statistics are re-estimated on (evenly spaced; 0: all; default 256)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (data_dir=..., batch_size=...)")
     return ap
 
@@ -357,7 +160,8 @@ def _run_command(args: argparse.Namespace, weights: list[float] | None) -> None:
         runs, overrides = _split_runs_and_overrides([str(p) for p in paths], args.overrides)
         report = predict(runs, args.out, split=args.split, weights=weights, tta=args.tta or recipe.get("tta"),
                          overrides=overrides, probs_dir=args.save_probs, index=args.index,
-                         overwrite=args.overwrite, device=args.device, mix=mix)
+                         overwrite=args.overwrite, device=args.device, mix=mix,
+                         bn_patches=args.bn_adapt_patches)
         index_df = report["index_df"]
     else:
         dirs, overrides = _split_runs_and_overrides(args.combine, args.overrides)

@@ -26,6 +26,8 @@ from src.probstore import prob_ok, prob_path, save_prob, write_manifest
 from src.submission import pred_name, write_pred
 
 MANIFEST = "predict.json"
+# setup fields newer than some manifests: a manifest without one was made with this value
+LEGACY = {"bn_adapt": "none"}
 FALLBACK_CLASS = OTHER  # written for unreadable test patches with skip_bad=1: "other" costs no false positive
 
 
@@ -112,10 +114,10 @@ def prepare_out(out_dir: Path, identity: dict[str, Any], index_df: pd.DataFrame,
                                "or --overwrite to replace them")
         return None
     for key, value in identity.items():
-        if json.dumps(prev.get(key), sort_keys=True, default=str) != json.dumps(value, sort_keys=True,
-                                                                                   default=str):
+        before = prev.get(key, LEGACY.get(key))
+        if json.dumps(before, sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
             raise PredictError(f"{out_dir} holds predictions from another setup ({key} differs: "
-                               f"{prev.get(key)} vs {value}); use another --out, or --overwrite")
+                               f"{before} vs {value}); use another --out, or --overwrite")
     return prev
 
 

@@ -45,6 +45,7 @@ from src.metrics import format_table
 from src.nonfinite import NonFiniteGuard
 from src.oof_store import write_fold_oof
 from src.progress import progress
+from src.pseudo_labels import add_pseudo_rows
 from src.run_files import IOU_COLS, run_dir_of, set_aside_previous_run, write_metrics
 from src.runtime import PRECISIONS, amp_dtype, autocast, precision_name, tune_cuda
 from src.schedule import Schedule, set_lr
@@ -70,11 +71,16 @@ def check_settings(cfg: dict) -> None:
     loader_workers(cfg["workers"])  # a number >= 0 or auto
     if cfg["max_nan_steps"] < 0 or cfg["val_every"] < 1:
         raise ConfigError("need max_nan_steps >= 0 and val_every >= 1")
-    # S2 feeds only the fusion branch: either setting alone trains dead weights or reads S2 for nothing
+    # S2 feeds only the fusion branch and/or the early channels: either side alone trains dead weights or
+    # reads S2 for nothing
+    early = cfg.get("s2_early", "none")
     if cfg["fusion"] != "none" and not cfg["use_s2"]:
         raise ConfigError(f"fusion={cfg['fusion']} needs use_s2=true")
-    if cfg["use_s2"] and cfg["fusion"] == "none":
-        raise ConfigError("use_s2=true does nothing with fusion=none: set fusion=utt or use_s2=false")
+    if early != "none" and not cfg["use_s2"]:
+        raise ConfigError(f"s2_early={early} needs use_s2=true")
+    if cfg["use_s2"] and cfg["fusion"] == "none" and early == "none":
+        raise ConfigError("use_s2=true does nothing with fusion=none: set fusion=utt or use_s2=false "
+                          "(or s2_early=ndvi|bands)")
     Criterion(cfg)  # validates loss, class_weights, label_smoothing
     check_tracking(cfg)  # tb_images, loggers, a missing tensorboard package
 
@@ -119,10 +125,11 @@ def train_epoch(cfg: dict, epoch: int, loader: DataLoader, n_batches: int, nets:
                 break
             image, extra, mask, s2_valid = to_device(batch, cfg, device, dtype, cfg["channels_last"],
                                                      augment=True)
+            weight = extra.pop("weight", None)  # per-sample loss weights: pseudo-labels (src.pseudo_labels)
             guard.snapshot()
             with autocast(device, dtype):
                 out = nets.train_model(image, **extra)
-            loss, parts = nets.criterion(out, mask, s2_valid=s2_valid)
+            loss, parts = nets.criterion(out, mask, s2_valid=s2_valid, weight=weight)
             # a non-finite loss on any rank skips the step everywhere (ranks must stay in lockstep)
             if any_rank(not bool(torch.isfinite(loss)), device):
                 guard.skip("loss", epoch + 1, i)
@@ -319,6 +326,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict, str, pd.DataFrame, pd.DataF
     train_df, val_df = fold_rows(cfg["data_dir"], fold)
     cfg = resolve_knobs(cfg, train_df)  # (before config.yaml is written: prediction and resume see them)
     check_settings(cfg)
+    train_df = add_pseudo_rows(cfg, fold, train_df, val_df)  # pseudo_dir: test patches, training rows only
     missing = missing_files(pd.concat([train_df, val_df]) if val_df is not None else train_df, cfg["use_s2"])
     if missing:
         index_path = Path(cfg["data_dir"]) / "index_train.csv"

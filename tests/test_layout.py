@@ -18,7 +18,7 @@ BOTTOM = {"errors", "geometry", "classes", "bands", "fileio", "rasters", "config
           "seeding", "progress", "tables", "normalize", "metadata", "checkpoint"}
 # Top: what users run (`python -m src.<name>`). Nothing imports them; what they share lives below.
 JOBS = {"download", "index", "folds", "synth", "train", "predict", "submit", "evaluate", "eda", "show",
-        "export", "infer", "oof", "blend"}
+        "export", "infer", "oof", "blend", "pseudo"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 

@@ -32,7 +32,8 @@ from src.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
-        "lr=0.001", "warmup_epochs=0.5", "ema=0.9", "channels_last=false", "precision=fp32", "log_every=1"]
+        "lr=0.001", "warmup_epochs=0.5", "ema=0.9", "channels_last=false", "precision=fp32", "log_every=1",
+        "oof=false"]  # (out-of-fold stores: tests/test_oof.py)
 FUSION = ["use_s2=true", "fusion=utt", "utae_widths=[8,8,16,16]", "utae_decoder_widths=[8,8,8,16]",
           "ltae_heads=2", "ltae_d_model=16", "ltae_d_k=4"]
 CONTRACT_KEYS = {"model", "config", "epoch", "step", "best_miou", "optimizer", "scaler", "ema", "raw_model",
