@@ -167,6 +167,8 @@ def export_checkpoint(path: Path, dtype: str = "fp16", onnx: bool = True, size: 
             f"{report['slim_max_diff']:.2e} vs {path.name}, logits up to {float(ref.abs().max()):.3g})")
     if onnx and cfg.get("use_metadata"):  # its input is the kit's own metadata encoding: no portable ONNX
         line += "; no ONNX: metadata models (use_metadata=true) are not exported"
+    elif onnx and cfg.get("norm") == "s2_stats":  # each patch is normalised by numbers from its S2 series
+        line += "; no ONNX: norm=s2_stats needs per-patch S2 statistics the ONNX input does not carry"
     elif onnx:
         out = path.with_name(f"{path.stem}.onnx")
         wrapper = OnnxModel(model, cfg).eval()
