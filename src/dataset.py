@@ -8,7 +8,9 @@ super-area, or, after a crop or rotation, where S2 pixels came from outside the 
 `use_metadata`: "meta" float32 (META_DIM,) (src.metadata); with `norm=s2_stats`: "norm_stats" float32 (C,2),
 the per-patch (mean, std) of each band in grey levels from the patch's own S2 (src.s2_norm; read even
 when `use_s2` is false); in training with `light`/`heavy`: "aug"
-float32 (src.augment.AUG_LEN,), the parameters of the device half of the augmentation; "id" str. S2 pixels
+float32 (src.augment.AUG_LEN,), the parameters of the device half of the augmentation; in training with
+pseudo-labelled rows (src.pseudo_labels): "weight" float32 () on every sample (pseudo_weight or 1), and a
+pseudo row's "mask" holds 255 where its confidence is below pseudo_threshold; "id" str. S2 pixels
 outside the super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss
 through "s2_valid" (src.losses.Criterion). Batching is src.loader's job; normalisation, D4 and the
 photometric transforms happen on the device, on the batch (src.device_augment).
