@@ -107,6 +107,25 @@ def s2_target(mask: torch.Tensor, s2_hw: tuple[int, int], s2_valid: torch.Tensor
     return torch.where(valid, target, torch.full_like(target, IGNORE))
 
 
+class SmoothedFocal(FocalLoss):
+    """smp's multiclass focal loss (a sigmoid focal term per class, one class against the rest, weighted by
+    class) with label smoothing, as the 1st place trained: class c's binary target is
+    (1 - s) [y == c] + s / C, the smoothing cross-entropy applies. s = 0 is smp's loss exactly."""
+
+    def __init__(self, smoothing: float, **kw):
+        super().__init__("multiclass", **kw)
+        self.smoothing = float(smoothing)
+
+    def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+        keep = y_true != self.ignore_index
+        target, n = y_true[keep], y_pred.shape[1]
+        losses = torch.stack([self.focal_loss_fn(y_pred[:, c][keep], (target == c).to(y_pred.dtype)
+                                                 * (1 - self.smoothing) + self.smoothing / n)
+                              for c in range(n)])
+        weights = self.class_weights.to(losses.device)
+        return (losses * weights).sum() / weights.sum()
+
+
 class Criterion(torch.nn.Module):
     """loss(out, mask, s2_valid=None) -> (total, {"seg": ..., "s2": ...}); CE is weighted-mean over pixels.
 
@@ -133,7 +152,7 @@ class Criterion(torch.nn.Module):
         scored = [k for k in range(len(self.w)) if self.w[k] > 0]
         self.dice = (DiceLoss("multiclass", classes=scored, from_logits=True, ignore_index=IGNORE)
                      if kind == "ce_dice" else None)
-        self.focal = (FocalLoss("multiclass", class_weights=self.w.tolist(), ignore_index=IGNORE)
+        self.focal = (SmoothedFocal(self.smoothing, class_weights=self.w.tolist(), ignore_index=IGNORE)
                       if kind == "focal" else None)
 
     def ce(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,

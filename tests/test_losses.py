@@ -89,3 +89,30 @@ def test_window_at_the_super_area_edge_is_left_out_of_the_aux_loss(synth_index):
     kept = crit.ce(out["s2_logits"][:, :, 17:25, 15:25], target[:, 2:], crit.w_s2)
     torch.testing.assert_close(parts["s2"], kept)
     assert not torch.equal(parts["s2"], crit(out, batch["mask"])[1]["s2"])
+
+
+def test_focal_label_smoothing_is_smps_focal_at_zero_and_smooths_the_targets():
+    """loss=focal with label_smoothing (the 1st place's loss): s = 0 equals smp's FocalLoss exactly (ignored
+    pixels left out); s > 0 equals smp's per-class sigmoid focal term on targets (1 - s) [y == c] + s / C."""
+    from segmentation_models_pytorch.losses import FocalLoss
+    from segmentation_models_pytorch.losses._functional import focal_loss_with_logits
+
+    from src.losses import IGNORE, SmoothedFocal
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 13, 8, 8)
+    mask = torch.randint(0, 13, (2, 8, 8))
+    mask[0, :2] = IGNORE
+    weights = [1.0] * 12 + [0.0]
+    plain = FocalLoss("multiclass", class_weights=weights, ignore_index=IGNORE)(logits, mask)
+    unsmoothed = SmoothedFocal(0.0, class_weights=weights, ignore_index=IGNORE)(logits, mask)
+    torch.testing.assert_close(unsmoothed, plain)
+    keep = mask != IGNORE
+    soft = [(mask[keep] == c).float() * 0.9 + 0.1 / 13 for c in range(13)]
+    by_hand = torch.stack([focal_loss_with_logits(logits[:, c][keep], soft[c], alpha=None)
+                           for c in range(13)])
+    smoothed = SmoothedFocal(0.1, class_weights=weights, ignore_index=IGNORE)(logits, mask)
+    torch.testing.assert_close(smoothed, (by_hand * torch.tensor(weights)).sum() / 12)
+    assert not torch.allclose(smoothed, plain)
+    crit = Criterion(load_config(None, {"loss": "focal", "label_smoothing": 0.1}))
+    torch.testing.assert_close(crit({"logits": logits}, mask)[0], smoothed)
