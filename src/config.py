@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "time_budget_s": 0.0,         # >0: pick the largest TTA level projected to fit
     "ensemble": "probs",          # probs | logits
     "bn_adapt": "none",           # none | domain: re-estimate BatchNorm statistics on each test domain first
+    "bn_adapt_patches": 256,      # bn_adapt=domain: patches of the domain used for the estimate (0: all)
 }
 
 
