@@ -40,7 +40,8 @@ encoding of the "meta" vector (size `meta_dim`) to the deepest stage.
 Early fusion (`s2_early`: none | ndvi | bands, src/s2_features.py): monthly S2 features (the NDVI of
 each calendar month, or the 10 bands' monthly means) are sampled onto the aerial grid and appended to
 the image as extra input channels; the encoder's stem gets that many more inputs (zero kernels under
-pretrained weights, so the pretrained network is unchanged at the start). Works with or without "utt".
+pretrained weights, so the pretrained network is unchanged at the start). Works with or without "utt";
+off when use_s2 is false.
 
 Input size: sides that are not multiples of what the encoder accepts (its output stride; 512 for the
 MaxViT-512 attention windows) are reflect-padded bottom/right and the logits cropped back.
@@ -63,7 +64,7 @@ from torch import nn
 from src.bands import BAND_NAMES, band_indices
 from src.checkpoint import load_checkpoint
 from src.errors import CheckpointError
-from src.s2_features import add_input_channels, early_channels, early_features, sample_footprint
+from src.s2_features import add_input_channels, early_channels, early_features, early_mode, sample_footprint
 from src.utae import S2_CHANNELS, UTAE
 from src.weights_file import is_weights_ref, load_state_file
 
@@ -254,7 +255,7 @@ class FlairModel(nn.Module):
         self.use_metadata = bool(cfg["use_metadata"])
         self.modality_dropout = float(cfg["modality_dropout"])
         self.multiple = size_multiple(self.net)
-        self.s2_early = str(cfg.get("s2_early", "none"))  # early fusion: src.s2_features
+        self.s2_early = early_mode(cfg)  # early fusion (src.s2_features); "none" when use_s2 is false
         self.early_channels = early_channels(self.s2_early)
         weights = cfg["encoder_weights"]
         add_input_channels(self.net.encoder, self.in_channels, self.early_channels,

@@ -54,7 +54,8 @@ from src.tables import fold_rows
 from src.tracking import Tracker
 from src.tracking import check_settings as check_tracking
 from src.train_data import Data, as_setting_error, build_data, epoch_loader, missing_files
-from src.train_state import Nets, Progress, build_nets, checkpoint_state, resume, wrap
+from src.train_knobs import resolve_knobs
+from src.train_state import Nets, Progress, average_epoch, build_nets, checkpoint_state, resume, wrap
 from src.validation import to_device, validate
 from src.workers import loader_workers
 
@@ -72,12 +73,10 @@ def check_settings(cfg: dict) -> None:
     if cfg["max_nan_steps"] < 0 or cfg["val_every"] < 1:
         raise ConfigError("need max_nan_steps >= 0 and val_every >= 1")
     # S2 feeds only the fusion branch and/or the early channels: either side alone trains dead weights or
-    # reads S2 for nothing
+    # reads S2 for nothing (use_s2=false switches the early channels off: src.s2_features.early_mode)
     early = cfg.get("s2_early", "none")
     if cfg["fusion"] != "none" and not cfg["use_s2"]:
         raise ConfigError(f"fusion={cfg['fusion']} needs use_s2=true")
-    if early != "none" and not cfg["use_s2"]:
-        raise ConfigError(f"s2_early={early} needs use_s2=true")
     if cfg["use_s2"] and cfg["fusion"] == "none" and early == "none":
         raise ConfigError("use_s2=true does nothing with fusion=none: set fusion=utt or use_s2=false "
                           "(or s2_early=ndvi|bands)")
@@ -191,10 +190,9 @@ def record_validation(row: dict[str, Any], res: dict[str, Any], data: Data, bad_
 
 def save_epoch(cfg: dict, fold: str, run_dir: Path, nets: Nets, run: Progress, sched: Schedule,
                improved: bool, bad_log: Path | None, log: Callable[[str], None]) -> None:
-    """Rank 0's outputs at an epoch end: best.pt (when improved), last.pt, metrics.csv, curves.png."""
-    from src.train_state import average_epoch  # avg_last: the epoch's weights into last.pt's sum; avg.pt
-
-    average_epoch(cfg, fold, run_dir, nets, run, sched, log)
+    """Rank 0's outputs at an epoch end: best.pt (when improved), last.pt, metrics.csv, curves.png (and avg.pt
+    after the last epoch with avg_last)."""
+    average_epoch(cfg, fold, run_dir, nets, run, sched, log)  # avg_last: into last.pt's sum; avg.pt
     state = checkpoint_state(cfg, fold, nets, run, sched)
     if improved:  # best first: a kill between the two writes must not lose the best model
         save_checkpoint(run_dir / "best.pt", state)
@@ -321,10 +319,9 @@ def prepare(args: argparse.Namespace) -> tuple[dict, str, pd.DataFrame, pd.DataF
         if changed:
             print(f"note: resuming with the settings saved in {last}; {args.config} differs on "
                   f"{', '.join(changed)} (pass key=value to change a setting)")
-    from src.train_knobs import resolve_knobs  # class_weights=inverse|inverse_sqrt: 13 numbers from the masks
-
     train_df, val_df = fold_rows(cfg["data_dir"], fold)
-    cfg = resolve_knobs(cfg, train_df)  # (before config.yaml is written: prediction and resume see them)
+    # class_weights=inverse|inverse_sqrt -> 13 numbers from the training masks, before config.yaml is written
+    cfg = resolve_knobs(cfg, train_df)
     check_settings(cfg)
     train_df = add_pseudo_rows(cfg, fold, train_df, val_df)  # pseudo_dir: test patches, training rows only
     missing = missing_files(pd.concat([train_df, val_df]) if val_df is not None else train_df, cfg["use_s2"])
