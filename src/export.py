@@ -37,6 +37,7 @@ from src.fileio import atomic_write
 from src.geometry import PATCH_SIZE
 from src.models import load_for_inference
 from src.normalize import normalize
+from src.s2_features import model_reads_s2
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 OPSET = 18
@@ -82,7 +83,7 @@ class OnnxModel(nn.Module):
     def __init__(self, model: nn.Module, cfg: dict[str, Any]):
         super().__init__()
         self.model, self.cfg = model, {"bands": list(cfg["bands"]), "norm": cfg.get("norm", "mean_std")}
-        self.fusion = bool(cfg.get("use_s2")) and cfg.get("fusion", "none") != "none"
+        self.fusion = model_reads_s2(cfg)  # U-T&T and/or early S2 channels
 
     def forward(self, image: torch.Tensor, s2: torch.Tensor | None = None,
                 s2_days: torch.Tensor | None = None, s2_pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,7 +97,7 @@ def example_inputs(cfg: dict[str, Any], batch: int = 2, size: int = PATCH_SIZE, 
     """Random raw inputs of the shapes the ONNX model takes (the last sample with padded dates)."""
     g = torch.Generator().manual_seed(seed)
     out = {"image": torch.randint(0, 256, (batch, len(cfg["bands"]), size, size), generator=g).float()}
-    if cfg.get("use_s2") and cfg.get("fusion", "none") != "none":
+    if model_reads_s2(cfg):
         s = int(cfg["s2_size"])
         out["s2"] = torch.randint(0, 4000, (batch, dates, 10, s, s), generator=g).float()
         out["s2_days"] = torch.sort(torch.randint(-130, 230, (batch, dates), generator=g), dim=1).values

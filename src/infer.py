@@ -51,6 +51,7 @@ from src.models import load_for_inference
 from src.normalize import normalize
 from src.progress import progress
 from src.runtime import PRECISIONS, pick_device, tune_cuda
+from src.s2_features import model_reads_s2
 from src.windows import Strip, blend_weights, grid
 from src.workers import cpu_count
 
@@ -146,8 +147,9 @@ def load_models(runs: Sequence[str | Path], weights: Sequence[float] | None, dev
     models, cfgs = [], []
     for p in paths:
         model, cfg = load_for_inference(p, device)
-        if cfg.get("use_s2") and cfg.get("fusion", "none") != "none":
-            raise PredictError(f"{p}: this model needs Sentinel-2 time series (fusion={cfg['fusion']}); "
+        if model_reads_s2(cfg):
+            raise PredictError(f"{p}: this model needs Sentinel-2 time series (fusion={cfg['fusion']}, "
+                               f"s2_early={cfg.get('s2_early', 'none')}); "
                                "whole-orthophoto inference supports aerial-only models")
         if cfg.get("use_metadata"):
             raise PredictError(f"{p}: this model needs per-patch metadata (use_metadata=true); "

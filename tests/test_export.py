@@ -95,3 +95,19 @@ def test_onnx_fusion_model_matches_pytorch(tmp_path):
     assert report["onnx_max_diff"] < ONNX_ATOL
     names = [i.name for i in ort.InferenceSession(report["onnx"]).get_inputs()]
     assert names == ["image", "s2", "s2_days", "s2_pad"]
+
+
+def test_early_fusion_model_takes_s2_in_onnx_and_is_refused_by_infer(tmp_path):
+    """fusion=none with s2_early=ndvi still reads S2 (as input channels): the ONNX model takes the series,
+    and whole-orthophoto inference (no S2) refuses it instead of predicting with empty channels."""
+    import onnxruntime as ort
+
+    from src.errors import PredictError
+    from src.infer import load_models
+
+    ckpt = training_checkpoint(tmp_path / "best.pt", fusion="none", s2_early="ndvi")
+    report = export_checkpoint(ckpt, "fp16", onnx=True, size=64)
+    assert report["onnx_max_diff"] < ONNX_ATOL
+    assert [i.name for i in ort.InferenceSession(report["onnx"]).get_inputs()][:2] == ["image", "s2"]
+    with pytest.raises(PredictError, match="s2_early=ndvi"):
+        load_models([ckpt], None, torch.device("cpu"), {}, lambda s: None)
