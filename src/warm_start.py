@@ -15,7 +15,10 @@ are aligned by trying, besides the names as they are, dropping up to 3 leading n
 such as Lightning's "model.") and adding one of the model's own module prefixes (e.g. "net." for a plain
 smp model loaded into FlairModel, or "net.encoder." for an encoder-only file); the alignment that loads
 the most tensors wins (ties: the smallest change), and the report names it. Nothing else is adapted: a
-file for other bands or classes leaves the first convolution or the head new (listed as "other shape").
+file for other bands or classes leaves the first convolution or the head new (listed as "other shape"),
+with one exception: a convolution that only gained input channels (a model with early S2 channels,
+`s2_early`, warm-started from one without) gets the file's kernels for its first inputs and zeros for the
+new ones, so it starts as the file's model did ("widened").
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class WarmStartReport:
     loaded: list[str] = field(default_factory=list)
     # model name, file shape, model shape
     other_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    widened: list[str] = field(default_factory=list)    # convolutions that gained input channels (loaded)
     unknown: list[str] = field(default_factory=list)    # file tensors with no model tensor of that name
     new: list[str] = field(default_factory=list)        # model tensors left as initialised
     about: str = ""                                     # what the file is (a kit checkpoint's config)
@@ -58,6 +62,9 @@ class WarmStartReport:
             shown = ", ".join(f"{k} {_shape(a)} -> {_shape(b)}" for k, a, b in self.other_shape[:SHOWN])
             out.append(f"  skipped, other shape ({len(self.other_shape)}; file -> model): {shown}"
                        + (", ..." if len(self.other_shape) > SHOWN else ""))
+        if self.widened:
+            shown = ", ".join(self.widened[:SHOWN])
+            out.append(f"  widened, the extra input channels start at zero: {shown}")
         if self.unknown:
             out.append(f"  skipped, not in the model ({len(self.unknown)}): {', '.join(self.unknown[:SHOWN])}"
                        + (", ..." if len(self.unknown) > SHOWN else ""))
@@ -138,11 +145,20 @@ def match_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
                 report.new.append(m)
             elif tuple(state[k].shape) == tuple(value.shape):
                 report.loaded.append(m)
+            elif _widened(tuple(state[k].shape), tuple(value.shape)):
+                report.loaded.append(m)
+                report.widened.append(m)
             else:
                 report.other_shape.append((m, tuple(state[k].shape), tuple(value.shape)))
                 report.new.append(m)
         report.mapping = {m: back[m] for m in report.loaded}
     return report
+
+
+def _widened(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
+    """A convolution kernel that differs only by more input channels in the model."""
+    return (len(file_shape) == 4 == len(model_shape) and file_shape[1] < model_shape[1]
+            and file_shape[:1] + file_shape[2:] == model_shape[:1] + model_shape[2:])
 
 
 def _about(info: dict[str, Any]) -> str:
@@ -183,6 +199,11 @@ def warm_start(model: nn.Module, spec: str, fold: str | int = "all", runs_dir: s
         raise ConfigError(f"init_from: {source}: only {n} of its {n_file} tensors fit the model ({n_model} "
                           f"tensors; e.g. {misfits} do not): a checkpoint of another architecture?")
     subset = {name: state[key] for name, key in report.mapping.items()}
+    current = model.state_dict()
+    for name in report.widened:  # the file's kernels on the first inputs, zeros on the new ones
+        kernel = torch.zeros_like(current[name])
+        kernel[:, :subset[name].shape[1]] = subset[name]
+        subset[name] = kernel
     # nn.Module's own loader: smp encoders override load_state_dict with other signatures
     nn.Module.load_state_dict(model, subset, strict=False)
     return report

@@ -63,6 +63,21 @@ def test_unet_checkpoint_into_utt_loads_the_aerial_branch_exactly(tmp_path):
     assert out["logits"].shape == (2, 13, 64, 64)
 
 
+def test_stage_one_into_an_early_fusion_model_widens_the_first_convolution(tmp_path):
+    """An aerial U-Net into a model with early S2 channels (s2_early=ndvi: 5 + 12 inputs): the stem keeps
+    the file's 5 kernels and starts the 12 new ones at zero, so the warm-started model starts as stage 1."""
+    unet, cfg = tiny(0)
+    path = kit_checkpoint(tmp_path / "s1.pt", unet, cfg)
+    early, _ = tiny(1, **UTT, s2_early="ndvi")
+    report = warm_start(early, str(path))
+    assert len(report.widened) == 1 and not report.other_shape and "widened" in str(report)
+    name = report.widened[0]
+    stem, theirs = early.state_dict()[name], unet.state_dict()[name]
+    assert stem.shape[1] == theirs.shape[1] + 12
+    assert torch.equal(stem[:, :5], theirs) and not stem[:, 5:].any()
+    assert set(report.loaded) == set(unet.state_dict())
+
+
 def test_other_class_count_head_is_skipped_and_reported(tmp_path):
     src, cfg = tiny(0, num_classes=15)
     path = kit_checkpoint(tmp_path / "c15.pt", src, cfg)
