@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "pseudo_dir": "",             # pseudo-labelled patches (make pseudo) added to the training split
     "pseudo_threshold": 0.7,      # pseudo-label pixels less confident than this are ignored by the loss
     "pseudo_weight": 1.0,         # loss weight of pseudo-labelled patches (labelled ones weigh 1)
+    "pseudo_only": False,         # train on the pseudo-labelled patches alone (the 2nd place's fine-tune)
     # --- model ---
     "arch": "Unet",               # any smp architecture name
     "encoder": "resnet34",        # any smp encoder or timm "tu-..." encoder

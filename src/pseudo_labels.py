@@ -126,6 +126,8 @@ def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None) -> pd.DataFra
     missing pseudo files, ids the manifest's index lacks."""
     folder = pseudo_folder(cfg, fold)
     if folder is None:
+        if cfg.get("pseudo_only"):
+            raise ConfigError("pseudo_only=true needs pseudo_dir (the folder make pseudo wrote)")
         return None
     check_threshold(cfg["pseudo_threshold"])
     if cfg["pseudo_weight"] < 0:
@@ -159,7 +161,8 @@ def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None) -> pd.DataFra
 
 def add_pseudo_rows(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | None,
                     log: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Training rows plus the pseudo-labelled ones (column `pseudo` marks them); unchanged without
+    """Training rows plus the pseudo-labelled ones (column `pseudo` marks them), or those alone with
+    `pseudo_only` (the 2nd place fine-tuned on the test set's pseudo-labels only); unchanged without
     `pseudo_dir`. Logs (by default: printed by rank 0 only) how many were added and the share of their
     pixels the threshold keeps."""
     rows = pseudo_rows(cfg, fold, val_df)
@@ -174,8 +177,13 @@ def add_pseudo_rows(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.Dat
         levels = np.asarray(manifest["levels"], dtype=np.int64)
         share = kept_counts(levels, cfg["pseudo_threshold"]).sum() / max(int(levels.sum()), 1)
         kept = f", {share:.1%} of their pixels at or above the threshold"
+    settings = f"threshold {cfg['pseudo_threshold']}{kept}; weight {cfg['pseudo_weight']}"
+    if cfg.get("pseudo_only"):
+        log(f"pseudo: training on the {len(rows)} pseudo-labelled patches of {folder} alone ({settings}; "
+            f"pseudo_only=true leaves out the {len(train_df)} labelled training patches)")
+        return rows.assign(pseudo=True).reset_index(drop=True)
     log(f"pseudo: added {len(rows)} pseudo-labelled patches from {folder} to the {len(train_df)} training "
-        f"patches (threshold {cfg['pseudo_threshold']}{kept}; weight {cfg['pseudo_weight']})")
+        f"patches ({settings})")
     return pd.concat([train_df.assign(pseudo=False), rows.assign(pseudo=True)], ignore_index=True)
 
 

@@ -234,6 +234,11 @@ def test_pseudo_rows_join_training_only_and_samples_carry_weights(made):
     batch = collate([ds[0], sample])
     assert batch["weight"].tolist() == [1.0, 0.5] and batch["mask"].dtype == torch.uint8
     assert "weight" not in FlairDataset(val_df, cfg, train=False)[0]
+    lines.clear()  # pseudo_only: the pseudo-labelled patches alone (the 2nd place's fine-tune)
+    alone = add_pseudo_rows({**cfg, "pseudo_only": True}, "0", train_df, val_df, lines.append)
+    assert len(alone) == 3 and alone["pseudo"].all() and "alone" in lines[0]
+    with pytest.raises(ConfigError, match="pseudo_only=true needs pseudo_dir"):
+        add_pseudo_rows(load_config(None, [*TINY, "pseudo_only=true"]), "0", train_df, val_df)
 
 
 def test_refused_pseudo_folders_name_the_file(made, tmp_path):
