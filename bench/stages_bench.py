@@ -268,8 +268,9 @@ def single(work: Path, data: Path, name: str, k: int) -> tuple:
 
 PL_FOLDS = (0, 1)   # item 2: fold models fine-tuned (with pseudo-labels, and the control without)
 WS_FOLDS = (0, 1)   # item 3: stage-2 runs warm-started from B's fold model
-RECIPES = {"recipe": [], "recipe_px4096": ["--pixels", "4096"], "recipe_weights_only": ["--no-choice",
-                                                                                         "--no-biases"]}
+RECIPES = {"recipe": ["--pixels", "128"], "recipe_px4096": ["--pixels", "4096"],
+           "recipe_weights_only": ["--pixels", "128", "--no-choice", "--no-biases"],
+           "recipe_auto": []}  # (the default: --pixels auto, 125,000 px per patch on these 32 patches)
 
 
 def main(argv: list[str] | None = None) -> None:
