@@ -40,6 +40,7 @@ VARIANTS = {  # name: settings on top of configs/demo.yaml (explicit, so they ou
     "utt+plowed": ["s2_early=none", PLOWED_TOO],         # U-T&T, S2 head taught plowed land
     "bands": ["fusion=none", "s2_early=bands"],          # early monthly bands (120 channels)
     "utt+ndvi+plowed": ["s2_early=ndvi", PLOWED_TOO],
+    "utt+ndvi-x3": ["s2_early=ndvi", "epochs=42", "val_every=42"],  # the demo's budget x3 (~4 min)
 }
 FOCUS = (3, 8, 9, 10, 11)  # bare soil, vineyard, herbaceous, agricultural, plowed: what S2 should help
 
