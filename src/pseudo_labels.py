@@ -120,10 +120,11 @@ def pseudo_folder(cfg: dict, fold: str) -> Path | None:
     return Path(spec.replace("{fold}", str(fold)).replace("{runs_dir}", str(cfg.get("runs_dir", "runs"))))
 
 
-def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The index rows of the pseudo-labelled patches with `msk_path` = their PSEUDO file (None without
-    `pseudo_dir`). Refused, naming the file: ids of the training index, domains of the validation fold,
-    missing pseudo files, ids the manifest's index lacks."""
+def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None
+                ) -> tuple[pd.DataFrame, Path, dict[str, Any]] | None:
+    """(the index rows of the pseudo-labelled patches with `msk_path` = their PSEUDO file, the folder, its
+    manifest), None without `pseudo_dir`. Refused, naming the file: ids of the training index, domains of
+    the validation fold, missing pseudo files, ids the manifest's index lacks."""
     folder = pseudo_folder(cfg, fold)
     if folder is None:
         if cfg.get("pseudo_only"):
@@ -135,6 +136,7 @@ def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None) -> pd.DataFra
     manifest = read_manifest(folder)
     where = folder / PSEUDO_MANIFEST
     ids = [str(i) for i in manifest["ids"]]
+    wanted = set(ids)
     training = set(train_index(cfg["data_dir"])["id"].astype(str))
     clash = [i for i in ids if i in training]
     if clash:
@@ -142,9 +144,9 @@ def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None) -> pd.DataFra
                         f"{Path(cfg['data_dir']) / 'index_train.csv'} (e.g. {clash[0]}); pseudo-labels are "
                         "for unlabelled patches only")
     index = load_index(manifest["index"])
-    rows = index[index["id"].astype(str).isin(set(ids))].copy()
-    if len(rows) != len(set(ids)):
-        lacking = sorted(set(ids) - set(rows["id"].astype(str)))
+    rows = index[index["id"].astype(str).isin(wanted)].copy()
+    if len(rows) != len(wanted):
+        lacking = sorted(wanted - set(rows["id"].astype(str)))
         raise DataError(f"{where}: {len(lacking)} ids are not in its index {manifest['index']} "
                         f"(e.g. {lacking[0]})")
     shared = sorted(set(rows["domain"]) & set(val_df["domain"])) if val_df is not None else []
@@ -156,7 +158,7 @@ def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None) -> pd.DataFra
     if absent:
         raise DataError(f"{absent[0]}: pseudo-label file not found ({len(absent)} of {len(rows)} missing; "
                         "re-run make pseudo)")
-    return rows.sort_values("id").reset_index(drop=True)
+    return rows.sort_values("id").reset_index(drop=True), folder, manifest
 
 
 def add_pseudo_rows(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | None,
@@ -165,13 +167,12 @@ def add_pseudo_rows(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.Dat
     `pseudo_only` (the 2nd place fine-tuned on the test set's pseudo-labels only); unchanged without
     `pseudo_dir`. Logs (by default: printed by rank 0 only) how many were added and the share of their
     pixels the threshold keeps."""
-    rows = pseudo_rows(cfg, fold, val_df)
-    if rows is None:
+    found = pseudo_rows(cfg, fold, val_df)
+    if found is None:
         return train_df
+    rows, folder, manifest = found
     if log is None:
         log = print if os.environ.get("RANK", "0") == "0" else (lambda _: None)
-    folder = pseudo_folder(cfg, fold)
-    manifest = read_manifest(folder)
     kept = ""
     if manifest.get("levels"):
         levels = np.asarray(manifest["levels"], dtype=np.int64)

@@ -141,8 +141,8 @@ def train_epoch(cfg: dict, epoch: int, loader: DataLoader, n_batches: int, nets:
                 nets.scaler.scale(loss / accum).backward()
             micro += 1
             n = len(mask)
-            s2_loss = float(torch.as_tensor(parts.get("s2", 0.0)).detach())
-            sums += torch.tensor([float(loss.detach()) * n, s2_loss * n, n], dtype=torch.float64,
+            s2_loss, step_loss = float(torch.as_tensor(parts.get("s2", 0.0)).detach()), float(loss.detach())
+            sums += torch.tensor([step_loss * n, s2_loss * n, n], dtype=torch.float64,
                                  device=device)
             if last_micro:
                 micro = 0
@@ -154,7 +154,7 @@ def train_epoch(cfg: dict, epoch: int, loader: DataLoader, n_batches: int, nets:
                 img_s = seen * world / (time.time() - t0)
                 bar.set_postfix(loss=f"{float(sums[0]) / max(seen, 1):.4f}", img_s=f"{img_s:.1f}",
                                 lr=f"{lr:.2e}")
-                tracker.step(run.step, loss=float(loss.detach()), lr=lr, img_s=img_s)
+                tracker.step(run.step, loss=step_loss, lr=lr, img_s=img_s)
     finally:
         bar.close()
     all_sum(sums)
