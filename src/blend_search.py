@@ -20,6 +20,7 @@ import numpy as np
 
 from src.classes import NUM_CLASSES
 from src.metrics import miou_from_confusion
+from src.recipe import class_weight_matrix
 
 TOL = 1e-5                                        # smallest mIoU gain that counts as an improvement
 WEIGHT_FACTORS = (0.0, 0.5, 0.8, 1.25, 2.0)       # multiplicative moves of one run's weight
@@ -37,13 +38,9 @@ class Fit:
     steps: list[str] = field(default_factory=list)
 
     def matrix(self) -> np.ndarray:
-        """(M, 13) class weights: the one-hot of the chosen run, else the run weights."""
-        w = np.repeat(self.weights[:, None].astype(np.float32), NUM_CLASSES, axis=1)
-        for c, m in enumerate(self.choice):
-            if m is not None:
-                w[:, c] = 0.0
-                w[m, c] = 1.0
-        return w
+        """(M, 13) float32 class weights: the one-hot of the chosen run, else the run weights (the recipe's
+        own definition, src.recipe)."""
+        return class_weight_matrix(self.weights, self.choice).astype(np.float32)
 
 
 def miou_of(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -185,11 +182,6 @@ def search(probs: Sequence[np.ndarray], truth: np.ndarray, *, choice: bool = Tru
     if biases:
         _fit_biases(truth, fit, cols, log)
     return fit
-
-
-def single_fit(m: int, n_runs: int) -> Fit:
-    """The recipe "run m alone" (for comparisons)."""
-    return Fit(np.eye(n_runs)[m], [None] * NUM_CLASSES, np.zeros(NUM_CLASSES), float("nan"))
 
 
 def mean_fit(n_runs: int) -> Fit:

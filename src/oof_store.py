@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from src import tta as T
 from src.device_augment import device_batch
 from src.distributed import barrier
 from src.ensemble import predict_batch, quantise
@@ -39,7 +40,7 @@ from src.runtime import amp_dtype
 
 STORE_MANIFEST = "oof.json"
 CHECKPOINTS = ("last", "best")
-TTA_LEVELS = ("none", "flip", "d4")
+TTA_LEVELS = T.LEVELS
 _STORE = re.compile(r"^oof(?:_(flip|d4|none))?(_best)?$")
 FOLD_DIR = re.compile(r"^fold(\d+)$")
 
