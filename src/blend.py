@@ -160,9 +160,12 @@ def blend(runs: Sequence[str | Path], out: str | Path, args: argparse.Namespace,
     per_patch = len(truth) // len(ids)
     pix_dom = np.repeat([dom_code[domain_of_id[i]] for i in ids], per_patch)
     log(f"blend: search sample: {per_patch} pixels per patch, {len(truth)} pixels (seed {args.seed})")
-    fits = {lvl: _fit_level(stores, lvl, ids, truth, args, log) for lvl in levels}
-    level = max(fits, key=lambda lvl: fits[lvl][0].miou)
-    fit, probs = fits[level]
+    level_miou: dict[str, float] = {}
+    for lvl in levels:  # only the best level's samples are kept (~100 MB per run and level)
+        candidate = _fit_level(stores, lvl, ids, truth, args, log)
+        level_miou[lvl] = candidate[0].miou
+        if lvl == max(level_miou, key=level_miou.get):
+            level, (fit, probs) = lvl, candidate
     log(f"blend: tta {level} chosen" + (f" among {', '.join(levels)}" if len(levels) > 1 else ""))
     halves = _halves(probs, truth, pix_dom, domains, args, log)
     conf = stream_confusions([r.stores[level] for r in stores], ids, labels,
@@ -181,7 +184,7 @@ def blend(runs: Sequence[str | Path], out: str | Path, args: argparse.Namespace,
               "class_choice": [None if c is None else used.index(c) for c in fit.choice],
               "biases": [round(float(b), 4) for b in fit.biases],
               "figures": {"sample": {"pixels_per_patch": per_patch, "patches": len(ids), "pixels": len(truth),
-                                     "seed": args.seed, "levels": {lv: f[0].miou for lv, f in fits.items()},
+                                     "seed": args.seed, "levels": level_miou,
                                      "recipe_miou": fit.miou, "steps": fit.steps},
                           "halves": halves, **figures}}
     save_recipe(recipe, out)
