@@ -57,6 +57,7 @@ from src.train_data import Data, as_setting_error, build_data, epoch_loader, mis
 from src.train_knobs import resolve_knobs
 from src.train_state import Nets, Progress, average_epoch, build_nets, checkpoint_state, resume, wrap
 from src.validation import to_device, validate
+from src.warm_start import apply_init_from
 from src.workers import loader_workers
 
 
@@ -189,15 +190,16 @@ def record_validation(row: dict[str, Any], res: dict[str, Any], data: Data, bad_
 
 
 def save_epoch(cfg: dict, fold: str, run_dir: Path, nets: Nets, run: Progress, sched: Schedule,
-               improved: bool, bad_log: Path | None, log: Callable[[str], None]) -> None:
-    """Rank 0's outputs at an epoch end: best.pt (when improved), last.pt, metrics.csv, curves.png (and avg.pt
-    after the last epoch with avg_last)."""
+               improved: bool, bad_log: Path | None, log: Callable[[str], None], plot: bool = True) -> None:
+    """Rank 0's outputs at an epoch end: best.pt (when improved), last.pt, metrics.csv, curves.png (redrawn
+    when `plot`: epochs that add a validation point, src.run_files.write_metrics) and avg.pt after the last
+    epoch with avg_last."""
     average_epoch(cfg, fold, run_dir, nets, run, sched, log)  # avg_last: into last.pt's sum; avg.pt
     state = checkpoint_state(cfg, fold, nets, run, sched)
     if improved:  # best first: a kill between the two writes must not lose the best model
         save_checkpoint(run_dir / "best.pt", state)
     save_checkpoint(run_dir / "last.pt", state)
-    write_metrics(run.history, run_dir)
+    write_metrics(run.history, run_dir, plot=plot)
     if bad_log is not None and bad_log.exists():
         ids = {line.split("\t", 1)[0] for line in bad_log.read_text().splitlines() if line}
         log(f"skip_bad: {len(ids)} unreadable patches skipped so far, listed in {bad_log}")
@@ -235,7 +237,6 @@ def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | N
     with as_setting_error():
         model = build_model(cfg).to(device)
     if resume_state is None:  # init_from warm start; prints what weights files loaded (src.warm_start)
-        from src.warm_start import apply_init_from
         apply_init_from(model, cfg, fold, log)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +284,8 @@ def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | N
             + f", {row['img_s']:.1f} img/s, {epoch_s:.0f} s"
             + (f", {guard.epoch} steps skipped" if guard.epoch else ""))
         if main_proc:
-            save_epoch(cfg, fold, run_dir, nets, run, sched, improved, bad_log, log)
+            save_epoch(cfg, fold, run_dir, nets, run, sched, improved, bad_log, log,
+                       plot=validating or data.val_loader is None)
         tracker.epoch(row, data.domains, res["per_domain"] if validating else None,
                       res["samples"] if validating else None)
         barrier()
