@@ -224,14 +224,21 @@ class FlairDataset(Dataset):
             raise DataError(f"{path}: label values outside 1..19: {invalid_label_values(raw)}")
         return mask
 
+    def _centroid(self, i: int) -> tuple[int, int] | None:
+        """The (row, col) of row i's centre in its S2 super-area, None when the index has none."""
+        row, col = self.cols["s2_row"][i], self.cols["s2_col"][i]
+        if not (np.isfinite(row) and np.isfinite(col)) or row < 0 or col < 0:
+            return None
+        return int(row), int(col)
+
     def read_s2(self, i: int, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(s2 float32 (T,10,S,S) reflectance/10000 with pads at 0, s2_valid (S,S), s2_days (T,))."""
         data, masks, products = self._zone(i)
-        row, col = self.cols["s2_row"][i], self.cols["s2_col"][i]
-        if not (np.isfinite(row) and np.isfinite(col)) or row < 0 or col < 0:
+        centroid = self._centroid(i)
+        if centroid is None:
             raise DataError(f"{path}: no S2 centroid for this patch in the index")
         try:
-            s2, s2_days = s2_series(data, masks, products, (int(row), int(col)), **self.s2_kw)
+            s2, s2_days = s2_series(data, masks, products, centroid, **self.s2_kw)
         except ValueError as err:
             raise DataError(f"{self.zone_paths[self.zone_code[i]][0]}: patch {self.text('id', i)}: "
                             f"{err}") from None
@@ -245,12 +252,10 @@ class FlairDataset(Dataset):
     def read_norm_stats(self, i: int) -> torch.Tensor:
         """norm=s2_stats: (C, 2) float32 (mean, std) of row i from its S2 (src.s2_norm); a row without S2
         files or centroid, or without a clear date, gets the train mean/std (counted in s2_fallbacks)."""
-        row, col = self.cols["s2_row"][i], self.cols["s2_col"][i]
-        data = masks = centroid = None
-        if all(self.zone_paths[self.zone_code[i]]) and np.isfinite(row) and np.isfinite(col) \
-                and row >= 0 and col >= 0:
+        data = masks = None
+        centroid = self._centroid(i) if all(self.zone_paths[self.zone_code[i]]) else None
+        if centroid is not None:
             data, masks, _ = self._zone(i)
-            centroid = (int(row), int(col))
         bands = [BAND_NAMES[j] for j in self.band_idx]
         stats, used = patch_norm_stats(bands, data, masks, centroid, self.s2_kw["size"])
         if not used:
