@@ -61,11 +61,15 @@ def collate_multi(samples: list[Any]) -> dict[str, Any]:
 
 def input_groups(model_cfgs: Sequence[dict[str, Any]]) -> list[int]:
     """Input index of each model: models with the same input setting share one (in order of first use)."""
-    sigs: list[str] = []
-    for mcfg in model_cfgs:
-        if input_signature(mcfg) not in sigs:
-            sigs.append(input_signature(mcfg))
-    return [sigs.index(input_signature(mcfg)) for mcfg in model_cfgs]
+    sigs = [input_signature(mcfg) for mcfg in model_cfgs]
+    first = list(dict.fromkeys(sigs))
+    return [first.index(s) for s in sigs]
+
+
+def group_configs(model_cfgs: Sequence[dict[str, Any]], group_of: Sequence[int]) -> list[dict[str, Any]]:
+    """The config of each input group (its first model's): what that group's samples are read and
+    normalised with."""
+    return [model_cfgs[group_of.index(g)] for g in range(max(group_of) + 1)]
 
 
 def prediction_loader(index_df: pd.DataFrame, model_cfgs: Sequence[dict[str, Any]], cfg: dict[str, Any]
@@ -76,9 +80,8 @@ def prediction_loader(index_df: pd.DataFrame, model_cfgs: Sequence[dict[str, Any
 
     group_of = input_groups(model_cfgs)
     df = index_df.reset_index(drop=True)
-    datasets: list[Dataset] = [
-        FlairDataset(df, {**model_cfgs[group_of.index(g)], "skip_bad": False}, train=False, labels=False)
-        for g in range(max(group_of) + 1)]
+    datasets: list[Dataset] = [FlairDataset(df, {**gcfg, "skip_bad": False}, train=False, labels=False)
+                               for gcfg in group_configs(model_cfgs, group_of)]
     ds = MultiInput(datasets, df["id"].tolist(), bool(cfg.get("skip_bad")))
     loader = build_loader(ds, cfg, train=False, collate_fn=collate_multi, batch_size=int(cfg["batch_size"]))
     return loader, group_of

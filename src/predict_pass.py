@@ -30,7 +30,7 @@ from src.device_augment import device_batch
 from src.ensemble import Mix, choose_tta, model_device, normalise_weights, predict_batch, quantise
 from src.errors import ConfigError, PredictError
 from src.geometry import N_TEST_PATCHES
-from src.multi_input import input_groups, prediction_loader
+from src.multi_input import group_configs, input_groups, prediction_loader
 from src.predstore import RunRecord, Writer, prepare_out, scan_done, split_seconds, write_fallback
 from src.progress import fmt_duration as fmt_s
 from src.progress import progress
@@ -119,11 +119,12 @@ def run_prediction(models: Sequence[nn.Module], model_cfgs: Sequence[dict[str, A
 
 def _has_bn(models: Sequence[nn.Module], log: Callable[[str], None]) -> bool:
     """Whether bn_adapt=domain has anything to adapt; a note for each model it leaves as it is."""
-    for k, m in enumerate(models):
-        if not has_batchnorm(m):
+    with_bn = [has_batchnorm(m) for m in models]
+    for k, (m, bn) in enumerate(zip(models, with_bn)):
+        if not bn:
             log(f"predict: bn_adapt: model {k + 1} ({type(m).__name__}) has no BatchNorm layer (LayerNorm or "
                 "GroupNorm only, e.g. SegFormer): used as it is")
-    return any(has_batchnorm(m) for m in models)
+    return any(with_bn)
 
 
 class _Run:
@@ -143,7 +144,7 @@ class _Run:
     def predict(self, todo: pd.DataFrame, model_cfgs: Sequence[dict[str, Any]], identity: dict[str, Any],
                 tta: str | None, budget: float, n_total: int) -> dict[str, Any]:
         self.model_cfgs, self.group_of = model_cfgs, input_groups(model_cfgs)
-        self.group_cfgs = [model_cfgs[self.group_of.index(g)] for g in range(max(self.group_of) + 1)]
+        self.group_cfgs = group_configs(model_cfgs, self.group_of)
         t0 = time.perf_counter()  # the measured inference time: data loading, (estimates,) networks, writing
         batches = self._items(todo)
         first = self._first_readable(batches)
