@@ -13,9 +13,12 @@ auxiliary loss (ignored targets) so the head is never taught to map zeros to the
 Pseudo-labels (src.pseudo_labels): pixels below the confidence threshold arrive as IGNORE_U8 (255) in the
 mask and take no part in any term; `weight` (B,) scales each sample's terms (pseudo_weight for pseudo
 rows, 1 for labelled ones): CE sums weight x pixel terms over the usual (class-weighted) pixel count, so a
-batch of pseudo rows alone weighs pseudo_weight x its loss; focal and Dice are taken per group of samples
-of equal weight, scaled by the weight and the group's share of the valid pixels (exact for focal, a mean
-over pixels; Dice, a ratio over the batch, is summed per group).
+batch of pseudo rows alone weighs pseudo_weight x its loss; focal, a mean over pixels, weighs each pixel by
+its sample's weight (what taking it per group of equal weight, scaled by the weight and the group's share
+of the valid pixels, comes to); Dice, a ratio over the batch, is taken per such group and summed.
+
+Without `weight` no term reads a value back to the host (no boolean indexing, no .item()), so the loss
+never stalls the step's kernel queue; only Dice with weights reads the (B,) weights to form its groups.
 """
 from __future__ import annotations
 
@@ -31,7 +34,14 @@ from src.pseudo_labels import IGNORE_U8
 PLOWED = 11  # plowed land: weight 0 in the S2 head by default (IGN baseline)
 LOSSES = ("ce", "ce_dice", "focal")
 IGNORE = -100  # target value of pixels that take no part in a loss
-FROM_DATA = ("inverse", "inverse_sqrt")  # class_weights words resolved into numbers from the training masks
+# class_weights words that src.train_knobs resolves into numbers from the training masks: word -> power p of
+# w_c = 1 / f_c ** p (f_c: class c's share of the training pixels)
+FREQ_WEIGHTS = {"inverse": 1.0, "inverse_sqrt": 0.5}
+
+
+def from_data(spec: object) -> bool:
+    """Is a class_weights value a word whose numbers come from the training split (FREQ_WEIGHTS)?"""
+    return isinstance(spec, str) and spec in FREQ_WEIGHTS
 
 
 def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
@@ -50,7 +60,7 @@ def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
         return w
     if spec == "none":
         return torch.ones(n)
-    if spec in FROM_DATA:  # the numbers depend on the training split: train.prepare resolves them first
+    if from_data(spec):  # the numbers depend on the training split: train.prepare resolves them first
         raise ConfigError(f"class_weights={spec} is computed from the training split's class histograms "
                           "before training (src.train_knobs.resolve_knobs); elsewhere pass the 13 numbers")
     if isinstance(spec, (list, tuple)):
@@ -110,17 +120,25 @@ def s2_target(mask: torch.Tensor, s2_hw: tuple[int, int], s2_valid: torch.Tensor
 class SmoothedFocal(FocalLoss):
     """smp's multiclass focal loss (a sigmoid focal term per class, one class against the rest, weighted by
     class) with label smoothing, as the 1st place trained: class c's binary target is
-    (1 - s) [y == c] + s / C, the smoothing cross-entropy applies. s = 0 is smp's loss exactly."""
+    (1 - s) [y == c] + s / C, the smoothing cross-entropy applies. s = 0 is smp's loss (up to rounding).
+
+    Ignored pixels are masked out of sums rather than indexed away (boolean indexing waits for the device
+    to count them); `sample_weight` (B,) weighs each sample's pixels in the mean over the valid pixels. No
+    valid pixel gives 0, not 0/0."""
 
     def __init__(self, smoothing: float, **kw):
         super().__init__("multiclass", **kw)
         self.smoothing = float(smoothing)
 
-    def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-        keep = y_true != self.ignore_index
-        target, n = y_true[keep], y_pred.shape[1]
-        losses = torch.stack([self.focal_loss_fn(y_pred[:, c][keep], (target == c).to(y_pred.dtype)
-                                                 * (1 - self.smoothing) + self.smoothing / n)
+    def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor, sample_weight: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        keep = (y_true != self.ignore_index).to(y_pred.dtype)
+        count, n = keep.sum().clamp_min(1), y_pred.shape[1]
+        if sample_weight is not None:
+            keep = keep * sample_weight.to(keep).view(-1, *[1] * (keep.ndim - 1))
+        losses = torch.stack([(self.focal_loss_fn(y_pred[:, c], (y_true == c).to(y_pred.dtype)
+                                                  * (1 - self.smoothing) + self.smoothing / n,
+                                                  reduction="none") * keep).sum() / count
                               for c in range(n)])
         weights = self.class_weights.to(losses.device)
         return (losses * weights).sum() / weights.sum()
@@ -170,13 +188,17 @@ class Criterion(torch.nn.Module):
     @staticmethod
     def grouped(fn: torch.nn.Module, logits: torch.Tensor, target: torch.Tensor,
                 sample_weight: torch.Tensor | None) -> torch.Tensor:
-        """A batch-level loss (focal, Dice) per group of samples of equal weight, each scaled by its weight
-        and its share of the batch's valid pixels; groups without a valid pixel add 0 (never NaN)."""
+        """A batch-level loss (Dice) per group of samples of equal weight, each scaled by its weight and its
+        share of the batch's valid pixels; groups without a valid pixel add 0 (never NaN).
+
+        Without weights it is one call and no host sync: smp's Dice already gives 0 for a batch without a
+        valid pixel (classes without a true pixel add 0). With weights the groups are formed on the host."""
+        if sample_weight is None:
+            return fn(logits, target)
         counts = (target >= 0).flatten(1).sum(1)
         total = int(counts.sum())
-        if sample_weight is None or total == 0 or bool((sample_weight == sample_weight[0]).all()):
-            w = 1.0 if sample_weight is None else float(sample_weight[0])
-            return fn(logits, target) * w if total else logits.sum() * 0.0
+        if total == 0 or bool((sample_weight == sample_weight[0]).all()):
+            return fn(logits, target) * float(sample_weight[0]) if total else logits.sum() * 0.0
         loss = logits.sum() * 0.0
         for w in sorted(set(sample_weight.tolist())):
             sel = sample_weight == w
@@ -190,7 +212,7 @@ class Criterion(torch.nn.Module):
         logits = out["logits"].float()
         mask = mask.masked_fill(mask == IGNORE_U8, IGNORE)  # pseudo-label pixels below the threshold
         if self.kind == "focal":
-            seg = self.grouped(self.focal, logits, mask, weight)
+            seg = self.focal(logits, mask, weight)
         else:
             seg = self.ce(logits, mask, self.w, weight)
             if self.dice is not None:

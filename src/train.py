@@ -40,7 +40,7 @@ from src.config import DEFAULTS, exit_on_config_error, load_config, parse_overri
 from src.distributed import all_sum, any_rank, barrier, cleanup, setup_distributed
 from src.domain_report import format_lines, write_run_domains
 from src.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from src.losses import Criterion
+from src.losses import Criterion, from_data
 from src.metrics import format_table
 from src.nonfinite import NonFiniteGuard
 from src.oof_store import write_fold_oof
@@ -54,8 +54,17 @@ from src.tables import fold_rows
 from src.tracking import Tracker
 from src.tracking import check_settings as check_tracking
 from src.train_data import Data, as_setting_error, build_data, epoch_loader, missing_files
-from src.train_knobs import resolve_knobs
-from src.train_state import Nets, Progress, average_epoch, build_nets, checkpoint_state, resume, wrap
+from src.train_knobs import check_knobs, resolve_knobs
+from src.train_state import (
+    Nets,
+    Progress,
+    average_epoch,
+    build_nets,
+    checkpoint_state,
+    resume,
+    save_average,
+    wrap,
+)
 from src.validation import to_device, validate
 from src.warm_start import apply_init_from
 from src.workers import loader_workers
@@ -81,7 +90,10 @@ def check_settings(cfg: dict) -> None:
     if cfg["use_s2"] and cfg["fusion"] == "none" and early == "none":
         raise ConfigError("use_s2=true does nothing with fusion=none: set fusion=utt or use_s2=false "
                           "(or s2_early=ndvi|bands)")
-    Criterion(cfg)  # validates loss, class_weights, label_smoothing
+    check_knobs(cfg)  # encoder_lr_ratio, avg_last
+    # loss, class_weights, label_smoothing; inverse|inverse_sqrt are numbers only once resolve_knobs has read
+    # the training masks (and checks them then): here the word alone is valid
+    Criterion({**cfg, "class_weights": "none"} if from_data(cfg["class_weights"]) else cfg)
     check_tracking(cfg)  # tb_images, loggers, a missing tensorboard package
 
 
@@ -194,8 +206,10 @@ def save_epoch(cfg: dict, fold: str, run_dir: Path, nets: Nets, run: Progress, s
     """Rank 0's outputs at an epoch end: best.pt (when improved), last.pt, metrics.csv, curves.png (redrawn
     when `plot`: epochs that add a validation point, src.run_files.write_metrics) and avg.pt after the last
     epoch with avg_last."""
-    average_epoch(cfg, fold, run_dir, nets, run, sched, log)  # avg_last: into last.pt's sum; avg.pt
+    averaged = average_epoch(cfg, nets, run)  # avg_last: the epoch's weights into last.pt's sum
     state = checkpoint_state(cfg, fold, nets, run, sched)
+    if averaged:  # avg.pt before last.pt: a resume from the final last.pt has no epoch left to write it
+        save_average(cfg, run_dir, nets, state, log)
     if improved:  # best first: a kill between the two writes must not lose the best model
         save_checkpoint(run_dir / "best.pt", state)
     save_checkpoint(run_dir / "last.pt", state)
@@ -321,10 +335,10 @@ def prepare(args: argparse.Namespace) -> tuple[dict, str, pd.DataFrame, pd.DataF
         if changed:
             print(f"note: resuming with the settings saved in {last}; {args.config} differs on "
                   f"{', '.join(changed)} (pass key=value to change a setting)")
+    check_settings(cfg)  # cheap: before any data is read
     train_df, val_df = fold_rows(cfg["data_dir"], fold)
     # class_weights=inverse|inverse_sqrt -> 13 numbers from the training masks, before config.yaml is written
     cfg = resolve_knobs(cfg, train_df)
-    check_settings(cfg)
     train_df = add_pseudo_rows(cfg, fold, train_df, val_df)  # pseudo_dir: test patches, training rows only
     missing = missing_files(pd.concat([train_df, val_df]) if val_df is not None else train_df, cfg["use_s2"])
     if missing:

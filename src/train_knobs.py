@@ -17,9 +17,9 @@ import pandas as pd
 from src.class_hist import HIST_COLS, class_histograms
 from src.classes import NUM_CLASSES, OTHER
 from src.errors import ConfigError
+from src.losses import FREQ_WEIGHTS, class_weights, from_data
 from src.tables import train_index
 
-FREQ_WEIGHTS = {"inverse": 1.0, "inverse_sqrt": 0.5}  # word -> power p of w_c = 1 / f_c ** p
 CACHE_NAME = "class_hist.csv"  # under data_dir: the cache `make folds` and the EDA use
 
 
@@ -62,7 +62,8 @@ def training_pixel_counts(data_dir: str | os.PathLike, train_df: pd.DataFrame, s
 
 
 def check_knobs(cfg: dict) -> None:
-    """Values of encoder_lr_ratio and avg_last that their types cannot catch."""
+    """Values of encoder_lr_ratio and avg_last that their types cannot catch (train.check_settings: before
+    any data is read)."""
     if cfg["encoder_lr_ratio"] < 0:
         raise ConfigError(f"encoder_lr_ratio: expected >= 0 (0 leaves the encoder's weights as they are), "
                           f"got {cfg['encoder_lr_ratio']}")
@@ -72,14 +73,15 @@ def check_knobs(cfg: dict) -> None:
 
 def resolve_knobs(cfg: dict, train_df: pd.DataFrame) -> dict:
     """cfg with class_weights=inverse|inverse_sqrt replaced by its 13 numbers (printed once, by rank 0);
-    anything else is returned unchanged."""
-    check_knobs(cfg)
+    anything else is returned unchanged. The settings were checked before (train.check_settings)."""
     word = cfg["class_weights"]
-    if not isinstance(word, str) or word not in FREQ_WEIGHTS:
+    if not from_data(word):
         return cfg
     counts = training_pixel_counts(cfg["data_dir"], train_df, bool(cfg["skip_bad"]))
     weights = inverse_frequency_weights(counts, FREQ_WEIGHTS[word])
+    resolved = {**cfg, "class_weights": weights}
+    class_weights(resolved)  # the numbers pass the loss's own check, as typed ones would
     if int(os.environ.get("RANK", "0")) == 0:  # prepare() runs in every torchrun process
         shown = ", ".join(f"{w:.3g}" for w in weights)
         print(f"class_weights={word}: [{shown}] (from {len(train_df)} training masks; saved in config.yaml)")
-    return {**cfg, "class_weights": weights}
+    return resolved

@@ -1,8 +1,8 @@
 """The state of a training run: the networks and optimizer it steps, how far it is, and the checkpoint
 dict that saves both (docs/data-format.md, "Checkpoints") and that `resume` restores; also the knobs that
 act on that state: SyncBatchNorm under DDP (`wrap`) and the average of the last epochs' weights
-(`average_epoch`, src.weight_avg: its running sum is part of last.pt, so a resumed run ends with the
-same avg.pt)."""
+(`average_epoch`, `save_average`, src.weight_avg: its running sum is part of last.pt, so a resumed run
+ends with the same avg.pt)."""
 from __future__ import annotations
 
 import math
@@ -101,6 +101,10 @@ def wrap(nets: Nets, cfg: dict, world: int, device: torch.device) -> None:
         nets.train_model = torch.compile(nets.train_model)
 
 
+# checkpoint keys that only `resume` reads (an averaged-weights file leaves them out: `save_average`)
+RESUME_ONLY = ("raw_model", "ema", "optimizer", "scaler", "scheduler", "rng", "avg")
+
+
 def checkpoint_state(cfg: dict, fold: str, nets: Nets, run: Progress, sched: Schedule) -> dict[str, Any]:
     """The checkpoint dict; "model" and "config" alone rebuild the model for prediction."""
     return {"model": nets.eval_model.state_dict(), "raw_model": nets.model.state_dict(),
@@ -135,21 +139,24 @@ def resume(nets: Nets, state: dict[str, Any]) -> Progress:
                     history=list(state["history"]), nan_steps=int(state.get("nan_steps", 0)))
 
 
-def average_epoch(cfg: dict, fold: str, run_dir: Path, nets: Nets, run: Progress, sched: Schedule,
-                  log: Callable[[str], None] = print) -> None:
-    """avg_last=N, rank 0 at the end of epoch `run.epoch`, before last.pt is written (so it holds the sum):
-    add the model's weights when the epoch is one of the last N (under DDP every rank holds the same
-    weights); after the last epoch write avg.pt, a normal checkpoint whose "model" is the average
-    (src.models.load_for_inference and prediction read it like best.pt)."""
+def average_epoch(cfg: dict, nets: Nets, run: Progress) -> bool:
+    """avg_last=N, rank 0 at the end of epoch `run.epoch`, before the epoch's checkpoint state is built (so
+    last.pt holds the sum): add the model's weights when the epoch is one of the last N (under DDP every
+    rank holds the same weights). True after the last epoch: avg.pt is due (`save_average`)."""
     if nets.avg is None or not nets.avg.wants(run.epoch):
-        return
+        return False
     nets.avg.update(nets.model)
-    if run.epoch != cfg["epochs"]:
-        return
+    return run.epoch == cfg["epochs"]
+
+
+def save_average(cfg: dict, run_dir: Path, nets: Nets, state: dict[str, Any],
+                 log: Callable[[str], None] = print) -> None:
+    """avg.pt from the last epoch's checkpoint `state`: its "model" is the average, and what only `resume`
+    reads (optimizer, the float64 sums, ...: RESUME_ONLY) is left out; the rest (config, progress, history)
+    is kept, so src.models.load_for_inference, prediction and init_from read it like best.pt."""
     span = averaged_epochs(cfg["epochs"], cfg["avg_last"])
-    state = checkpoint_state(cfg, fold, nets, run, sched)
-    state.update(model=nets.avg.average(nets.model.state_dict()), averaged_epochs=list(span),
-                 avg=None)  # (the float64 sums stay in last.pt, where a resume needs them)
-    save_checkpoint(run_dir / "avg.pt", state)
+    averaged = {k: v for k, v in state.items() if k not in RESUME_ONLY}
+    averaged.update(model=nets.avg.average(state["raw_model"]), averaged_epochs=list(span))
+    save_checkpoint(run_dir / "avg.pt", averaged)
     log(f"avg_last={cfg['avg_last']}: weights averaged over epochs {span[0]}..{span[-1]} saved in "
         f"{run_dir / 'avg.pt'}")

@@ -23,7 +23,7 @@ from src.rasters import read_label
 from src.schedule import Schedule, encoder_of, param_groups, set_lr
 from src.tables import fold_rows
 from src.train_knobs import inverse_frequency_weights, resolve_knobs
-from src.train_state import Progress, build_nets, checkpoint_state, resume, sync_batchnorm
+from src.train_state import RESUME_ONLY, Progress, build_nets, checkpoint_state, resume, sync_batchnorm
 from src.weight_avg import averaged_epochs
 
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
@@ -55,6 +55,13 @@ def _recording(records: list[list[tuple[float, float]]]):
     return set_lr_and_record
 
 
+def _counting(calls: list[int]):
+    def checkpoint_state_and_count(*args, **kw):
+        calls.append(1)
+        return checkpoint_state(*args, **kw)
+    return checkpoint_state_and_count
+
+
 def _keeping_epochs(saved: list[Path]):
     def save_and_keep(path, state):
         out = save_checkpoint(path, state)
@@ -72,9 +79,11 @@ def runs(data_dir, tmp_path_factory) -> dict:
     ref_lrs: list = []
     resumed_lrs: list = []
     saved: list[Path] = []
+    states: list[int] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(T, "set_lr", _recording(ref_lrs))
         mp.setattr(T, "save_checkpoint", _keeping_epochs(saved))
+        mp.setattr(T, "checkpoint_state", _counting(states))
         ref = T.main(run_args(data_dir, tmp / "ref"))
     ref_dir = tmp / "ref" / "k" / "foldall"
     res_dir = tmp / "resumed" / "k" / "foldall"
@@ -84,7 +93,7 @@ def runs(data_dir, tmp_path_factory) -> dict:
         mp.setattr(T, "set_lr", _recording(resumed_lrs))
         resumed = T.main(run_args(data_dir, tmp / "resumed", resume=1))
     return {"ref": ref, "resumed": resumed, "ref_dir": ref_dir, "res_dir": res_dir, "ref_lrs": ref_lrs,
-            "resumed_lrs": resumed_lrs}
+            "resumed_lrs": resumed_lrs, "states_built": len(states)}
 
 
 # ----------------------------------------------------------------------------- encoder_lr_ratio
@@ -183,7 +192,22 @@ def test_absent_classes_weigh_zero_and_words_need_resolving():
     with pytest.raises(ConfigError, match="class_weights=inverse is computed from the training split"):
         Criterion(load_config(None, {"class_weights": "inverse"}))
     with pytest.raises(ConfigError, match="encoder_lr_ratio"):
-        resolve_knobs(load_config(None, {"encoder_lr_ratio": -1.0}), None)
+        T.check_settings(load_config(None, {"encoder_lr_ratio": -1.0}))
+    for word in ("inverse", "inverse_sqrt"):  # valid settings: their numbers are checked once resolved
+        T.check_settings(load_config(None, {"class_weights": word}))
+
+
+@pytest.mark.parametrize("bad, message", [(["loss=dice"], "loss: expected one of"),
+                                          (["avg_last=-1"], "avg_last: expected a number of epochs"),
+                                          (["encoder_lr_ratio=-1"], "encoder_lr_ratio: expected >= 0")])
+def test_setting_errors_come_before_the_data_is_read(tmp_path, capsys, bad, message):
+    """With class_weights=inverse too (which reads the training masks), a bad setting is reported first:
+    here there is no data at all, and the error is still the setting's."""
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(["--fold", "0", *TINY, "class_weights=inverse", *bad, f"data_dir={tmp_path / 'nodata'}",
+                f"runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and "index_train.csv" not in err
 
 
 def test_run_saves_the_resolved_weights(runs, data_dir):
@@ -200,6 +224,8 @@ def test_avg_pt_is_the_mean_of_the_last_epochs_and_resume_gives_the_same_bits(ru
     e3 = load_checkpoint(runs["ref_dir"] / "last_e3.pt")["raw_model"]
     avg = load_checkpoint(runs["ref_dir"] / "avg.pt")
     assert avg["averaged_epochs"] == [2, 3] and avg["epoch"] == 3
+    assert not set(RESUME_ONLY) & set(avg)  # weights to predict with: no optimizer state, sums, ...
+    assert runs["states_built"] == 3  # one checkpoint state per epoch, avg.pt's included
     for k, v in avg["model"].items():
         if v.dtype.is_floating_point:  # BatchNorm running statistics included
             assert torch.equal(v, ((e2[k].double() + e3[k].double()) / 2).to(v.dtype)), k

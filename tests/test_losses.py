@@ -116,3 +116,39 @@ def test_focal_label_smoothing_is_smps_focal_at_zero_and_smooths_the_targets():
     assert not torch.allclose(smoothed, plain)
     crit = Criterion(load_config(None, {"loss": "focal", "label_smoothing": 0.1}))
     torch.testing.assert_close(crit({"logits": logits}, mask)[0], smoothed)
+
+
+@pytest.mark.parametrize("loss", ["ce", "ce_dice", "focal"])
+def test_unweighted_loss_never_reads_the_device(loss):
+    """Without per-sample weights no term syncs to the host (a GPU step is never stalled mid-loss): the loss
+    runs on meta tensors, which cannot be read back (.item(), bool(), boolean indexing all raise)."""
+    crit = Criterion(load_config(None, {"loss": loss, "label_smoothing": 0.1, "s2_aux_weight": 0.5}))
+    out = {"logits": torch.randn(2, 13, 32, 32, device="meta"),
+           "s2_logits": torch.randn(2, 13, 40, 40, device="meta")}
+    total, parts = crit.to("meta")(out, torch.randint(0, 13, (2, 32, 32), device="meta"))
+    assert total.is_meta and set(parts) == {"seg", "s2"}
+
+
+@pytest.mark.parametrize("loss", ["ce_dice", "focal"])
+def test_batch_losses_equal_smps_and_scale_with_equal_weights(loss):
+    """Unweighted: exactly smp's Dice (+ CE) or the focal term; equal weights w: exactly w x that; a batch
+    without a valid pixel: 0 with a finite (zero) gradient."""
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    torch.manual_seed(0)
+    crit = Criterion(load_config(None, {"loss": loss}))
+    logits = torch.randn(3, 13, 16, 16)
+    mask = torch.randint(0, 13, (3, 16, 16))
+    mask[1, :4] = IGNORE
+    value, _ = crit({"logits": logits}, mask)
+    if loss == "ce_dice":
+        dice = DiceLoss("multiclass", classes=list(range(OTHER)), from_logits=True, ignore_index=IGNORE)
+        assert torch.equal(value, crit.ce(logits, mask, crit.w) + dice(logits, mask))
+    else:
+        assert torch.equal(value, crit.focal(logits, mask))
+    for w in (1.0, 0.5):
+        assert torch.equal(crit({"logits": logits}, mask, weight=torch.full((3,), w))[0], value * w)
+    empty = torch.randn(2, 13, 8, 8, requires_grad=True)
+    zero, _ = crit({"logits": empty}, torch.full((2, 8, 8), IGNORE))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.equal(empty.grad, torch.zeros_like(empty))
