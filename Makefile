@@ -29,6 +29,8 @@ TTA ?=
 SPLIT ?= test
 RECIPE ?=
 ENSEMBLE_RUNS ?= $(RUNS)
+# The models of predict, pseudo and submit: a recipe's when RECIPE is given, else every checkpoint under RUNS.
+MODELS_ARG = $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS))
 PRED ?= predictions/$(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
 PSEUDO ?= data/pseudo
 NAME ?= $(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
@@ -38,7 +40,7 @@ TB_DIR ?= runs
 PORT ?= 6006
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
 	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS \
-	TB_DIR PORT RECIPE ENSEMBLE_RUNS PSEUDO
+	TB_DIR PORT RECIPE ENSEMBLE_RUNS PSEUDO MODELS_ARG
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
 	$(ARGS) \
@@ -83,16 +85,16 @@ ensemble: $(STAMP) ## search a recipe on the OOF stores of ENSEMBLE_RUNS="runs/a
 	$(PY) -m src.blend --runs $(ENSEMBLE_RUNS) --out $(or $(RECIPE),recipe.json) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(if $(TTA),--tta $(TTA)) $(ARGS)
 
 predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (or a RECIPE) (TTA, fold/model ensemble) into PRED
-	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+	$(PY) -m src.predict $(MODELS_ARG) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
 
 pseudo: $(STAMP) ## pseudo-label SPLIT=test with RUNS (or a RECIPE) at TTA into PSEUDO=data/pseudo (class + confidence)
-	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split $(SPLIT) --out $(PSEUDO)/pred \
+	$(PY) -m src.predict $(MODELS_ARG) --split $(SPLIT) --out $(PSEUDO)/pred \
 		--save-probs $(PSEUDO)/probs $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
 	$(PY) -m src.pseudo --probs $(PSEUDO)/probs --index $(DATA)/index_$(SPLIT).csv --out $(PSEUDO) \
 		--skipped $(PSEUDO)/pred/skipped.txt
 
 submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach; RECIPE=recipe.json)
-	$(PY) -m src.predict $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS)) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
+	$(PY) -m src.predict $(MODELS_ARG) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
 
 evaluate: $(STAMP) ## score predictions (PRED=folder or zip) against labels with the official mIoU
 	$(PY) -m src.evaluate --pred $(PRED) --index $(DATA)/index_$(SPLIT).csv $(if $(LABELS),--labels $(LABELS)) --json $(basename $(PRED))_scores.json --png $(basename $(PRED))_confusion.png

@@ -2,7 +2,7 @@
 
     python -m src.blend --runs runs/a runs/b [runs/c ...] --out recipe.json [--data DATA]
         [--tta auto|none|flip|d4] [--checkpoint last|best] [--pixels auto|N] [--seed 0]
-        [--no-choice] [--no-biases] [--threads 8]
+        [--no-choice] [--no-biases] [--threads 8] [--foldall]
 
 Each run is a folder of K fold runs of one config, whose `fold<k>/oof*/` stores (src.oof_store) hold every
 training patch once, predicted by the fold model that did not train on it. The search (src.blend_search)
@@ -11,7 +11,8 @@ level among those stored by every run, and per-class biases, on a fixed pixel su
 says why and how big). Against overfitting it also fits on half of the domains and scores the other half
 (and the swap), next to the best single run and the plain mean. The chosen recipe is then scored on every
 pixel, per class and per domain, and written as JSON (src.recipe) for
-`python -m src.predict --recipe recipe.json` / `make submit RECIPE=recipe.json`.
+`python -m src.predict --recipe recipe.json` / `make submit RECIPE=recipe.json`, which applies the fold
+models of those stores (a run's `foldall/` model only with --foldall).
 Outputs: the recipe, `<stem>_domains.csv` (every run, the mean and the recipe, per domain) and
 `<stem>_domains.png` (the recipe). Docs: docs/recipes.md, "Out-of-fold ensembling".
 """
@@ -183,6 +184,7 @@ def blend(runs: Sequence[str | Path], out: str | Path, args: argparse.Namespace,
               "weights": [float(fit.weights[m]) for m in used],
               "class_choice": [None if c is None else used.index(c) for c in fit.choice],
               "biases": [round(float(b), 4) for b in fit.biases],
+              "folds": sorted(stores[0].stores[level]), "foldall": args.foldall,
               "figures": {"sample": {"pixels_per_patch": per_patch, "patches": len(ids), "pixels": len(truth),
                                      "seed": args.seed, "levels": level_miou,
                                      "recipe_miou": fit.miou, "steps": fit.steps},
@@ -208,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-choice", dest="choice", action="store_false", help="no per-class run choice")
     ap.add_argument("--no-biases", dest="biases", action="store_false", help="no per-class biases")
     ap.add_argument("--threads", type=int, default=8, help="threads reading the PROB files")
+    ap.add_argument("--foldall", action="store_true", help="the recipe also applies each run's foldall/ "
+                    "model (trained on every domain; it has no OOF store, so no figure covers it)")
     return ap
 
 

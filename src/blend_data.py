@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from src.blend_search import mix_predict
 from src.classes import NUM_CLASSES, remap
 from src.errors import DataError, PredictError
 from src.metrics import confusion_from_raw
@@ -140,16 +141,13 @@ def stream_confusions(sources: Sequence[dict[int, Path]], ids: dict[str, int], l
     """(M + 2, D, 13, 13) full-pixel confusion matrices per domain of each run alone, their plain mean
     and the recipe (`matrix` (M, 13) class weights, `biases` (13,)), one patch at a time."""
     m = len(sources)
-    scale = np.exp(np.asarray(biases, dtype=np.float64)).astype(np.float32)[:, None]
-    w = np.asarray(matrix, dtype=np.float32)
 
     def one(pid: str) -> np.ndarray:
         raw = read_label(labels[pid])
         flat = [load_prob(prob_path(s[ids[pid]], pid)).reshape(NUM_CLASSES, -1) for s in sources]
         preds = [p.argmax(0) for p in flat]  # on the stored uint8 probabilities
         preds.append(np.sum(flat, axis=0, dtype=np.uint16).argmax(0))
-        mix = sum(p * w[k][:, None] for k, p in enumerate(flat) if w[k].any())
-        preds.append((mix * scale).argmax(0))
+        preds.append(mix_predict(flat, matrix, biases))  # the search's own scoring, on every pixel
         return np.stack([confusion_from_raw(p.astype(np.uint8), raw.ravel(), f"{pid}", str(labels[pid]))
                          for p in preds])
 

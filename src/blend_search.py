@@ -64,17 +64,23 @@ def scores(probs: Sequence[np.ndarray], matrix: np.ndarray, biases: np.ndarray) 
     return np.stack([column(probs, matrix[:, c], c, biases[c]) for c in range(NUM_CLASSES)], axis=1)
 
 
-def predict(probs: Sequence[np.ndarray], fit: Fit) -> np.ndarray:
-    """Argmax of a recipe's scores, class by class (no N x 13 array: the weight search calls it often)."""
-    matrix = fit.matrix()
-    best = column(probs, matrix[:, 0], 0, fit.biases[0])
+def mix_predict(probs: Sequence[np.ndarray], matrix: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """Argmax of the scores of a recipe ((M, 13) class weights, (13,) biases), class by class (no N x 13
+    array: the weight search calls it often). The one numpy definition: the search and the full-pixel
+    scoring (src.blend_data.stream_confusions) both call it; src.ensemble.Mix is its torch twin."""
+    best = column(probs, matrix[:, 0], 0, biases[0])
     pred = np.zeros(len(best), dtype=np.uint8)
     for c in range(1, NUM_CLASSES):
-        v = column(probs, matrix[:, c], c, fit.biases[c])
+        v = column(probs, matrix[:, c], c, biases[c])
         better = v > best
         np.copyto(pred, np.uint8(c), where=better)
         np.copyto(best, v, where=better)
     return pred
+
+
+def predict(probs: Sequence[np.ndarray], fit: Fit) -> np.ndarray:
+    """Argmax of a fitted recipe's scores."""
+    return mix_predict(probs, fit.matrix(), fit.biases)
 
 
 class _Columns:

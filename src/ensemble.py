@@ -80,7 +80,8 @@ def model_device(model: nn.Module) -> torch.device:
 class Mix:
     """A blend recipe's combination (src.recipe; docs/recipes.md, "Out-of-fold ensembling"), replacing the
     per-model weights: class c's probability is sum_m class_weights[m][c] * p_m[c] (one model alone where
-    the recipe chose one for c), times exp(biases[c]), renormalised over the classes."""
+    the recipe chose one for c), times exp(biases[c]), renormalised over the classes. Its numpy twin, which
+    the search and its OOF figures use, is src.blend_search.mix_predict (tests/test_blend.py: same argmax)."""
 
     class_weights: tuple[tuple[float, ...], ...]  # (models, 13)
     biases: tuple[float, ...]                     # (13,)

@@ -5,26 +5,30 @@
      "weights": [0.6, 0.4],               # per run, sum 1: the mix of every class without a choice
      "class_choice": [null, 1, ...],      # 13 entries: the run whose probability alone gives class c, or null
      "biases": [0.0, 0.2, ...],           # 13 entries added to the log-probabilities (p_c * exp(b_c))
+     "folds": [0, 1, 2, 3, 4],            # the folds of its OOF stores (absent: every fold<k>/)
+     "foldall": false,                    # true: each run's foldall/ model too (src.blend --foldall)
      "figures": {...}}                    # what the search measured (OOF mIoU, per class, per domain, halves)
 
-A run is every fold's checkpoint under it (`<checkpoint>.pt`), its weight split evenly between them: the
-OOF stores the recipe was fitted on hold each fold model's predictions of the patches it never saw, and
-the test set gets the average of the same fold models.
+A run is the checkpoints `fold<k>/<checkpoint>.pt` of exactly those folds, its weight split evenly between
+them: the OOF stores the recipe was fitted on hold each fold model's predictions of the patches it never
+saw, and the test set gets the average of the same fold models. A `foldall/` model (FOLD=all, every
+domain) has no OOF store, so the search never saw it: it is left out unless the recipe opts in.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from src.checkpoint import find_checkpoints
 from src.classes import NUM_CLASSES
 from src.ensemble import Mix
 from src.errors import PredictError
 from src.fileio import write_json
+from src.oof_store import fold_dirs
 
 RECIPE_FORMAT = "flair2-kit ensemble recipe v1"
 
@@ -65,8 +69,15 @@ def check_recipe(recipe: Any, where: str) -> dict[str, Any]:
         raise bad(f"'biases' must be {NUM_CLASSES} finite numbers")
     if recipe.get("tta") not in ("none", "flip", "d4") or recipe.get("checkpoint") not in ("last", "best"):
         raise bad("'tta' must be none, flip or d4 and 'checkpoint' last or best")
+    folds = recipe.get("folds")
+    if folds is not None and (not isinstance(folds, list) or not folds or len(set(folds)) != len(folds) or not
+                              all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in folds)):
+        raise bad("'folds' must be a non-empty list of distinct fold numbers >= 0")
+    if not isinstance(recipe.get("foldall", False), bool):
+        raise bad("'foldall' must be true or false")
     return {**recipe, "class_choice": choice, "biases": [float(x) for x in b],
-            "weights": [float(x) / sum(w) for x in w]}
+            "weights": [float(x) / sum(w) for x in w], "folds": folds,
+            "foldall": recipe.get("foldall", False)}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -86,14 +97,39 @@ def save_recipe(recipe: dict[str, Any], path: str | Path) -> Path:
     return write_json(path, recipe)
 
 
-def recipe_checkpoints(recipe: dict[str, Any]) -> tuple[list[Path], Mix]:
-    """Every checkpoint of the recipe's runs and the per-class Mix that applies the recipe to them
-    (a run's class weights split evenly between its fold checkpoints)."""
+def run_checkpoints(run: str | Path, recipe: dict[str, Any], log: Callable[[str], None] = print
+                    ) -> list[Path]:
+    """One run's checkpoints that the recipe applies: `fold<k>/<checkpoint>.pt` of the recipe's folds (every
+    fold<k>/ when it records none), then `foldall/` only when the recipe opts in; errors name the file."""
+    run, which = Path(run), f"{recipe['checkpoint']}.pt"
+    if not run.is_dir():
+        raise PredictError(f"{run}: no such run folder (a recipe's runs are folders of fold<k>/ runs)")
+    dirs = fold_dirs(run)
+    folds = sorted(dirs) if recipe.get("folds") is None else recipe["folds"]
+    if not folds:
+        raise PredictError(f"{run}: no fold<k>/ folder: the recipe applies the fold models of its OOF stores")
+    paths = [dirs.get(k, run / f"fold{k}") / which for k in folds]
+    full = run / "foldall" / which  # FOLD=all: trained on every domain, no OOF store
+    if recipe.get("foldall"):
+        paths.append(full)
+    elif full.is_file():
+        log(f"predict: {full} left out: the recipe was fitted on the OOF stores of folds {folds} "
+            "(python -m src.blend --foldall writes a recipe that adds it)")
+    for p in paths:
+        if not p.is_file():
+            raise PredictError(f"{p}: not found: the recipe applies {which} of folds {folds}"
+                               f"{' and foldall' if recipe.get('foldall') else ''} of {run}")
+    return paths
+
+
+def recipe_checkpoints(recipe: dict[str, Any], log: Callable[[str], None] = print) -> tuple[list[Path], Mix]:
+    """The checkpoints of the recipe's runs (run_checkpoints) and the per-class Mix that applies the recipe
+    to them (a run's class weights split evenly between its checkpoints)."""
     matrix = class_weight_matrix(recipe["weights"], recipe["class_choice"])
     paths: list[Path] = []
     rows: list[tuple[float, ...]] = []
     for r, run in enumerate(recipe["runs"]):
-        found = find_checkpoints(run, which=recipe["checkpoint"])
+        found = run_checkpoints(run, recipe, log)
         paths += found
         rows += [tuple(float(x) / len(found) for x in matrix[r])] * len(found)
     return paths, Mix(tuple(rows), tuple(recipe["biases"]))

@@ -15,15 +15,24 @@ import torch
 
 from src import blend as B
 from src import predict as P
+from src.blend_search import mix_predict
 from src.checkpoint import save_checkpoint
 from src.classes import NUM_CLASSES, remap
 from src.config import DEFAULTS
+from src.ensemble import Mix, predict_batch
 from src.errors import PredictError
 from src.fileio import write_json
 from src.oof_store import STORE_MANIFEST, store_name
 from src.probstore import prob_path, save_prob
 from src.rasters import read_label
-from src.recipe import RECIPE_FORMAT, class_weight_matrix, load_recipe, save_recipe
+from src.recipe import (
+    RECIPE_FORMAT,
+    check_recipe,
+    class_weight_matrix,
+    load_recipe,
+    recipe_checkpoints,
+    save_recipe,
+)
 from src.tables import load_folds, load_index
 
 torch.set_num_threads(1)
@@ -95,6 +104,8 @@ def test_search_finds_the_per_class_choice_and_beats_each_run(stores, synth_fold
     table = pd.read_csv(root / "recipe_domains.csv")
     assert set(table["model"]) == {"a", "b", "mean", "recipe"} and (root / "recipe_domains.png").is_file()
     assert recipe["runs"] == [str(root / "runs" / "a"), str(root / "runs" / "b")] and recipe["tta"] == "none"
+    assert recipe["folds"] == sorted(int(k) for k in load_folds(synth_folds_dir)["fold"].unique())
+    assert recipe["foldall"] is False  # the fold models of the stores, and only those, are applied
     # the recipe round-trips: what load_recipe reads is what was written, and writing it again changes nothing
     loaded = load_recipe(root / "recipe.json")
     assert {k: loaded[k] for k in ("runs", "tta", "checkpoint", "class_choice", "biases")} == \
@@ -146,7 +157,8 @@ def test_bad_recipes_are_refused_naming_the_file(tmp_path):
     save_recipe(ok, path)
     assert load_recipe(path)["format"] == RECIPE_FORMAT
     for bad, what in [({"class_choice": [3] + [None] * 12}, "class_choice"), ({"weights": [1, 2]}, "weights"),
-                      ({"biases": [0.0]}, "biases"), ({"tta": "x"}, "tta")]:
+                      ({"biases": [0.0]}, "biases"), ({"tta": "x"}, "tta"), ({"folds": [0, 0]}, "folds"),
+                      ({"folds": []}, "folds"), ({"foldall": "yes"}, "foldall")]:
         path.write_text(json.dumps({**ok, "format": RECIPE_FORMAT, **bad}))
         with pytest.raises(PredictError, match=f"{path}: .*{what}"):
             load_recipe(path)
@@ -156,6 +168,59 @@ def test_bad_recipes_are_refused_naming_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------- predict --recipe
+def test_a_recipe_applies_the_folds_it_was_fitted_on_and_foldall_only_on_request(tmp_path):
+    """fold0, fold1 and foldall under a run: the recipe of the fold0/fold1 OOF stores loads those two; a
+    recipe written with --foldall adds the full-data model; a fold it names that is missing is an error."""
+    run = tmp_path / "runs" / "a"
+    for sub in ("fold0", "fold1", "foldall"):
+        (run / sub).mkdir(parents=True)
+        (run / sub / "last.pt").touch()
+    recipe = {"format": RECIPE_FORMAT, "runs": [str(run)], "checkpoint": "last", "tta": "none",
+              "weights": [1.0], "class_choice": [None] * NUM_CLASSES, "biases": [0.0] * NUM_CLASSES,
+              "folds": [0, 1]}
+    notes: list[str] = []
+    paths, mix = recipe_checkpoints(check_recipe(recipe, "r"), notes.append)
+    assert paths == [run / "fold0" / "last.pt", run / "fold1" / "last.pt"]
+    assert mix.class_weights == ((0.5,) * NUM_CLASSES,) * 2
+    assert len(notes) == 1 and "foldall/last.pt left out" in notes[0]
+    old = {k: v for k, v in recipe.items() if k != "folds"}  # a recipe from before "folds": every fold<k>/
+    assert recipe_checkpoints(check_recipe(old, "r"), notes.append)[0] == paths
+    paths, mix = recipe_checkpoints(check_recipe({**recipe, "foldall": True}, "r"), notes.append)
+    assert paths[-1] == run / "foldall" / "last.pt" and len(mix.class_weights) == 3
+    assert mix.class_weights[0][0] == pytest.approx(1 / 3)
+    with pytest.raises(PredictError, match=r"fold2/last\.pt: not found: the recipe applies last\.pt of fold"):
+        recipe_checkpoints(check_recipe({**recipe, "folds": [0, 1, 2]}, "r"))
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' whose softmax is the given probabilities whatever the image."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logp", probs.log())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logp.expand(len(x), -1, -1, -1)
+
+
+def test_numpy_and_torch_mixes_give_the_same_prediction():
+    """The recipe is written twice, for numpy (the search and its full-pixel figures: mix_predict) and for
+    torch (predict --recipe: ensemble.Mix inside predict_batch): both give the same argmax."""
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.full(NUM_CLASSES, 0.5), size=(48, 48)).transpose(2, 0, 1).astype(np.float32)
+             for _ in range(3)]
+    for trial in range(4):
+        weights = rng.dirichlet(np.ones(3))
+        choice = [None if rng.random() < 0.6 else int(rng.integers(3)) for _ in range(NUM_CLASSES)]
+        biases = rng.normal(0, 0.5, NUM_CLASSES) * (trial > 0)
+        matrix = class_weight_matrix(weights, choice)
+        want = mix_predict([p.reshape(NUM_CLASSES, -1) for p in probs], matrix.astype(np.float32), biases)
+        mix = Mix(tuple(tuple(row) for row in matrix), tuple(biases))
+        models = [_Fixed(torch.from_numpy(p)[None]) for p in probs]
+        got = predict_batch(models, None, {"image": torch.zeros(1, 3, 48, 48)}, mix=mix)
+        assert (got.argmax(1).flatten().numpy() == want).all(), trial
+
+
 def tiny_checkpoints(root: Path, data: Path) -> list[Path]:
     """runs/a with two folds and runs/b with one: tiny random models saved as kit checkpoints."""
     from src.models import build_model
