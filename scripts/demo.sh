@@ -3,8 +3,8 @@
 # "make demo", has the measured times), ending with what Sentinel-2 fusion buys:
 #   synth -> index -> folds -> train fold 0 twice with configs/demo.yaml, U-T&T fusion and the same U-Net
 #   without S2 (side by side, each on half of the cores) -> predict the test split with each
-#   -> submit the fusion model (validated zip) -> evaluate both (official mIoU, per-domain report)
-#   -> pictures -> the S2-only classes side by side.
+#   -> submit the fusion model (validated zip, scored by predict --submit: official mIoU, per-domain report)
+#   -> evaluate the aerial-only one (the same outputs) -> pictures -> the S2-only classes side by side.
 # Usage: bash scripts/demo.sh [DEMO_DIR]        (default data/demo)
 # Knobs (environment): DEMO_TRAIN_DOMAINS DEMO_TEST_DOMAINS DEMO_ZONES DEMO_PATCHES (synthetic size),
 #   DEMO_K (folds), DEMO_RUNS_DIR (runs), DEMO_PRED (predictions/demo; the aerial-only model's go to
@@ -97,9 +97,7 @@ step predict "$PY" -m src.predict --runs "$RUNS_DIR/demo/fold0/best.pt" \
     --split test --out "$PRED" --tta "$TTA" --overwrite --submit "$NAME" --submit-dir "$SUBMISSIONS" \
     data_dir="$DEMO" batch_size=2 channels_last=true ${PREDICT_ARGS[@]+"${PREDICT_ARGS[@]}"}
 join_background
-ZIP=$SUBMISSIONS/$NAME.zip
-step evaluate "$PY" -m src.evaluate --pred "$ZIP" --index "$DEMO/index_test.csv" \
-    --json "${PRED}_scores.json" --png "${PRED}_confusion.png"
+ZIP=$SUBMISSIONS/$NAME.zip  # scored by predict --submit: ${PRED}_scores.json, _confusion.png, _domains.*
 step evaluate-aerial "$PY" -m src.evaluate --pred "${PRED}_aerial" --index "$DEMO/index_test.csv" \
     --json "${PRED}_aerial_scores.json"
 step pictures "$PY" -m src.show --index "$DEMO/index_test.csv" --pred "$PRED" --out "${PRED}_grid.png" --n 4

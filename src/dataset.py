@@ -1,19 +1,19 @@
 """Index rows -> training/inference samples: aerial bands, 0..12 mask, S2 series, metadata, all still raw.
 
-Sample keys (docs/data-format.md, "Samples and batches"): "image" uint8 (C,H,W) of cfg's bands;
-"mask" uint8 (H,W) 0..12 (only for rows with a label when `labels`); with `use_s2`: "s2" float16
-(T,10,S,S) reflectance/10000, "s2_days" int64 (T,), "s2_pad" bool (T,) (all False for one sample, True on
-padded dates after src.loader.collate), "s2_valid" bool (S,S) (False where the S2 window left the
-super-area, or, after a crop or rotation, where S2 pixels came from outside the crop); with
-`use_metadata`: "meta" float32 (META_DIM,) (src.metadata); with `norm=s2_stats`: "norm_stats" float32 (C,2),
-the per-patch (mean, std) of each band in grey levels from the patch's own S2 (src.s2_norm; read even
-when `use_s2` is false); in training with `light`/`heavy`: "aug"
-float32 (src.augment.AUG_LEN,), the parameters of the device half of the augmentation; in training with
+Sample keys (docs/data-format.md, "Samples and batches"): "image" uint8 (C,H,W) of cfg's bands; "mask" uint8
+(H,W) 0..12 (only for rows with a label when `labels`); with `use_s2`: "s2" float16 (T,10,S,S)
+reflectance/10000, "s2_days" int64 (T,), "s2_pad" bool (T,) (all False for one sample, True on padded dates
+after src.loader.collate), "s2_valid" bool (S,S) (False where the S2 window left the super-area, or, after a
+crop or rotation, where S2 pixels came from outside the crop); with `use_metadata`: "meta" float32
+(META_DIM,) (src.metadata); with `norm=s2_stats`: "norm_stats" float32 (C,2), the per-patch (mean, std) of
+each band in grey levels from the patch's own S2 (src.s2_norm; read even when `use_s2` is false, derived
+from the series' own read of the window when it is true); in training with `light`/`heavy`: "aug" float32
+(src.augment.AUG_LEN,), the parameters of the device half of the augmentation; in training with
 pseudo-labelled rows (src.pseudo_labels): "weight" float32 () on every sample (pseudo_weight or 1), and a
-pseudo row's "mask" holds 255 where its confidence is below pseudo_threshold; "id" str. S2 pixels
-outside the super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss
-through "s2_valid" (src.losses.Criterion). Batching is src.loader's job; normalisation, D4 and the
-photometric transforms happen on the device, on the batch (src.device_augment).
+pseudo row's "mask" holds 255 where its confidence is below pseudo_threshold; "id" str. S2 pixels outside
+the super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss through
+"s2_valid" (src.losses.Criterion). Batching is src.loader's job; normalisation, D4 and the photometric
+transforms happen on the device, on the batch (src.device_augment).
 
 Why it is fast: a worker does little more than read. TIFFs through src.rasters (libtiff, no rasterio);
 the planar image is used as decoded (no copy when every band is selected and nothing is cropped), the
@@ -46,7 +46,7 @@ from src.errors import ConfigError, DataError, one_line
 from src.metadata import encode_metadata
 from src.pseudo_labels import PseudoSource
 from src.rasters import read_image, read_label
-from src.s2_norm import patch_norm_stats
+from src.s2_norm import norm_stats_of, patch_norm_stats, series_and_stats
 from src.sentinel import open_zone, s2_series
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class FlairDataset(Dataset):
             self.cols[c] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
         self.train, self.labels = train, labels
         self.band_idx = band_indices(cfg["bands"])
+        self.band_names = [BAND_NAMES[j] for j in self.band_idx]
         self.all_bands = self.band_idx == list(range(len(BAND_NAMES)))  # the decoded array as it is
         self.use_s2 = bool(cfg.get("use_s2", False))
         self.s2_kw = dict(size=int(cfg.get("s2_size", 40)),
@@ -231,23 +232,29 @@ class FlairDataset(Dataset):
             return None
         return int(row), int(col)
 
-    def read_s2(self, i: int, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(s2 float32 (T,10,S,S) reflectance/10000 with pads at 0, s2_valid (S,S), s2_days (T,))."""
+    def read_s2(self, i: int, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor | None]:
+        """(s2 float32 (T,10,S,S) reflectance/10000 with pads at 0, s2_valid (S,S), s2_days (T,), and with
+        norm=s2_stats the norm_stats of `read_norm_stats`, from the same read of the window)."""
         data, masks, products = self._zone(i)
         centroid = self._centroid(i)
         if centroid is None:
             raise DataError(f"{path}: no S2 centroid for this patch in the index")
+        found = None
         try:
-            s2, s2_days = s2_series(data, masks, products, centroid, **self.s2_kw)
+            if self.norm_s2:
+                s2, s2_days, found = series_and_stats(data, masks, products, centroid, **self.s2_kw)
+            else:
+                s2, s2_days = s2_series(data, masks, products, centroid, **self.s2_kw)
         except ValueError as err:
             raise DataError(f"{self.zone_paths[self.zone_code[i]][0]}: patch {self.text('id', i)}: "
                             f"{err}") from None
+        norm = self._norm_tensor(i, *norm_stats_of(self.band_names, found)) if self.norm_s2 else None
         nan = np.isnan(s2)
         s2_valid = ~nan.any(axis=(0, 1))
         if not s2_valid.all():
             s2[nan] = 0.0
         s2 /= S2_SCALE
-        return s2, s2_valid, s2_days
+        return s2, s2_valid, s2_days, norm
 
     def read_norm_stats(self, i: int) -> torch.Tensor:
         """norm=s2_stats: (C, 2) float32 (mean, std) of row i from its S2 (src.s2_norm); a row without S2
@@ -256,8 +263,11 @@ class FlairDataset(Dataset):
         centroid = self._centroid(i) if all(self.zone_paths[self.zone_code[i]]) else None
         if centroid is not None:
             data, masks, _ = self._zone(i)
-        bands = [BAND_NAMES[j] for j in self.band_idx]
-        stats, used = patch_norm_stats(bands, data, masks, centroid, self.s2_kw["size"])
+        return self._norm_tensor(i, *patch_norm_stats(self.band_names, data, masks, centroid,
+                                                      self.s2_kw["size"]))
+
+    def _norm_tensor(self, i: int, stats: np.ndarray, used: bool) -> torch.Tensor:
+        """The norm_stats of row i as a tensor; a fallback to the train mean/std is counted and logged."""
         if not used:
             self.s2_fallbacks += 1
             log.debug("norm=s2_stats: patch %s has no usable S2, train mean/std used", self.text("id", i))
@@ -278,10 +288,11 @@ class FlairDataset(Dataset):
         else:
             mask = self.read_mask(msk_path, img.shape[1:], path) if self.labels and msk_path else None
         t = self._tick("read", t)
-        s2 = s2_valid = s2_days = None
-        if self.use_s2:
-            s2, s2_valid, s2_days = self.read_s2(i, path)
-        norm_stats = self.read_norm_stats(i) if self.norm_s2 else None
+        s2 = s2_valid = s2_days = norm_stats = None
+        if self.use_s2:  # with norm=s2_stats, the statistics come from the same read of the S2 window
+            s2, s2_valid, s2_days, norm_stats = self.read_s2(i, path)
+        elif self.norm_s2:
+            norm_stats = self.read_norm_stats(i)
         t = self._tick("s2", t)
         out = self.augment(rng, image, mask, s2, s2_valid, s2_days)
         t = self._tick("augment", t)

@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -90,11 +89,11 @@ def submit_and_score(out_dir: Path, index_df: pd.DataFrame, name: str, infer_s: 
                      baseline_s: float | None, submissions: str | Path = "submissions",
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Zip the PRED folder into submissions/ (make_zip validates it against the split's ids first), then
-    score the zip when the split has labels: mIoU printed, `<out>_scores.json` and `<out>_confusion.png`
-    written beside the folder (the names `make evaluate` uses). Times go in the zip name only when both
-    are known (make_zip wants both or neither)."""
-    from src.metrics import format_table, ious_from_confusion
-    from src.scoring import evaluate, save_confusion_png, save_json
+    score the zip when the split has labels, writing what `make evaluate` writes (src.scoring's
+    `score_and_write`) beside the folder: `<out>_scores.json`, `<out>_confusion.png` and the per-domain
+    report `<out>_domains.csv/.png`. Times go in the zip name only when both are known (make_zip wants
+    both or neither)."""
+    from src.scoring import domains_prefix, score_and_write
     from src.submission import make_zip
 
     ids = index_df["id"].astype(str).tolist()
@@ -109,17 +108,17 @@ def submit_and_score(out_dir: Path, index_df: pd.DataFrame, name: str, infer_s: 
     log(f"predict: submission {zip_path} ({len(ids)} predictions, validated)")
     out: dict[str, Any] = {"zip": str(zip_path)}
     if has_labels(index_df):
-        res = evaluate(zip_path, index_df)
-        matrix = np.asarray(res["confusion"], dtype=np.int64)
-        log(format_table(ious_from_confusion(matrix), support=matrix.sum(axis=1)))
         base = Path(out_dir)
         out["scores"] = str(base.with_name(base.name + "_scores.json"))
         out["confusion_png"] = str(base.with_name(base.name + "_confusion.png"))
-        save_json(res, out["scores"])
-        save_confusion_png(matrix, out["confusion_png"], title=f"{zip_path.name}: mIoU {res['miou']:.4f}")
+        res = score_and_write(zip_path, index_df, json_path=out["scores"], png_path=out["confusion_png"],
+                              log=log)
         out["miou"] = res["miou"]
-        log(f"predict: mIoU {res['miou']:.4f} on {len(ids)} labelled patches; "
-            f"scores {out['scores']}, confusion {out['confusion_png']}")
+        if res["per_domain"]:
+            out["domains"] = domains_prefix(out["scores"])
+        miou = "n/a" if res["miou"] is None else f"{res['miou']:.4f}"
+        log(f"predict: mIoU {miou} on {len(ids)} labelled patches; scores {out['scores']}, "
+            f"confusion {out['confusion_png']}")
     return out
 
 

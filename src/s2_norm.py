@@ -15,7 +15,9 @@ Per S2 band b (only B2, B3, B4, B8 are read: the counterparts of B, G, R, NIR):
    window; pixels outside the super-area left out): `mean_b` = mean of c_b, `std_b` = population std.
 No usable S2 (no clear date, box or window outside the super-area) gives None: the caller falls back to
 the train mean/std. Cost: the masks of the window (T x 2 x 40 x 40 bytes) and 4 bands of the box on the
-clear dates, read from the memmaps (tests/test_s2_norm.py measures it).
+clear dates, read from the memmaps (tests/test_s2_norm.py measures it); with use_s2 nothing more than the
+series' own read of the window (`series_and_stats`). Which S2 pixels make the window is src.sentinel's
+(`window_spans`); the box is placed in it.
 """
 from __future__ import annotations
 
@@ -25,62 +27,107 @@ import numpy as np
 
 from src.geometry import PATCH_SHAPE, S2_WINDOW, centred_s2_box
 from src.normalize import S2_BAND_OF, s2_patch_stats
-from src.sentinel import cloud_cover, window_in_bounds
+from src.sentinel import (
+    Span,
+    check_series_args,
+    cloud_cover,
+    product_date,
+    series_dates,
+    series_of_crop,
+    window_spans,
+)
 
 CLOUD_PROB_MIN = 20  # snow/cloud probability (0..100) from which a pixel counts as covered (2nd place)
 COVER_MAX = 0.2      # a date is clear when less than this share of the window is covered (2nd place)
 READ_BANDS = tuple(sorted(set(S2_BAND_OF.values())))  # B2, B3, B4, B8
+Stats = tuple[np.ndarray, np.ndarray]  # (mean, std), each (C_s2,) float64 in stored units
 
 
-def clear_dates(masks: np.ndarray, centroid: tuple[int, int], size: int = S2_WINDOW) -> np.ndarray:
-    """Indices of the dates whose `size` window around `centroid` is clear enough (see the module
-    docstring); ValueError when the window lies entirely outside the super-area."""
-    window = window_in_bounds(masks, centroid, size)
-    return np.flatnonzero(cloud_cover(window[:, :2], CLOUD_PROB_MIN) < COVER_MAX)
+def clear_dates(window_masks: np.ndarray) -> np.ndarray:
+    """Indices of the dates whose window (its in-bounds part, (T, 2, h, w)) is clear enough (see the
+    module docstring)."""
+    return np.flatnonzero(cloud_cover(window_masks[:, :2], CLOUD_PROB_MIN) < COVER_MAX)
 
 
-def box_slices(centroid: tuple[int, int], size: int, hw: tuple[int, int]) -> tuple[slice, slice] | None:
-    """Rows and columns of the super-area holding the S2 pixels under the patch (the centred box of the
-    `size` window, clipped to the super-area); None when nothing of it is inside."""
+def box_in_window(spans: tuple[Span, Span], size: int) -> tuple[slice, slice] | None:
+    """Rows and columns, within the in-bounds part of the `size` window (`sentinel.window_spans`), of the
+    S2 pixels under the patch (its centred box); None when none of them is inside the super-area."""
     top, left, h, w = centred_s2_box((size, size), PATCH_SHAPE)
-    r0, c0 = int(centroid[0]) - size // 2 + top, int(centroid[1]) - size // 2 + left
-    rows = slice(max(r0, 0), min(r0 + h, hw[0]))
-    cols = slice(max(c0, 0), min(c0 + w, hw[1]))
-    if rows.stop <= rows.start or cols.stop <= cols.start:
+    out = []
+    for (_, _, d0, d1), start, n in zip(spans, (top, left), (h, w)):
+        lo, hi = max(start, d0), min(start + n, d1)
+        if hi <= lo:
+            return None
+        out.append(slice(lo - d0, hi - d0))
+    return out[0], out[1]
+
+
+def window_stats(window: np.ndarray, clear: np.ndarray, spans: tuple[Span, Span], size: int,
+                 bands: Sequence[int] = READ_BANDS) -> Stats | None:
+    """(mean, std) of the composite of `window` (T', C_s2, h, w: the in-bounds window, a memmap view or
+    read already) on its dates `clear`, over the S2 pixels under the patch, NaN for bands not in `bands`;
+    None without a clear date or pixel. Only the box of `bands` on the dates `clear` is read."""
+    box = box_in_window(spans, size)
+    if clear.size == 0 or box is None:
         return None
-    return rows, cols
+    idx = np.asarray(bands, dtype=np.int64)
+    values = np.asarray(window[clear[:, None], idx[None, :], box[0], box[1]], dtype=np.float64)
+    composite = values.mean(axis=0)  # (len(bands), h, w)
+    mean = np.full(window.shape[1], np.nan)
+    std = np.full(window.shape[1], np.nan)
+    mean[idx] = composite.mean(axis=(1, 2))
+    std[idx] = composite.std(axis=(1, 2))
+    return mean, std
 
 
 def s2_box_stats(data: np.ndarray, masks: np.ndarray, centroid: tuple[int, int], size: int = S2_WINDOW,
-                 bands: Sequence[int] = READ_BANDS) -> tuple[np.ndarray, np.ndarray] | None:
+                 bands: Sequence[int] = READ_BANDS) -> Stats | None:
     """(mean, std), each (C_s2,) float64 in stored units (NaN for bands not in `bands`), of the clear-date
     composite over the S2 pixels under the patch; None when the patch has no usable S2.
 
     `data` (T, 10, H, W) and `masks` (T, 2, H, W) may be memmaps: only the window's masks and the box of
     `bands` on the clear dates are read."""
     try:
-        keep = clear_dates(masks, centroid, size)
+        rows, cols = window_spans(centroid, size, masks.shape[-2:])
     except ValueError:  # the window lies outside the super-area
         return None
-    box = box_slices(centroid, size, data.shape[-2:])
-    if keep.size == 0 or box is None:
-        return None
-    idx = np.asarray(bands, dtype=np.int64)
-    values = np.asarray(data[keep[:, None], idx[None, :], box[0], box[1]], dtype=np.float64)
-    composite = values.mean(axis=0)  # (len(bands), h, w)
-    mean = np.full(data.shape[1], np.nan)
-    std = np.full(data.shape[1], np.nan)
-    mean[idx] = composite.mean(axis=(1, 2))
-    std[idx] = composite.std(axis=(1, 2))
-    return mean, std
+    (r0, r1, _, _), (c0, c1, _, _) = rows, cols
+    clear = clear_dates(masks[:, :, r0:r1, c0:c1])
+    return window_stats(data[:, :, r0:r1, c0:c1], clear, (rows, cols), size, bands)
+
+
+def series_and_stats(data: np.ndarray, masks: np.ndarray, products: list[str], centroid: tuple[int, int],
+                     size: int = S2_WINDOW, filter_clouds: bool = True, cover_max: float = 0.5,
+                     prob_min: int = 60, monthly: bool = True) -> tuple[np.ndarray, np.ndarray, Stats | None]:
+    """(x, days) of `sentinel.s2_series` and the `s2_box_stats` of one patch (use_s2 with norm=s2_stats),
+    from one read of its window: the masks of every date, then the data of the dates either keeps (the
+    clear dates are among the series' with the default filter, so nothing more is read). Bit-identical
+    to the two calls; the same ValueErrors as s2_series."""
+    check_series_args(data, masks, products, size)
+    rows, cols = window_spans(centroid, size, data.shape[-2:])  # raises when entirely outside
+    (r0, r1, _, _), (c0, c1, _, _) = rows, cols
+    window_masks = np.asarray(masks[:, :, r0:r1, c0:c1])
+    dates = [product_date(p) for p in products]
+    keep = series_dates(dates, window_masks, filter_clouds, cover_max, prob_min)
+    clear = clear_dates(window_masks)
+    need = np.union1d(keep, clear)
+    crop = np.asarray(data[need, :, r0:r1, c0:c1])
+    x, days = series_of_crop(crop[np.searchsorted(need, keep)], dates, keep, (rows, cols), size, monthly)
+    return x, days, window_stats(crop, np.searchsorted(need, clear), (rows, cols), size)
+
+
+def norm_stats_of(aerial_bands: Sequence[str], found: Stats | None) -> tuple[np.ndarray, bool]:
+    """(norm_stats (C, 2) float32 grey levels for `aerial_bands`, whether S2 was used): the sample key
+    of norm=s2_stats from `s2_box_stats`' result; None -> the train mean/std (False)."""
+    mean, std = found if found is not None else (None, None)
+    return s2_patch_stats(list(aerial_bands), mean, std), found is not None
 
 
 def patch_norm_stats(aerial_bands: Sequence[str], data: np.ndarray | None, masks: np.ndarray | None,
                      centroid: tuple[int, int] | None, size: int = S2_WINDOW) -> tuple[np.ndarray, bool]:
-    """(norm_stats (C, 2) float32 grey levels for `aerial_bands`, whether S2 was used): the sample key
-    of norm=s2_stats. No S2 (`data` None), no centroid or no usable S2 -> the train mean/std (False)."""
+    """`norm_stats_of` the patch's S2 (use_s2=false). No S2 (`data` None), no centroid or no usable S2 ->
+    the train mean/std (False)."""
     found = None
     if data is not None and masks is not None and centroid is not None:
         found = s2_box_stats(data, masks, centroid, size)
-    mean, std = found if found is not None else (None, None)
-    return s2_patch_stats(list(aerial_bands), mean, std), found is not None
+    return norm_stats_of(aerial_bands, found)

@@ -7,13 +7,15 @@ LZW with the GIL released; one table lookup and one bincount follow), and the ma
 dataset-level mIoU exactly as `src.metrics` defines it. The matrices are also summed per domain (the
 index's `domain` column, or the D<nnn>_<year> folder of each label), since the test set is 10 unseen
 domains and domain shift decides the ranking (tables and figure: src.domain_report). Also the scores
-JSON and the row-normalised confusion-matrix picture.
+JSON and the row-normalised confusion-matrix picture, and `score_and_write`: what `make evaluate` and
+`predict --submit` both print and write, from one place so that both leave the same files.
 """
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from src.classes import CLASS_NAMES, NUM_CLASSES, NUM_SCORED
+from src.domain_report import domain_rows, format_lines, write_report
 from src.errors import DataError
 from src.fileio import save_figure, write_json
-from src.metrics import confusion_from_raw, ious_from_confusion, miou_from_confusion
+from src.metrics import confusion_from_raw, format_table, ious_from_confusion, miou_from_confusion
 from src.pred_reader import PredSource, decode_2d
 from src.progress import progress
 from src.submission import short_list
@@ -233,3 +236,52 @@ def save_confusion_png(matrix, path: str | os.PathLike, names: list[str] | None 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+def score_and_write(pred: str | os.PathLike, truth, *, json_path: str | os.PathLike | None = None,
+                    png_path: str | os.PathLike | None = None, domains: str | None = None,
+                    workers: int | None = None, labels=None, backend: str = "thread",
+                    log: Callable[[str], None] = print) -> dict:
+    """`evaluate` `pred`, then what `make evaluate` and `predict --submit` both show and write: the class
+    table and each domain's mIoU (`log`), the scores JSON, the confusion picture and the per-domain report
+    (`domains` = PREFIX of PREFIX.csv/.png; by default beside the JSON: X_scores.json -> X_domains).
+    Returns `evaluate`'s result."""
+    start = time.perf_counter()
+    result = evaluate(pred, truth, workers, labels=labels, backend=backend)
+    matrix = np.asarray(result["confusion"], dtype=np.int64)
+    log(format_table(ious_from_confusion(matrix), support=matrix.sum(axis=1)))
+    log(f"{result['n_patches']} patches scored in {time.perf_counter() - start:.1f} s")
+    if json_path:
+        save_json(result, json_path)
+        log(f"wrote {json_path}")
+    if png_path:
+        title = f"{Path(pred).name}: mIoU {miou_from_confusion(matrix):.4f}"
+        save_confusion_png(matrix, png_path, title=title)
+        log(f"wrote {png_path}")
+    report_domains(result, domains or domains_prefix(json_path), Path(pred).name, log)
+    return result
+
+
+def domains_prefix(json_path: str | os.PathLike | None) -> str | None:
+    """`X_scores.json` or `X.json` -> `X_domains` (None without a JSON path)."""
+    if not json_path:
+        return None
+    stem = str(json_path).removesuffix(".json").removesuffix("_scores")
+    return f"{stem}_domains"
+
+
+def report_domains(result: dict, prefix: str | None, title: str, log: Callable[[str], None] = print) -> None:
+    """Each domain's mIoU (`log`); with a prefix, the CSV and figure of src.domain_report."""
+    per = result.get("per_domain")
+    if not per:
+        log("per-domain report: domains unknown (no domain column in the index, no D<nnn>_<year> folders)")
+        return
+    confusion = np.asarray(per["confusion"], dtype=np.int64)
+    if prefix is None:
+        rows = domain_rows(confusion, per["domains"], per["n_patches"])
+    else:
+        rows = write_report(confusion, per["domains"], prefix, per["n_patches"], f"{title}:")
+    log(f"per-domain mIoU ({len(per['domains'])} domains):")
+    log("\n".join(format_lines(rows[:-1])))
+    if prefix is not None:
+        log(f"wrote {prefix}.csv, {prefix}.png")

@@ -105,8 +105,12 @@ def reference_year(dates: list[dt.date]) -> int:
     return min(y for y, n in counts.items() if n == best)
 
 
-def _window(centre: int, size: int, extent: int) -> tuple[int, int, int, int]:
-    """(src_start, src_stop, dst_start, dst_stop) of a `size` window starting at centre - size//2."""
+Span = tuple[int, int, int, int]  # (src_start, src_stop, dst_start, dst_stop) along one axis
+
+
+def window_span(centre: int, size: int, extent: int) -> Span:
+    """(src_start, src_stop, dst_start, dst_stop) of a `size` window starting at centre - size//2, clipped
+    to [0, extent): which S2 pixels lie around a patch (src.s2_norm takes the box under it from here)."""
     start = int(centre) - size // 2
     lo, hi = max(start, 0), min(start + size, extent)
     if hi <= lo:
@@ -114,16 +118,22 @@ def _window(centre: int, size: int, extent: int) -> tuple[int, int, int, int]:
     return lo, hi, lo - start, hi - start
 
 
+def window_spans(centroid: tuple[int, int], size: int, hw: tuple[int, ...]) -> tuple[Span, Span]:
+    """`window_span` of the rows and of the columns of a super-area of `hw` (H, W); ValueError when the
+    window lies entirely outside it."""
+    rows, cols = window_span(centroid[0], size, hw[0]), window_span(centroid[1], size, hw[1])
+    if rows[1] == rows[0] or cols[1] == cols[0]:
+        raise ValueError(f"S2 window of size {size} at centroid {tuple(centroid)} lies outside the "
+                         f"super-area ({hw[0]}x{hw[1]})")
+    return rows, cols
+
+
 def window_in_bounds(masks: np.ndarray, centroid: tuple[int, int], size: int = 40) -> np.ndarray:
     """The in-bounds part of the `size` window around `centroid` of a (T, C, H, W) array (what the cloud
-    filter looks at); ValueError when the window lies entirely outside the super-area."""
-    height, width = masks.shape[-2:]
-    r0, r1, _, _ = _window(centroid[0], size, height)
-    c0, c1, _, _ = _window(centroid[1], size, width)
-    if r1 == r0 or c1 == c0:
-        raise ValueError(f"S2 window of size {size} at centroid {tuple(centroid)} lies outside the "
-                         f"super-area ({height}x{width})")
-    return masks[..., r0:r1, c0:c1]
+    filter looks at; a view: nothing is read); ValueError when the window lies entirely outside the
+    super-area."""
+    rows, cols = window_spans(centroid, size, masks.shape[-2:])
+    return masks[..., rows[0]:rows[1], cols[0]:cols[1]]
 
 
 def cloud_cover(window_masks: np.ndarray, prob_min: int = 60) -> np.ndarray:
@@ -186,9 +196,20 @@ def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid
       single-year series of any year, leap years included, and monotonic across New Year, where the
       baseline's forced 2021 would fold December before January.
     """
+    check_series_args(data, masks, products, size)
+    rows, cols = window_spans(centroid, size, data.shape[-2:])  # raises when entirely outside
+    (r0, r1, _, _), (c0, c1, _, _) = rows, cols
+    dates = [product_date(p) for p in products]
+    keep = series_dates(dates, masks[:, :, r0:r1, c0:c1], filter_clouds, cover_max, prob_min)
+    crop = np.asarray(data[keep, :, r0:r1, c0:c1])  # only the kept dates of the window are read
+    return series_of_crop(crop, dates, keep, (rows, cols), size, monthly)
+
+
+def check_series_args(data: np.ndarray, masks: np.ndarray, products: list[str], size: int) -> None:
+    """ValueError unless (data, masks, products, size) can make a series (shapes, counts, size > 0)."""
     if data.ndim != 4 or masks.ndim != 4:
         raise ValueError(f"S2 data must be (T,C,H,W) and masks (T,2,H,W); got {data.shape} and {masks.shape}")
-    n_dates, _, height, width = data.shape
+    n_dates = data.shape[0]
     if masks.shape[0] != n_dates or masks.shape[1] < 2 or masks.shape[2:] != data.shape[2:]:
         raise ValueError(f"S2 masks shape {masks.shape} does not match data shape {data.shape}")
     if len(products) != n_dates:
@@ -197,15 +218,21 @@ def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid
         raise ValueError("empty S2 series (0 dates)")
     if size <= 0:
         raise ValueError(f"S2 crop size must be positive, got {size}")
-    window_masks = window_in_bounds(masks, centroid, size)  # raises when entirely outside
-    r0, r1, dr0, dr1 = _window(centroid[0], size, height)
-    c0, c1, dc0, dc1 = _window(centroid[1], size, width)
 
-    dates = [product_date(p) for p in products]
+
+def series_dates(dates: list[dt.date], window_masks: np.ndarray, filter_clouds: bool = True,
+                 cover_max: float = 0.5, prob_min: int = 60) -> np.ndarray:
+    """Indices of the dates `s2_series` keeps (step 2), in date order, from the (T, 2, h, w) masks of the
+    window."""
     cover = cloud_cover(window_masks[:, :2], prob_min) if filter_clouds else None
-    keep = select_dates(dates, cover, cover_max)
+    return select_dates(dates, cover, cover_max)
 
-    crop = np.asarray(data[keep, :, r0:r1, c0:c1])
+
+def series_of_crop(crop: np.ndarray, dates: list[dt.date], keep: np.ndarray, spans: tuple[Span, Span],
+                   size: int, monthly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 3-4 of `s2_series` and its NaN pads, from `crop`: the in-bounds window (`window_spans`) of the
+    data on the dates `keep` of `dates` (all of the super-area's dates), in that order."""
+    (_, _, dr0, dr1), (_, _, dc0, dc1) = spans
     kept_dates = [dates[i] for i in keep]
     ref_year = reference_year(dates)
 

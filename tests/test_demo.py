@@ -32,9 +32,10 @@ def test_demo_script_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("synth", "index", "folds", "train", "train-aerial", "predict", "predict-aerial", "evaluate",
+    for step in ("synth", "index", "folds", "train", "train-aerial", "predict", "predict-aerial",
                  "evaluate-aerial", "pictures"):
         assert f"<== [{step}]" in out, step
+    assert "<== [evaluate]" not in out  # predict --submit scored the zip: not scored a second time
     assert "tta=none" in out and "1 model(s)" in out
     zips = list((tmp_path / "subs").glob("demo-*.zip"))
     assert len(zips) == 1 and f"submission zip:   {zips[0]}" in out

@@ -245,6 +245,10 @@ def test_cli_predict_submit_and_combine(synth_index, tmp_path, capsys):
     assert len(zips) == 1
     assert validate(zips[0], test["id"])["files"] == 3
     assert (tmp_path / "pred_scores.json").is_file() and (tmp_path / "pred_confusion.png").is_file()
+    # the same files as make evaluate (src.scoring.score_and_write): the per-domain report included
+    assert json.loads((tmp_path / "pred_scores.json").read_text())["per_domain"]["domains"]
+    assert (tmp_path / "pred_domains.csv").read_text().startswith("domain,patches,pixels,miou,")
+    assert (tmp_path / "pred_domains.png").is_file() and "per-domain mIoU" in out
     # the same command again: nothing re-predicted (same measured time, so the same zip name), and the
     # existing zip is never overwritten: a one-line error
     with pytest.raises(SystemExit) as info:
