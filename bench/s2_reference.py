@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trees", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fold", default="all", help="train on the rows of `make train FOLD=` (all | K)")
-    parser.add_argument("--json", type=Path, help="also write {name: {miou, ious}} here")
+    parser.add_argument("--json", type=Path, help="also write {name: {miou, ious, confusion}} here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_data(Path(tmp))
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'mIoU (classes 0..11)':<32}" + "".join(f"{miou_from_confusion(confs[n]):>16.3f}" for n in names))
     if args.json:
         args.json.write_text(json.dumps({n: {"miou": float(miou_from_confusion(confs[n])),
-                                             "ious": [None if np.isnan(v) else float(v) for v in ious[n]]}
+                                             "ious": [None if np.isnan(v) else float(v) for v in ious[n]],
+                                             "confusion": confs[n].tolist()}
                                          for n in names}, indent=1))
 
 

@@ -19,14 +19,15 @@ batch_size=2`, scored with `python -m src.evaluate` (official mIoU over classes 
    labels it; A's fold-0 and fold-1 models are fine-tuned 2 epochs with init_from + pseudo_dir
    (configs/pseudo_finetune.yaml's threshold 0.7 and weight 1, a sixth of the lr, warmup 0.1 epoch), and the
    same without pseudo_dir (control: 2 more labelled epochs only); also with pseudo_threshold=0 (every pixel
-   with its hard label, as the 2nd place did). Test mIoU before / after / control (one
+   with its hard label, as the 2nd place did), and `pseudo_only=true` (the pseudo-labelled test patches
+   alone, the 2nd place's fine-tune; 2 and 6 epochs). Test mIoU before / after / control (one
    model each, and the two folds' models together), and each fold's validation mIoU.
 3. Warm start: U-T&T (A's settings) on folds 0 and 1 from B's best.pt of the same fold (stage 1: the aerial
    U-Net) vs the same from scratch (A's own fold runs: encoder_weights none, the same epochs and seed; oof
    only adds a pass after training): the fold's validation mIoU and test mIoU.
 
 Writes WORK/stages_bench.json and WORK/stages_bench.md (the printed tables, markdown); logs of every
-command under WORK/logs. Cost measured on a 2-core VM, one thread: 10 full trainings of ~1.5 min (8 + 2), 6
+command under WORK/logs. Cost measured on a 2-core VM, one thread: 10 full trainings of ~1.5 min (8 + 2), 10
 fine-tunes of ~0.5 min, ~10 min of test predictions (cached by their inputs' size and mtime): ~30 min.
 """
 from __future__ import annotations
@@ -58,6 +59,11 @@ FINETUNES = {
     # every pixel with its hard label, as the 2nd place did: the demo teacher is rarely >= 0.7 confident
     "A_pl0": ("pseudo, threshold 0", ["pseudo_threshold=0", "pseudo_weight=1.0"]),
     "A_more": ("control: no pseudo_dir", []),
+    # the 2nd place's fine-tune: the pseudo-labelled test patches alone (8 here: 4 steps in 2 epochs), and
+    # the same for 6 epochs (12 steps, the control's 2 epochs of 24 labelled patches)
+    "A_plo": ("pseudo only, threshold 0", ["pseudo_only=true", "pseudo_threshold=0", "pseudo_weight=1.0"]),
+    "A_plo6": ("pseudo only, threshold 0, 6 epochs",
+               ["pseudo_only=true", "pseudo_threshold=0", "pseudo_weight=1.0", "epochs=6"]),
 }
 FT_LR = "3.3e-4"   # the fine-tunes' lr: a sixth of the preset's 2e-3, as pseudo_finetune.yaml to unet_r34
 FT_EPOCHS = "2"
