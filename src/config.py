@@ -152,6 +152,13 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def split_overrides(items: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """argparse's nargs='+' (--runs, --combine) swallows key=value tokens placed after it: (the paths, the
+    overrides with those tokens moved back). A token with "=" that names an existing path stays a path."""
+    keep = [x for x in items if not ("=" in x and not Path(x).exists())]
+    return keep, overrides + [x for x in items if x not in keep]
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`key=value` strings -> dict; values are parsed as YAML (so 3, 1e-3, true, [a,b] work)."""
     out: dict[str, Any] = {}

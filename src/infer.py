@@ -41,7 +41,7 @@ import torch
 from src import tta as T
 from src.checkpoint import load_checkpoint
 from src.classes import NUM_CLASSES
-from src.config import ConfigError, exit_on_config_error, parse_overrides, resolve
+from src.config import ConfigError, exit_on_config_error, parse_overrides, resolve, split_overrides
 from src.ensemble import predict_batch, quantise, resolve_checkpoints
 from src.errors import DataError, PredictError, one_line
 from src.fileio import atomic_write, remove_stale_temps
@@ -344,8 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK under torchrun) | cpu | cuda:1")
     ap.add_argument("overrides", nargs="*", help="key=value settings (batch_size, precision, ensemble, ...)")
     args = ap.parse_args(argv)
-    runs = [x for x in args.runs if not ("=" in x and not Path(x).exists())]
-    overrides = args.overrides + [x for x in args.runs if x not in runs]  # nargs="+" swallows key=value
+    runs, overrides = split_overrides(args.runs, args.overrides)  # nargs="+" swallows key=value
     try:
         weights = [float(x) for x in args.weights.split(",")] if args.weights else None
         ov = parse_overrides(overrides)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from src.config import exit_on_config_error, parse_overrides, resolve
+from src.config import exit_on_config_error, parse_overrides, resolve, split_overrides
 from src.distributed import cleanup, setup_distributed
 from src.errors import CheckpointError, ConfigError, DataError, PredictError, one_line
 from src.oof_store import CHECKPOINTS, TTA_LEVELS, fold_dirs, store_name, write_oof
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (data_dir=..., batch_size=...)")
     args = ap.parse_args(argv)
-    runs = [x for x in args.runs if not ("=" in x and not Path(x).exists())]
-    overrides = args.overrides + [x for x in args.runs if x not in runs]
+    runs, overrides = split_overrides(args.runs, args.overrides)
     try:
         write_stores(runs, args.tta, args.checkpoint, overrides, args.device)
     except ConfigError as err:

@@ -37,7 +37,7 @@ import torch
 
 from src import tta as T
 from src.combine import combine
-from src.config import exit_on_config_error, parse_overrides, resolve
+from src.config import exit_on_config_error, parse_overrides, resolve, split_overrides
 from src.ensemble import Mix, resolve_checkpoints
 from src.errors import ConfigError, DataError, PredictError, is_disk_full, one_line
 from src.predict_pass import check_settings, run_prediction
@@ -122,12 +122,6 @@ def submit_and_score(out_dir: Path, index_df: pd.DataFrame, name: str, infer_s: 
     return out
 
 
-def _split_runs_and_overrides(items: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
-    """argparse's nargs='+' swallows key=value tokens placed after --runs/--combine: move them back."""
-    keep = [x for x in items if not ("=" in x and not Path(x).exists())]
-    return keep, overrides + [x for x in items if x not in keep]
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -156,14 +150,14 @@ def _run_command(args: argparse.Namespace, weights: list[float] | None) -> None:
     if args.runs or args.recipe:  # a recipe (src.recipe): its checkpoints, TTA, class weights and biases
         recipe = load_recipe(args.recipe) if args.recipe else {}
         paths, mix = recipe_checkpoints(recipe) if recipe else (args.runs, None)
-        runs, overrides = _split_runs_and_overrides([str(p) for p in paths], args.overrides)
+        runs, overrides = split_overrides([str(p) for p in paths], args.overrides)
         report = predict(runs, args.out, split=args.split, weights=weights, tta=args.tta or recipe.get("tta"),
                          overrides=overrides, probs_dir=args.save_probs, index=args.index,
                          overwrite=args.overwrite, device=args.device, mix=mix,
                          bn_patches=args.bn_adapt_patches)
         index_df = report["index_df"]
     else:
-        dirs, overrides = _split_runs_and_overrides(args.combine, args.overrides)
+        dirs, overrides = split_overrides(args.combine, args.overrides)
         cfg = resolve(parse_overrides(overrides))
         index_df = None
         if args.index or (Path(cfg["data_dir"]) / f"index_{args.split}.csv").is_file():
