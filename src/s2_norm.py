@@ -27,15 +27,7 @@ import numpy as np
 
 from src.geometry import PATCH_SHAPE, S2_WINDOW, centred_s2_box
 from src.normalize import S2_BAND_OF, s2_patch_stats
-from src.sentinel import (
-    Span,
-    check_series_args,
-    cloud_cover,
-    product_date,
-    series_dates,
-    series_of_crop,
-    window_spans,
-)
+from src.sentinel import Span, cloud_cover, plan_series, series_of_crop, window_spans
 
 CLOUD_PROB_MIN = 20  # snow/cloud probability (0..100) from which a pixel counts as covered (2nd place)
 COVER_MAX = 0.2      # a date is clear when less than this share of the window is covered (2nd place)
@@ -103,17 +95,14 @@ def series_and_stats(data: np.ndarray, masks: np.ndarray, products: list[str], c
     from one read of its window: the masks of every date, then the data of the dates either keeps (the
     clear dates are among the series' with the default filter, so nothing more is read). Bit-identical
     to the two calls; the same ValueErrors as s2_series."""
-    check_series_args(data, masks, products, size)
-    rows, cols = window_spans(centroid, size, data.shape[-2:])  # raises when entirely outside
-    (r0, r1, _, _), (c0, c1, _, _) = rows, cols
-    window_masks = np.asarray(masks[:, :, r0:r1, c0:c1])
-    dates = [product_date(p) for p in products]
-    keep = series_dates(dates, window_masks, filter_clouds, cover_max, prob_min)
-    clear = clear_dates(window_masks)
-    need = np.union1d(keep, clear)
+    plan = plan_series(data, masks, products, centroid, size, filter_clouds, cover_max, prob_min)
+    (r0, r1, _, _), (c0, c1, _, _) = plan.spans
+    clear = clear_dates(plan.window_masks)
+    need = np.union1d(plan.keep, clear)
     crop = np.asarray(data[need, :, r0:r1, c0:c1])
-    x, days = series_of_crop(crop[np.searchsorted(need, keep)], dates, keep, (rows, cols), size, monthly)
-    return x, days, window_stats(crop, np.searchsorted(need, clear), (rows, cols), size)
+    x, days = series_of_crop(crop[np.searchsorted(need, plan.keep)], plan.dates, plan.keep, plan.spans, size,
+                             monthly)
+    return x, days, window_stats(crop, np.searchsorted(need, clear), plan.spans, size)
 
 
 def norm_stats_of(aerial_bands: Sequence[str], found: Stats | None) -> tuple[np.ndarray, bool]:

@@ -17,6 +17,7 @@ import functools
 import os
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -196,13 +197,34 @@ def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid
       single-year series of any year, leap years included, and monotonic across New Year, where the
       baseline's forced 2021 would fold December before January.
     """
+    plan = plan_series(data, masks, products, centroid, size, filter_clouds, cover_max, prob_min)
+    (r0, r1, _, _), (c0, c1, _, _) = plan.spans
+    crop = np.asarray(data[plan.keep, :, r0:r1, c0:c1])  # only the kept dates of the window are read
+    return series_of_crop(crop, plan.dates, plan.keep, plan.spans, size, monthly)
+
+
+class SeriesPlan(NamedTuple):
+    """What `s2_series` decides before reading any data: the window, the dates and the ones it keeps."""
+    spans: tuple[Span, Span]   # the window's rows and columns (`window_spans`)
+    window_masks: np.ndarray   # (T, 2+, h, w) masks in the window (read with the cloud filter, else a view)
+    dates: list[dt.date]       # every date of the super-area
+    keep: np.ndarray           # indices of the dates kept (step 2), in date order
+
+
+def plan_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid: tuple[int, int],
+                size: int = 40, filter_clouds: bool = True, cover_max: float = 0.5, prob_min: int = 60
+                ) -> SeriesPlan:
+    """Steps 1-2 of `s2_series` (its checks, window and date selection; the same ValueErrors), shared with
+    src.s2_norm.series_and_stats, which reads the same window once for the series and its statistics."""
     check_series_args(data, masks, products, size)
-    rows, cols = window_spans(centroid, size, data.shape[-2:])  # raises when entirely outside
-    (r0, r1, _, _), (c0, c1, _, _) = rows, cols
+    spans = window_spans(centroid, size, data.shape[-2:])  # raises when entirely outside
+    (r0, r1, _, _), (c0, c1, _, _) = spans
+    window_masks = masks[:, :, r0:r1, c0:c1]
+    if filter_clouds:  # the cloud filter reads the window's masks anyway: read them once, for the caller too
+        window_masks = np.asarray(window_masks)
     dates = [product_date(p) for p in products]
-    keep = series_dates(dates, masks[:, :, r0:r1, c0:c1], filter_clouds, cover_max, prob_min)
-    crop = np.asarray(data[keep, :, r0:r1, c0:c1])  # only the kept dates of the window are read
-    return series_of_crop(crop, dates, keep, (rows, cols), size, monthly)
+    return SeriesPlan(spans, window_masks, dates,
+                      series_dates(dates, window_masks, filter_clouds, cover_max, prob_min))
 
 
 def check_series_args(data: np.ndarray, masks: np.ndarray, products: list[str], size: int) -> None:
