@@ -9,11 +9,11 @@ an option and this bench says what it does, not what it should do.
 
 What it does: scripts/demo.sh's synthetic set (8 training domains, 2 test domains, 2 zones x 2 patches each;
 every domain has its own radiometry: per-band gain 0.85..1.15 and offset -12..12 grey levels, elevation gain
-0.9..1.1, src/synth_scene.py), folds as the demo, then trains configs/demo.yaml on fold 0 twice (aerial only:
+0.9..1.1, src/prep/synth_scene.py), folds as the demo, then trains configs/demo.yaml on fold 0 twice (aerial only:
 fusion=none use_s2=false; and the U-T&T fusion model), skipped when the work folder already holds them.
 Each model predicts, through the `python -m src.predict` command, the test split and fold 0's held-out
 validation domains (also unseen in training) with bn_adapt=none and bn_adapt=domain; the official scores
-(src.scoring.evaluate) are printed as tables: mIoU, per class, per domain, and written to
+(src.scoring.score.evaluate) are printed as tables: mIoU, per class, per domain, and written to
 WORK/bn_adapt_bench.json. `--views-check` also measures how much the estimate would change if every TTA
 view took part (the kit estimates on the identity view only).
 """
@@ -34,19 +34,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from src.classes import CLASS_NAMES, NUM_SCORED  # noqa: E402
-from src.scoring import evaluate  # noqa: E402
-from src.tables import fold_rows, load_index  # noqa: E402
+from src.core.flair import CLASS_NAMES, NUM_SCORED  # noqa: E402
+from src.core.tables import fold_rows, load_index  # noqa: E402
+from src.scoring.score import evaluate  # noqa: E402
 
 MODELS = {"aerial": ["fusion=none", "use_s2=false"], "fusion": []}
 
 
 def prepare_data(work: Path) -> Path:
     """The demo's synthetic set, index and folds (kept when already there)."""
+    from src.core.tables import write_index
     from src.folds import make_folds
-    from src.index_scan import build_index
-    from src.synth_write import make_dataset
-    from src.tables import write_index
+    from src.prep.index_scan import build_index
+    from src.prep.synth_write import make_dataset
 
     data = work / "data"
     if not (data / "folds.csv").is_file():
@@ -113,7 +113,7 @@ def print_tables(results: dict) -> None:
 
 
 def _classes(model: torch.nn.Module, b: dict) -> torch.Tensor:
-    from src.ensemble import INPUT_KEYS
+    from src.prediction.ensemble import INPUT_KEYS
 
     with torch.no_grad():
         return model(b["image"], **{k: b[k] for k in INPUT_KEYS if k in b})["logits"].argmax(1)
@@ -123,13 +123,13 @@ def views_check(ckpt: Path, index_csv: Path) -> dict:
     """Statistics estimated on the identity view vs on every D4 view, per domain: the largest change of a
     running mean (in running standard deviations) and of a running variance (relative), over all layers,
     and the share of pixels whose predicted class stays the same."""
-    from src import tta as T
-    from src.bn_adapt import adapt_batchnorm, batchnorm_layers
-    from src.dataset import FlairDataset
-    from src.device_augment import device_batch
-    from src.ensemble import INPUT_KEYS
-    from src.loader import collate
-    from src.models import load_for_inference
+    from src.data.dataset import FlairDataset
+    from src.data.device_augment import device_batch
+    from src.data.loader import collate
+    from src.models.flair_model import load_for_inference
+    from src.prediction import tta as T
+    from src.prediction.bn_adapt import adapt_batchnorm, batchnorm_layers
+    from src.prediction.ensemble import INPUT_KEYS
 
     model, cfg = load_for_inference(ckpt, "cpu")
     out = {}

@@ -5,11 +5,11 @@ on the first CUDA device, in bf16 with channels_last at 512x512 (the presets' se
 random weights):
 1. model-only training img/s, s/step and peak memory for unet_r34, utt_r34, segformer_b5, maxvit_unet,
    eager and with `compile=true` (whether torch.compile works, and its first-step time);
-2. the device half of the data path per batch of 16 (src.device_augment): host-to-device copy, `light`
+2. the device half of the data path per batch of 16 (src.data.device_augment): host-to-device copy, `light`
    and `heavy` transforms (as drawn, and with every photometric transform on every sample) + normalisation;
 3. prediction patches/s with D4 TTA (8 views per patch) for one and five models, and the projected time
    for the 16,050 test patches (network and device work; reading runs in parallel workers);
-4. training img/s fed by the real DataLoader (src.dataset + src.loader, persistent workers, pinned
+4. training img/s fed by the real DataLoader (src.data.dataset + src.data.loader, persistent workers, pinned
    memory) from synthetic uncompressed files with 8 and 16 workers, the share of time spent waiting for
    data, and whether the step is data-bound (below 90 % of the model-only rate).
 Compiled runs go last and are skipped once the time budget (--budget-s, default 330 s) is spent.
@@ -43,20 +43,20 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from loader_bench import uncompressed_copy, warm  # noqa: E402
 
-from src.augment import MAX_HOLES, Slot  # noqa: E402
-from src.config import load_config  # noqa: E402
-from src.dataset import FlairDataset  # noqa: E402
-from src.device_augment import augment_batch, device_batch  # noqa: E402
-from src.ensemble import predict_batch  # noqa: E402
-from src.geometry import N_TEST_PATCHES  # noqa: E402
-from src.index_scan import build_index  # noqa: E402
-from src.loader import EpochSampler, build_loader, collate  # noqa: E402
-from src.models import build_model  # noqa: E402
-from src.runtime import amp_dtype, autocast, tune_cuda  # noqa: E402
-from src.synth_write import make_dataset  # noqa: E402
-from src.train_state import build_nets  # noqa: E402
-from src.validation import to_device  # noqa: E402
-from src.workers import cpu_count  # noqa: E402
+from src.core.config import load_config  # noqa: E402
+from src.core.flair import N_TEST_PATCHES  # noqa: E402
+from src.core.runtime import amp_dtype, autocast, tune_cuda  # noqa: E402
+from src.core.workers import cpu_count  # noqa: E402
+from src.data.augment import MAX_HOLES, Slot  # noqa: E402
+from src.data.dataset import FlairDataset  # noqa: E402
+from src.data.device_augment import augment_batch, device_batch  # noqa: E402
+from src.data.loader import EpochSampler, build_loader, collate  # noqa: E402
+from src.models.flair_model import build_model  # noqa: E402
+from src.prediction.ensemble import predict_batch  # noqa: E402
+from src.prep.index_scan import build_index  # noqa: E402
+from src.prep.synth_write import make_dataset  # noqa: E402
+from src.training.state import build_nets  # noqa: E402
+from src.training.validation import to_device  # noqa: E402
 
 PRESETS = ("unet_r34", "utt_r34", "segformer_b5", "maxvit_unet")
 TINY = {"encoder": "tu-test_resnet", "utae_widths": [8, 8, 16, 16], "utae_decoder_widths": [8, 8, 8, 16],
@@ -123,7 +123,7 @@ def sync(device: torch.device) -> None:
 
 
 class Trainer:
-    """One training step exactly as src.train takes it (src.train_state.build_nets: EMA, loss, AdamW)."""
+    """One training step exactly as src.train takes it (src.training.state.build_nets: EMA, loss, AdamW)."""
 
     def __init__(self, cfg: dict, device: torch.device, backend: str = "inductor"):
         torch.manual_seed(0)

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from src.checkpoint import save_checkpoint  # noqa: E402
-from src.config import load_config  # noqa: E402
-from src.models import build_model  # noqa: E402
+from src.core.checkpoint import save_checkpoint  # noqa: E402
+from src.core.config import load_config  # noqa: E402
+from src.models.flair_model import build_model  # noqa: E402
 
 
 def tiny_checkpoint(path: Path, **over) -> Path:
@@ -80,7 +80,7 @@ def onnx_vs_torch(ckpt: Path, window: int, batch: int, reps: int = 3) -> list[tu
     import onnxruntime as ort
 
     from src.export import OnnxModel, export_checkpoint
-    from src.models import load_for_inference
+    from src.models.flair_model import load_for_inference
 
     report = export_checkpoint(ckpt, onnx=True, size=window, log=lambda _: None)
     model, cfg = load_for_inference(ckpt)

@@ -10,13 +10,13 @@
    page faults and cache misses). The ratio column is cost / floor; goals (issue 17): light + S2 +
    metadata within 2x the floor on uncompressed tiles, heavy + S2 within 4x. The device half (D4, photometric,
    normalisation) is not a worker's job: bench/gpu_check.py times it on a GPU.
-2. End-to-end DataLoader throughput (samples/s, wall time) through src.loader.build_loader (persistent
+2. End-to-end DataLoader throughput (samples/s, wall time) through src.data.loader.build_loader (persistent
    workers, the kit's collate) for 1, 2, 4, ... workers up to the cores, uncompressed tiles.
 
     python bench/loader_bench.py [--root DATA_ROOT] [--n 48] [--batch-size 16] [--workers 1,2]
         [--json results.json]
 
-Without --root a small synthetic tree (512x512 tiles, src.synth_write.make_dataset) is written to a temp
+Without --root a small synthetic tree (512x512 tiles, src.prep.synth_write.make_dataset) is written to a temp
 dir. With --root, the uncompressed copies are written to a temp dir too (the originals are not touched).
 """
 from __future__ import annotations
@@ -38,14 +38,14 @@ import pandas as pd  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
-from src.config import load_config  # noqa: E402
-from src.dataset import FlairDataset  # noqa: E402
-from src.index_scan import build_index  # noqa: E402
-from src.loader import EpochSampler, build_loader, collate  # noqa: E402
-from src.rasters import read_image, read_label, write_tif  # noqa: E402
-from src.sentinel import window_in_bounds  # noqa: E402
-from src.synth_write import make_dataset  # noqa: E402
-from src.workers import cpu_count  # noqa: E402
+from src.core.config import load_config  # noqa: E402
+from src.core.files import read_image, read_label, write_tif  # noqa: E402
+from src.core.workers import cpu_count  # noqa: E402
+from src.data.dataset import FlairDataset  # noqa: E402
+from src.data.loader import EpochSampler, build_loader, collate  # noqa: E402
+from src.data.sentinel import window_in_bounds  # noqa: E402
+from src.prep.index_scan import build_index  # noqa: E402
+from src.prep.synth_write import make_dataset  # noqa: E402
 
 STAGES = ("read", "s2", "augment", "finalize")
 

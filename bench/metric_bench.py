@@ -1,7 +1,7 @@
 """Evaluation and submission throughput on synthetic 512x512 label/prediction files.
 
-Compares `src.scoring.evaluate` (threads, tifffile, one bincount per patch) with the straightforward
-scorer (PIL read + sklearn confusion_matrix per patch, one thread), and `src.submission.write_pred` /
+Compares `src.scoring.score.evaluate` (threads, tifffile, one bincount per patch) with the straightforward
+scorer (PIL read + sklearn confusion_matrix per patch, one thread), and `src.scoring.submission.write_pred` /
 `make_zip` (validated) with PIL's LZW writer. Both scorers must produce the same matrix.
 
     .venv/bin/python bench/metric_bench.py --n 2000 [--workers 8] [--baseline-n 2000] [--keep DIR]
@@ -21,11 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.geometry import N_TEST_PATCHES  # noqa: E402
-from src.rasters import write_tif  # noqa: E402
-from src.scoring import evaluate  # noqa: E402
-from src.submission import make_zip, write_pred  # noqa: E402
-from src.workers import default_workers  # noqa: E402
+from src.core.files import write_tif  # noqa: E402
+from src.core.flair import N_TEST_PATCHES  # noqa: E402
+from src.core.workers import default_workers  # noqa: E402
+from src.scoring.score import evaluate  # noqa: E402
+from src.scoring.submission import make_zip, write_pred  # noqa: E402
 
 
 def fake_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ CPU by default here; on a GPU it uses bf16 autocast and channels_last, like the 
   python bench/model_bench.py --device cuda --batch 8 --iters 20 --json bench/models_gpu.json
 
 Weights are random (encoder_weights=none): timing does not depend on them. A train step is
-forward + the training loss (src.losses.Criterion: the preset's loss, + the auxiliary S2 loss for fused
+forward + the training loss (src.models.losses.Criterion: the preset's loss, + the auxiliary S2 loss for fused
 presets) + backward + AdamW step.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from src.config import load_config  # noqa: E402
-from src.fileio import write_json  # noqa: E402
-from src.losses import Criterion  # noqa: E402
-from src.models import build_model, count_parameters  # noqa: E402
-from src.runtime import amp_dtype, autocast, pick_device  # noqa: E402
+from src.core.config import load_config  # noqa: E402
+from src.core.files import write_json  # noqa: E402
+from src.core.runtime import amp_dtype, autocast, pick_device  # noqa: E402
+from src.models.flair_model import build_model, count_parameters  # noqa: E402
+from src.models.losses import Criterion  # noqa: E402
 
 PRESETS = ["unet_r34", "utt_r34", "segformer_b5", "maxvit_unet"]
 S2_DATES = 12  # monthly composites: at most one date per month

@@ -4,7 +4,7 @@ On the kit's own synthetic set (scripts/demo.sh's shape by default: 8 training d
 domains), each aerial pixel is described by its 5 aerial bands and, with --s2, the NDVI of each monthly S2
 composite of the S2 pixel it lies in (10 m, docs/data-format.md "Geometry"; months absent from a series
 repeat the nearest present one). The S2 features are the kit's own early-fusion features
-(src/s2_features.py, `s2_early=ndvi`) sampled nearest, i.e. the S2 pixel under each aerial pixel, so the
+(src/models/s2_features.py, `s2_early=ndvi`) sampled nearest, i.e. the S2 pixel under each aerial pixel, so the
 forest and the models read the same numbers. A random forest is fitted on pixels sampled from the training
 patches (every one, or with --fold K the demo's training rows of fold K: the domains outside fold K) and
 scored on every pixel of the test patches with the official metric (mIoU over classes 0..11). It is the
@@ -38,21 +38,21 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 
-from src.classes import CLASS_NAMES, NUM_SCORED  # noqa: E402
-from src.config import load_config  # noqa: E402
-from src.dataset import FlairDataset  # noqa: E402
-from src.metrics import confusion_matrix, ious_from_confusion, miou_from_confusion  # noqa: E402
-from src.s2_features import early_features  # noqa: E402
-from src.tables import fold_rows, load_index  # noqa: E402
+from src.core.config import load_config  # noqa: E402
+from src.core.flair import CLASS_NAMES, NUM_SCORED  # noqa: E402
+from src.core.tables import fold_rows, load_index  # noqa: E402
+from src.data.dataset import FlairDataset  # noqa: E402
+from src.models.s2_features import early_features  # noqa: E402
+from src.scoring.metrics import confusion_matrix, ious_from_confusion, miou_from_confusion  # noqa: E402
 
 
 def make_data(folder: Path) -> Path:
     """The demo's synthetic set, indexed, with its folds (scripts/demo.sh: 8 + 2 domains x 2 zones x 2
     patches, seed 0; K=4 stratified folds, seed 0)."""
+    from src.core.tables import write_index
     from src.folds import make_folds
-    from src.index_scan import build_index
-    from src.synth_write import make_dataset
-    from src.tables import write_index
+    from src.prep.index_scan import build_index
+    from src.prep.synth_write import make_dataset
 
     root = make_dataset(folder / "raw", train_domains=8, test_domains=2, zones=2, patches=2, seed=0)
     data = folder / "data"

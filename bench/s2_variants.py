@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from src.classes import CLASS_NAMES, NUM_SCORED  # noqa: E402
+from src.core.flair import CLASS_NAMES, NUM_SCORED  # noqa: E402
 
 PLOWED_TOO = "class_weights=1,1,1,1,1,1,1,1,1,1,1,1,0"  # both heads weigh plowed land (S2 head default: 0)
 VARIANTS = {  # name: settings on top of configs/demo.yaml (explicit, so they outlive a change of the preset)

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from src.classes import CLASS_NAMES  # noqa: E402
+from src.core.flair import CLASS_NAMES  # noqa: E402
 
 K = 4
 CONFIG = "configs/demo.yaml"

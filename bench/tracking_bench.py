@@ -1,4 +1,4 @@
-"""Cost of live tracking (src.tracking: TensorBoard event files) next to a training step: is logging noise?
+"""Cost of live tracking (src.training.records: TensorBoard event files) next to a training step: is logging noise?
 
 Measured directly, because on a shared machine two timed training runs differ by more than the logging:
 - `Tracker.step` (loss, lr, s2_loss: what the loop logs every `log_every` steps), averaged over many calls;
@@ -25,12 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.config import exit_on_config_error, load_config  # noqa: E402
-from src.errors import ConfigError  # noqa: E402
-from src.losses import Criterion  # noqa: E402
-from src.models import build_model  # noqa: E402
-from src.run_files import IOU_COLS  # noqa: E402
-from src.tracking import Tracker  # noqa: E402
+from src.core.config import exit_on_config_error, load_config  # noqa: E402
+from src.core.errors import ConfigError  # noqa: E402
+from src.models.flair_model import build_model  # noqa: E402
+from src.models.losses import Criterion  # noqa: E402
+from src.training.records import (
+    IOU_COLS,  # noqa: E402
+    Tracker,  # noqa: E402
+)
 
 
 def row(step: int) -> dict:

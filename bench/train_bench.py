@@ -24,15 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.config import exit_on_config_error, load_config  # noqa: E402
-from src.ema import EMA  # noqa: E402
-from src.errors import ConfigError  # noqa: E402
-from src.losses import Criterion  # noqa: E402
-from src.models import build_model  # noqa: E402
-from src.runtime import amp_dtype as precision_dtype  # noqa: E402
-from src.runtime import autocast, needs_grad_scaler, precision_name  # noqa: E402
-from src.schedule import param_groups  # noqa: E402
-from src.validation import to_device  # noqa: E402
+from src.core.config import exit_on_config_error, load_config  # noqa: E402
+from src.core.errors import ConfigError  # noqa: E402
+from src.core.runtime import amp_dtype as precision_dtype  # noqa: E402
+from src.core.runtime import autocast, needs_grad_scaler, precision_name  # noqa: E402
+from src.models.flair_model import build_model  # noqa: E402
+from src.models.losses import Criterion  # noqa: E402
+from src.training.state import (
+    EMA,  # noqa: E402
+    param_groups,  # noqa: E402
+)
+from src.training.validation import to_device  # noqa: E402
 
 S2_DATES = 12  # monthly composites
 

@@ -103,10 +103,10 @@ step evaluate-aerial "$PY" -m src.evaluate --pred "${PRED}_aerial" --index "$DEM
 step pictures "$PY" -m src.show --index "$DEMO/index_test.csv" --pred "$PRED" --out "${PRED}_grid.png" --n 4
 
 # what S2 adds: herbaceous vegetation and agricultural land are identical in the aerial bands of the synthetic
-# set and differ only in their S2 phenology (src/synth_render.py, src/synth_scene.py)
+# set and differ only in their S2 phenology (src/prep/synth_write.py, src/prep/synth_scene.py)
 COMPARE=$("$PY" - "${PRED}_scores.json" "${PRED}_aerial_scores.json" <<'EOF'
 import json, sys
-from src.classes import CLASS_NAMES
+from src.core.flair import CLASS_NAMES
 fusion, aerial = (json.load(open(p)) for p in sys.argv[1:])
 fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"
 print(f"  {'test-set IoU, S2-only classes':<32} {'fusion':>6} {'aerial':>6}")

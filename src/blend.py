@@ -4,13 +4,13 @@
         [--tta auto|none|flip|d4] [--checkpoint last|best] [--pixels auto|N] [--seed 0]
         [--no-choice] [--no-biases] [--threads 8] [--foldall]
 
-Each run is a folder of K fold runs of one config, whose `fold<k>/oof*/` stores (src.oof_store) hold every
-training patch once, predicted by the fold model that did not train on it. The search (src.blend_search)
+Each run is a folder of K fold runs of one config, whose `fold<k>/oof*/` stores (src.ensembling.oof) hold every
+training patch once, predicted by the fold model that did not train on it. The search (src.ensembling.search)
 maximises the official OOF mIoU over the run weights, a per-class choice of one run (2nd place), the TTA
-level among those stored by every run, and per-class biases, on a fixed pixel subsample (src.blend_data
+level among those stored by every run, and per-class biases, on a fixed pixel subsample (src.ensembling.search
 says why and how big). Against overfitting it also fits on half of the domains and scores the other half
 (and the swap), next to the best single run and the plain mean. The chosen recipe is then scored on every
-pixel, per class and per domain, and written as JSON (src.recipe) for
+pixel, per class and per domain, and written as JSON (src.ensembling.recipe) for
 `python -m src.predict --recipe recipe.json` / `make submit RECIPE=recipe.json`, which applies the fold
 models of those stores (a run's `foldall/` model only with --foldall).
 Outputs: the recipe, `<stem>_domains.csv` (every run, the mean and the recipe, per domain) and
@@ -27,8 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from src import blend_search as S
-from src.blend_data import (
+from src.core.errors import DataError, PredictError, one_line
+from src.core.flair import CLASS_NAMES, NUM_SCORED
+from src.core.tables import load_folds, train_index
+from src.ensembling import search as S
+from src.ensembling.oof import read_store_manifest
+from src.ensembling.recipe import save_recipe
+from src.ensembling.search import (
     RunStores,
     checked_ids,
     common_levels,
@@ -37,13 +42,8 @@ from src.blend_data import (
     load_truth,
     stream_confusions,
 )
-from src.classes import CLASS_NAMES, NUM_SCORED
-from src.domain_report import domain_rows, plot, write_csv
-from src.errors import DataError, PredictError, one_line
-from src.metrics import ious_from_confusion, miou_from_confusion
-from src.oof_store import read_store_manifest
-from src.recipe import save_recipe
-from src.tables import load_folds, train_index
+from src.scoring.domains import domain_rows, plot, write_csv
+from src.scoring.metrics import ious_from_confusion, miou_from_confusion
 
 MIN_SAMPLE = 4_000_000  # pixels: --pixels auto samples at least this many in all (small sets)
 

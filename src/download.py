@@ -2,8 +2,8 @@
 
 Why: the full dataset is ~94 GB of zips from one OVH bucket; a download that dies at 40 GB must
 continue, not restart, and a bad file must never end up looking complete. The pieces: the zip table
-(src.zip_table), resumable verified HTTP (src.fetch), all-or-nothing extraction with markers
-(src.extract), the Hugging Face mirror (src.hf_mirror, `--source hf`) and the index (src.index_report).
+(src.prep.archives), resumable verified HTTP (src.prep.download), all-or-nothing extraction with markers
+(src.prep.archives), the Hugging Face mirror (src.prep.archives, `--source hf`) and the index (src.prep.index_scan).
 A zip already extracted costs no network access; a re-run after a failure resumes where it stopped.
 """
 from __future__ import annotations
@@ -14,14 +14,19 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from src.disk_space import human, require_space
-from src.download_log import Result, summary
-from src.errors import DiskSpaceError, DownloadError
-from src.extract import extract_or_report, is_extracted
-from src.fetch import fetch
-from src.hf_mirror import download_hf
-from src.index_report import make_index
-from src.zip_table import BASE_URL, SUBSETS, ZipSpec, select, zip_url
+from src.core.errors import DiskSpaceError, DownloadError
+from src.prep.archives import (
+    BASE_URL,
+    SUBSETS,
+    ZipSpec,
+    download_hf,
+    extract_or_report,
+    is_extracted,
+    select,
+    zip_url,
+)
+from src.prep.download import Result, fetch, human, require_space, summary
+from src.prep.index_scan import make_index
 
 
 def space_needed(specs: Iterable[ZipSpec], out: Path, keep_zips: bool) -> tuple[int, int]:

@@ -6,7 +6,7 @@ DATA is a folder holding index_train.csv / index_test.csv (+ optionally folds.cs
 written by `make index` / `make folds`), or a raw data root (the index is then built in memory). The
 executed notebook goes to OUT/eda.ipynb, its HTML export to OUT/eda.html, every figure to OUT/figures/.
 
-The notebook only calls the analysis modules (src.eda_data, eda_classes, eda_images, eda_s2,
+The notebook only calls the analysis modules (src.analysis.common, eda_classes, eda_images, eda_s2,
 eda_s2_plots, eda_meta, eda_prose, eda_display): short cells, nothing computed twice, the analysis tested
 like the rest of the kit, and conclusions generated from the numbers. This module only runs it.
 """
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from src.fileio import write_text
+from src.core.files import write_text
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "eda.ipynb"

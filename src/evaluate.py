@@ -7,16 +7,16 @@ Outputs: a per-class table and each domain's mIoU on stdout, optional JSON and a
 confusion-matrix PNG, and the per-domain report (PREFIX.csv: mIoU and the 13 IoUs of each domain;
 PREFIX.png: the same as a figure), by default beside the JSON (`X_scores.json` -> `X_domains.csv/.png`):
 the test set is 10 unseen domains and domain shift decides the ranking. The scoring and the writing live
-in `src.scoring` (docs/data-format.md, "Metric"; `score_and_write`, which `predict --submit` uses too) and
-the report in `src.domain_report`; this is only the command line.
+in `src.scoring.score` (docs/data-format.md, "Metric"; `score_and_write`, which `predict --submit` uses too) and
+the report in `src.scoring.domains`; this is only the command line.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from src.errors import DataError
-from src.scoring import score_and_write
+from src.core.errors import DataError
+from src.scoring.score import score_and_write
 
 
 def main(argv: list[str] | None = None) -> None:

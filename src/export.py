@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
-from src.dataset import S2_SCALE
-from src.errors import DataError, one_line
-from src.fileio import atomic_write
-from src.geometry import PATCH_SIZE
-from src.models import load_for_inference
-from src.normalize import normalize
-from src.s2_features import model_reads_s2
+from src.core.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
+from src.core.errors import DataError, one_line
+from src.core.files import atomic_write
+from src.core.flair import PATCH_SIZE
+from src.data.dataset import S2_SCALE
+from src.data.normalize import normalize
+from src.models.flair_model import load_for_inference
+from src.models.s2_features import model_reads_s2
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 OPSET = 18

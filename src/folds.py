@@ -3,9 +3,9 @@
     python -m src.folds --data DATA --k K --seed SEED --scheme stratified|hf [--workers N]
 
 reads DATA/index_train.csv and writes DATA/folds.csv (id, domain, zone, fold), DATA/class_hist.csv (the
-per-patch class pixel counts, a cache reused until a mask changes: src.class_hist) and DATA/folds.png.
-The search and the fixed Hugging Face split: src.fold_assign; the report and the figure:
-src.fold_report (docs/data-format.md, "Folds").
+per-patch class pixel counts, a cache reused until a mask changes: src.prep.class_hist) and DATA/folds.png.
+The search and the fixed Hugging Face split: src.prep.folds; the report and the figure:
+src.prep.folds (docs/data-format.md, "Folds").
 """
 from __future__ import annotations
 
@@ -17,11 +17,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from src.class_hist import class_histograms, domain_table
-from src.errors import DataError
-from src.fold_assign import assign_folds, check_k, folds_frame, groupkfold_folds, hf_folds
-from src.fold_report import fold_stats, plot_folds, report, summarize
-from src.tables import train_index, write_folds
+from src.core.errors import DataError
+from src.core.tables import train_index, write_folds
+from src.prep.class_hist import class_histograms, domain_table
+from src.prep.folds import (
+    assign_folds,
+    check_k,
+    fold_stats,
+    folds_frame,
+    groupkfold_folds,
+    hf_folds,
+    plot_folds,
+    report,
+    summarize,
+)
 
 
 def make_folds(data_dir: str | os.PathLike, k: int = 5, seed: int = 42, scheme: str = "stratified",

@@ -2,8 +2,8 @@
 
 Why: every later step (folds, datasets, prediction, scoring) reads one flat table instead of walking
 77k files; and the walk is the place where a broken download shows up, so problems are listed here with
-file names. The walk and join: src.index_scan; the --check file reads: src.index_checks; what is
-printed and written: src.index_report. Columns (one row per patch, sorted by id): src.tables.COLUMNS
+file names. The walk and join: src.prep.index_scan; the --check file reads: src.prep.index_checks; what is
+printed and written: src.prep.index_scan. Columns (one row per patch, sorted by id): src.core.tables.COLUMNS
 (docs/data-format.md, "The index").
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from src.geometry import S2_WINDOW
-from src.index_report import make_index
+from src.core.flair import S2_WINDOW
+from src.prep.index_scan import make_index
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,12 +8,12 @@
     torchrun --nproc-per-node N -m src.infer ...   shares the rasters over N processes (one device each)
 
 Why it is built this way:
-- The models, weights, TTA and ensembling are those of `make predict` (src.ensemble.predict_batch):
+- The models, weights, TTA and ensembling are those of `make predict` (src.prediction.ensemble.predict_batch):
   an orthophoto is predicted window by window exactly as a test patch would be.
 - Windows of the patch size overlap and their probabilities are blended with weights that vanish at
-  window borders (src/windows.py), so there are no seams and every pixel is predicted with context on
+  window borders (src/deploy/orthophoto.py), so there are no seams and every pixel is predicted with context on
   all sides; one strip of windows is held in memory at a time and finished rows go to disk at once
-  (src/georaster.py), so memory stays flat whatever the raster's height.
+  (src/deploy/orthophoto.py), so memory stays flat whatever the raster's height.
 - The output keeps the input's CRS and transform, carries the official colour table, and is 255 where
   the input has no data (nodata value, mask or alpha).
 - Resumable per raster: an output is written under a temporary name and renamed when complete, so an
@@ -38,22 +38,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from src import tta as T
-from src.checkpoint import load_checkpoint
-from src.classes import NUM_CLASSES
-from src.config import ConfigError, exit_on_config_error, parse_overrides, resolve, split_overrides
-from src.ensemble import predict_batch, quantise, resolve_checkpoints
-from src.errors import DataError, PredictError, one_line
-from src.fileio import atomic_write, remove_stale_temps
-from src.geometry import AERIAL_GSD_M, PATCH_SIZE
-from src.georaster import NODATA, GeoWriter, Orthophoto, io_env, output_ok, parse_bands
-from src.models import load_for_inference
-from src.normalize import normalize
-from src.progress import progress
-from src.runtime import PRECISIONS, pick_device, tune_cuda
-from src.s2_features import model_reads_s2
-from src.windows import Strip, blend_weights, grid
-from src.workers import cpu_count
+from src.core.checkpoint import load_checkpoint
+from src.core.config import ConfigError, exit_on_config_error, parse_overrides, resolve, split_overrides
+from src.core.errors import DataError, PredictError, one_line
+from src.core.files import atomic_write, remove_stale_temps
+from src.core.flair import AERIAL_GSD_M, NUM_CLASSES, PATCH_SIZE
+from src.core.progress import progress
+from src.core.runtime import PRECISIONS, pick_device, tune_cuda
+from src.core.workers import cpu_count
+from src.data.normalize import normalize
+from src.deploy.orthophoto import (
+    NODATA,
+    GeoWriter,
+    Orthophoto,
+    Strip,
+    blend_weights,
+    grid,
+    io_env,
+    output_ok,
+    parse_bands,
+)
+from src.models.flair_model import load_for_inference
+from src.models.s2_features import model_reads_s2
+from src.prediction import tta as T
+from src.prediction.ensemble import predict_batch, quantise, resolve_checkpoints
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 ALIGN = 32  # encoder output stride: windows on a grid of this step see the features a whole-raster pass sees

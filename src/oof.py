@@ -6,7 +6,7 @@
 
 Every `fold<k>` folder under a run (fold "all" has no held-out patches) gets the store
 `store_name(tta, checkpoint)`: `oof` (none, last), `oof_flip`, `oof_d4`, and `_best` appended for best.pt
-(src.oof_store). Training writes `oof` itself; this job adds the other TTA levels, so that
+(src.ensembling.oof). Training writes `oof` itself; this job adds the other TTA levels, so that
 `python -m src.blend` can choose the level among the stored ones, or completes a store after a crash
 (valid files are kept). `key=value` overrides apply on top of each checkpoint's config (data_dir,
 batch_size, workers, precision, skip_bad). Docs: docs/recipes.md, "Out-of-fold ensembling".
@@ -20,12 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from src.config import exit_on_config_error, parse_overrides, resolve, split_overrides
-from src.distributed import cleanup, setup_distributed
-from src.errors import CheckpointError, ConfigError, DataError, PredictError, one_line
-from src.oof_store import CHECKPOINTS, TTA_LEVELS, fold_dirs, store_name, write_oof
-from src.runtime import pick_device
-from src.tables import fold_rows
+from src.core.config import exit_on_config_error, parse_overrides, resolve, split_overrides
+from src.core.errors import CheckpointError, ConfigError, DataError, PredictError, one_line
+from src.core.runtime import cleanup, pick_device, setup_distributed
+from src.core.tables import fold_rows
+from src.ensembling.oof import CHECKPOINTS, TTA_LEVELS, fold_dirs, store_name, write_oof
 
 
 def fold_checkpoints(runs: Sequence[str | Path], checkpoint: str) -> list[tuple[int, Path]]:
@@ -49,7 +48,7 @@ def write_stores(runs: Sequence[str | Path], tta: str = "none", checkpoint: str 
                  overrides: dict[str, Any] | list[str] | None = None, device: str = "auto",
                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Write (or complete) the OOF store of every fold under `runs`; returns rank 0's manifests."""
-    from src.models import load_for_inference
+    from src.models.flair_model import load_for_inference
 
     if tta not in TTA_LEVELS:
         raise ConfigError(f"--tta: expected one of {', '.join(TTA_LEVELS)}, got {tta!r}")

@@ -5,20 +5,20 @@
     python -m src.predict --combine PROBS_DIR1 PROBS_DIR2 ... --out PRED_DIR [--weights ...] [--submit NAME]
 
 Why it is built this way (formats: docs/data-format.md, "Predictions and probabilities"):
-- Every model is rebuilt from its own checkpoint config (`src.models.load_for_inference`); `key=value`
+- Every model is rebuilt from its own checkpoint config (`src.models.flair_model.load_for_inference`); `key=value`
   overrides apply on top of every checkpoint's config (use them for data_dir, batch_size, workers, tta...).
 - One loader feeds the whole ensemble: a patch is read once per distinct input setting, not once per
-  model (src.multi_input). The batch maths (TTA views in one forward, weights, probs or logits) are in
-  src.ensemble.
-- PRED files are written in background threads through the atomic `src.submission.write_pred`, so a
+  model (src.data.loader). The batch maths (TTA views in one forward, weights, probs or logits) are in
+  src.prediction.ensemble.
+- PRED files are written in background threads through the atomic `src.scoring.submission.write_pred`, so a
   killed run never leaves a partial file. Re-running with the same --out writes only the missing ones;
   a `predict.json` manifest records which checkpoints/weights/TTA made them, and a different setup is
-  refused (use --overwrite) rather than silently mixing two ensembles in one submission (src.predstore).
+  refused (use --overwrite) rather than silently mixing two ensembles in one submission (src.prediction.stores).
 - `bn_adapt=domain` re-estimates every model's BatchNorm statistics on each test domain's patches before
-  predicting that domain (src.bn_adapt; `--bn-adapt-patches N` caps the patches per domain, default 256).
-- The pass over the split (loader, writer, manifest, measured time) is src.predict_pass.
-- `--save-probs DIR` keeps the ensemble's softmax per patch as `PROB_<id>.npz` (src.probstore) so
-  separately predicted models can be combined later with `--combine` (src.combine) without re-running
+  predicting that domain (src.prediction.bn_adapt; `--bn-adapt-patches N` caps the patches per domain, default 256).
+- The pass over the split (loader, writer, manifest, measured time) is src.prediction.passes.
+- `--save-probs DIR` keeps the ensemble's softmax per patch as `PROB_<id>.npz` (src.prediction.stores) so
+  separately predicted models can be combined later with `--combine` (src.prediction.passes) without re-running
   them.
 - The time in the zip name (--submit with --baseline-time) is the measured inference time for the
   split; for --combine it adds up the times of the runs that saved the probabilities (from their
@@ -35,15 +35,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-from src import tta as T
-from src.combine import combine
-from src.config import exit_on_config_error, parse_overrides, resolve, split_overrides
-from src.ensemble import Mix, resolve_checkpoints
-from src.errors import ConfigError, DataError, PredictError, is_disk_full, one_line
-from src.predict_pass import check_settings, run_prediction
-from src.recipe import load_recipe, recipe_checkpoints
-from src.runtime import pick_device, tune_cuda
-from src.tables import has_labels, split_index
+from src.core.config import exit_on_config_error, parse_overrides, resolve, split_overrides
+from src.core.errors import ConfigError, DataError, PredictError, is_disk_full, one_line
+from src.core.runtime import pick_device, tune_cuda
+from src.core.tables import has_labels, split_index
+from src.ensembling.recipe import load_recipe, recipe_checkpoints
+from src.prediction import tta as T
+from src.prediction.ensemble import Mix, resolve_checkpoints
+from src.prediction.passes import check_settings, combine, run_prediction
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -55,8 +54,8 @@ def predict(runs: Sequence[str | Path], out_dir: str | Path, *, split: str = "te
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Load the checkpoints under `runs`, predict the split's index into `out_dir`; report dict.
     `bn_patches` caps the patches per domain that bn_adapt=domain re-estimates on (0: all)."""
-    from src.checkpoint import load_checkpoint
-    from src.models import load_for_inference
+    from src.core.checkpoint import load_checkpoint
+    from src.models.flair_model import load_for_inference
 
     ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     paths, w = resolve_checkpoints(runs, weights)
@@ -89,12 +88,12 @@ def submit_and_score(out_dir: Path, index_df: pd.DataFrame, name: str, infer_s: 
                      baseline_s: float | None, submissions: str | Path = "submissions",
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Zip the PRED folder into submissions/ (make_zip validates it against the split's ids first), then
-    score the zip when the split has labels, writing what `make evaluate` writes (src.scoring's
+    score the zip when the split has labels, writing what `make evaluate` writes (src.scoring.score's
     `score_and_write`) beside the folder: `<out>_scores.json`, `<out>_confusion.png` and the per-domain
     report `<out>_domains.csv/.png`. Times go in the zip name only when both are known (make_zip wants
     both or neither)."""
-    from src.scoring import domains_prefix, score_and_write
-    from src.submission import make_zip
+    from src.scoring.score import domains_prefix, score_and_write
+    from src.scoring.submission import make_zip
 
     ids = index_df["id"].astype(str).tolist()
     if baseline_s is not None and infer_s is None:
@@ -147,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_command(args: argparse.Namespace, weights: list[float] | None) -> None:
-    if args.runs or args.recipe:  # a recipe (src.recipe): its checkpoints, TTA, class weights and biases
+    if args.runs or args.recipe:  # a recipe (src.ensembling.recipe): its checkpoints, TTA, class weights and biases
         recipe = load_recipe(args.recipe) if args.recipe else {}
         paths, mix = recipe_checkpoints(recipe) if recipe else (args.runs, None)
         runs, overrides = split_overrides([str(p) for p in paths], args.overrides)

@@ -2,7 +2,7 @@
 --index DATA/index_test.csv --out data/pseudo [--skipped PRED/skipped.txt] [--overwrite] [--workers N]`.
 
 `make pseudo` runs `src.predict --save-probs` (an ensemble of RUNS or a RECIPE, with TTA) and then this
-job, which turns each PROB_<id>.npz into PSEUDO_<id>.tif (class and confidence, src.pseudo_labels) and
+job, which turns each PROB_<id>.npz into PSEUDO_<id>.tif (class and confidence, src.data.pseudo_labels) and
 writes pseudo.json (source, ids, class and confidence counts) and pseudo_report.csv (per class: pixels and
 the share at or above common thresholds). Training reads the folder with `pseudo_dir=...`.
 
@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from src.classes import CLASS_NAMES, NUM_CLASSES
-from src.errors import ConfigError, DataError, one_line
-from src.fileio import write_json, write_text
-from src.probstore import PROBS_MANIFEST, load_prob, prob_path
-from src.progress import progress
-from src.pseudo_labels import (
+from src.core.errors import ConfigError, DataError, one_line
+from src.core.files import write_json, write_text
+from src.core.flair import CLASS_NAMES, NUM_CLASSES
+from src.core.progress import progress
+from src.core.tables import load_index
+from src.core.workers import default_workers
+from src.data.pseudo_labels import (
     PSEUDO_FORMAT,
     PSEUDO_MANIFEST,
     PSEUDO_REPORT,
@@ -38,8 +39,7 @@ from src.pseudo_labels import (
     read_pseudo,
     write_pseudo,
 )
-from src.tables import load_index
-from src.workers import default_workers
+from src.prediction.stores import PROBS_MANIFEST, load_prob, prob_path
 
 
 def source_identity(probs: Path, index: Path) -> dict[str, Any]:

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.classes import colorize, remap
-from src.errors import DataError
-from src.fileio import save_figure
-from src.pictures import DPI, class_legend, pyplot, rgb_of
-from src.rasters import read_image, read_label
-from src.tables import load_index
+from src.analysis.common import DPI, class_legend, pyplot, rgb_of
+from src.core.errors import DataError
+from src.core.files import read_image, read_label, save_figure
+from src.core.flair import colorize, remap
+from src.core.tables import load_index
 
 
 def pick_rows(index_df: pd.DataFrame, pred_dir: str | os.PathLike, n: int) -> pd.DataFrame:

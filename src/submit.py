@@ -4,7 +4,7 @@
     python -m src.submit --pred PRED_DIR --index DATA/index_test.csv --name NAME
         [--baseline-time S --your-time S] [--out submissions] [--deflate]
 
-The format, the checks and the zip live in `src.submission` (docs/data-format.md, "Submission"); this is
+The format, the checks and the zip live in `src.scoring.submission` (docs/data-format.md, "Submission"); this is
 only its command line.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 import time
 import zipfile
 
-from src.errors import DataError, DiskFullError, SubmissionError
-from src.submission import fmt_mb, make_zip, validate
+from src.core.errors import DataError, DiskFullError, SubmissionError
+from src.scoring.submission import fmt_mb, make_zip, validate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Write a synthetic FLAIR #2 dataset in the real layout (`make synth`): learnable, honest data for every
-check that must run without the real 100 GB. The truth: src.synth_scene; the pixels: src.synth_render;
-the files: src.synth_write.
+check that must run without the real 100 GB. The truth: src.prep.synth_scene; the pixels: src.prep.synth_write;
+the files: src.prep.synth_write.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from src.synth_write import make_dataset
+from src.prep.synth_write import make_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

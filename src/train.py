@@ -10,14 +10,14 @@ Why it is shaped this way:
   replays it bit for bit on CPU. The RNG states are saved too, for anything outside an epoch.
 - Nothing is lost: checkpoints are replaced atomically (best.pt before last.pt, so a resumed run never
   forgets its best model); a non-finite loss skips the step, and too many in a row stop the run with
-  the last good checkpoint untouched (src.nonfinite).
+  the last good checkpoint untouched (src.training.loop).
 - Errors in settings or data surface as one line before any model is built.
 - Multi-GPU / multi-node: run under torchrun; batch_size is per process, logging and checkpoints
-  are rank 0's, the validation matrix is all-reduced (src.distributed).
+  are rank 0's, the validation matrix is all-reduced (src.core.runtime).
 
-The pieces live below it: src.train_data (datasets, loaders, the epoch's sampler), src.train_state (model,
-EMA, optimizer, progress; the checkpoint dict and resume), src.schedule (lr), src.nonfinite (skipped
-steps), src.validation (the validation pass), src.run_files (run folder, metrics.csv, curves.png).
+The pieces live below it: src.training.data (datasets, loaders, the epoch's sampler), src.training.state (model,
+EMA, optimizer, progress; the checkpoint dict and resume), src.training.state (lr), src.training.loop (skipped
+steps), src.training.validation (the validation pass), src.training.records (run folder, metrics.csv, curves.png).
 """
 from __future__ import annotations
 
@@ -35,39 +35,56 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from src.checkpoint import load_checkpoint, save_checkpoint
-from src.config import DEFAULTS, exit_on_config_error, load_config, parse_overrides, resolve, save_config
-from src.distributed import all_sum, any_rank, barrier, cleanup, setup_distributed
-from src.domain_report import format_lines, write_run_domains
-from src.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from src.losses import Criterion, from_data
-from src.metrics import format_table
-from src.nonfinite import NonFiniteGuard
-from src.oof_store import write_fold_oof
-from src.progress import progress
-from src.pseudo_labels import add_pseudo_rows
-from src.run_files import IOU_COLS, run_dir_of, set_aside_previous_run, write_metrics
-from src.runtime import PRECISIONS, amp_dtype, autocast, precision_name, tune_cuda
-from src.schedule import Schedule, set_lr
-from src.seeding import seed_everything
-from src.tables import fold_rows
-from src.tracking import Tracker
-from src.tracking import check_settings as check_tracking
-from src.train_data import Data, as_setting_error, build_data, epoch_loader, missing_files
-from src.train_knobs import check_knobs, resolve_knobs
-from src.train_state import (
+from src.core.checkpoint import load_checkpoint, save_checkpoint
+from src.core.config import DEFAULTS, exit_on_config_error, load_config, parse_overrides, resolve, save_config
+from src.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from src.core.progress import progress
+from src.core.runtime import (
+    PRECISIONS,
+    all_sum,
+    amp_dtype,
+    any_rank,
+    autocast,
+    barrier,
+    cleanup,
+    precision_name,
+    seed_everything,
+    setup_distributed,
+    tune_cuda,
+)
+from src.core.tables import fold_rows
+from src.core.workers import loader_workers
+from src.data.pseudo_labels import add_pseudo_rows
+from src.ensembling.oof import write_fold_oof
+from src.models.losses import Criterion, from_data
+from src.models.weights import apply_init_from
+from src.scoring.domains import format_lines, write_run_domains
+from src.scoring.metrics import IOU_COLS, format_table
+from src.training.data import (
+    Data,
+    as_setting_error,
+    build_data,
+    check_knobs,
+    epoch_loader,
+    missing_files,
+    resolve_knobs,
+)
+from src.training.loop import NonFiniteGuard
+from src.training.records import Tracker, run_dir_of, set_aside_previous_run, write_metrics
+from src.training.records import check_settings as check_tracking
+from src.training.state import (
     Nets,
     Progress,
+    Schedule,
     average_epoch,
     build_nets,
     checkpoint_state,
     resume,
     save_average,
+    set_lr,
     wrap,
 )
-from src.validation import to_device, validate
-from src.warm_start import apply_init_from
-from src.workers import loader_workers
+from src.training.validation import to_device, validate
 
 
 # ----------------------------------------------------------------------------- settings checks (cheap)
@@ -83,7 +100,7 @@ def check_settings(cfg: dict) -> None:
     if cfg["max_nan_steps"] < 0 or cfg["val_every"] < 1:
         raise ConfigError("need max_nan_steps >= 0 and val_every >= 1")
     # S2 feeds only the fusion branch and/or the early channels: either side alone trains dead weights or
-    # reads S2 for nothing (use_s2=false switches the early channels off: src.s2_features.early_mode)
+    # reads S2 for nothing (use_s2=false switches the early channels off: src.models.s2_features.early_mode)
     early = cfg.get("s2_early", "none")
     if cfg["fusion"] != "none" and not cfg["use_s2"]:
         raise ConfigError(f"fusion={cfg['fusion']} needs use_s2=true")
@@ -137,7 +154,7 @@ def train_epoch(cfg: dict, epoch: int, loader: DataLoader, n_batches: int, nets:
                 break
             image, extra, mask, s2_valid = to_device(batch, cfg, device, dtype, cfg["channels_last"],
                                                      augment=True)
-            weight = extra.pop("weight", None)  # per-sample loss weights: pseudo-labels (src.pseudo_labels)
+            weight = extra.pop("weight", None)  # per-sample loss weights: pseudo-labels (src.data.pseudo_labels)
             guard.snapshot()
             with autocast(device, dtype):
                 out = nets.train_model(image, **extra)
@@ -204,7 +221,7 @@ def record_validation(row: dict[str, Any], res: dict[str, Any], data: Data, bad_
 def save_epoch(cfg: dict, fold: str, run_dir: Path, nets: Nets, run: Progress, sched: Schedule,
                improved: bool, bad_log: Path | None, log: Callable[[str], None], plot: bool = True) -> None:
     """Rank 0's outputs at an epoch end: best.pt (when improved), last.pt, metrics.csv, curves.png (redrawn
-    when `plot`: epochs that add a validation point, src.run_files.write_metrics) and avg.pt after the last
+    when `plot`: epochs that add a validation point, src.training.records.write_metrics) and avg.pt after the last
     epoch with avg_last."""
     averaged = average_epoch(cfg, nets, run)  # avg_last: the epoch's weights into last.pt's sum
     state = checkpoint_state(cfg, fold, nets, run, sched)
@@ -235,7 +252,7 @@ def setup(cfg: dict) -> tuple[int, int, torch.device, torch.dtype | None]:
 def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | None,
           resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one fold; returns {"best_miou", "last_miou", "run_dir", "history"}."""
-    from src.models import build_model  # (imported here: the settings checks stay fast)
+    from src.models.flair_model import build_model  # (imported here: the settings checks stay fast)
 
     rank, world, device, dtype = setup(cfg)
     main_proc = rank == 0
@@ -250,7 +267,7 @@ def train(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | N
     # model, EMA, loss, optimizer; the run folder
     with as_setting_error():
         model = build_model(cfg).to(device)
-    if resume_state is None:  # init_from warm start; prints what weights files loaded (src.warm_start)
+    if resume_state is None:  # init_from warm start; prints what weights files loaded (src.models.weights)
         apply_init_from(model, cfg, fold, log)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic FLAIR #2 tree (official layout), written once per session. Do not modify it."""
-    from src.synth_write import make_dataset
+    from src.prep.synth_write import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("synth"), train_domains=3, test_domains=2, zones=2,
                         patches=3, seed=0)
@@ -23,7 +23,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_index(synth_root) -> dict:
     """build_index(synth_root): {"train": df, "test": df}."""
-    from src.index_scan import build_index
+    from src.prep.index_scan import build_index
 
     return build_index(synth_root)
 
@@ -31,7 +31,7 @@ def synth_index(synth_root) -> dict:
 @pytest.fixture(scope="session")
 def synth_data_dir(tmp_path_factory, synth_index) -> Path:
     """A data dir holding index_train.csv and index_test.csv of synth_root (tests add folds.csv to it)."""
-    from src.tables import write_index
+    from src.core.tables import write_index
 
     data = tmp_path_factory.mktemp("data")
     write_index(synth_index, data)

@@ -1,14 +1,14 @@
 """Joint augmentation: aerial image, mask and S2 crop stay aligned under every preset, through both
-halves (src.augment in the worker, src.device_augment on the batch)."""
+halves (src.data.augment in the worker, src.data.device_augment on the batch)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from src.augment import AUG_LEN, MASK_FILL, Augment, Slot, build_augment, d4, s2_matrix, warp_s2
-from src.config import load_config
-from src.device_augment import augment_batch
+from src.core.config import load_config
+from src.data.augment import AUG_LEN, MASK_FILL, Augment, Slot, build_augment, d4, s2_matrix, warp_s2
+from src.data.device_augment import augment_batch
 
 L_CLASS = 3
 S2 = 40

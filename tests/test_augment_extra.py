@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src.augment import build_augment
-from src.config import load_config
-from src.dataset import FlairDataset
-from src.errors import ConfigError
+from src.core.config import load_config
+from src.core.errors import ConfigError
+from src.data.augment import build_augment
+from src.data.dataset import FlairDataset
 
 EXTRA = '''
 import albumentations as A

@@ -15,17 +15,14 @@ import torch
 
 from src import blend as B
 from src import predict as P
-from src.blend_search import mix_predict
-from src.checkpoint import save_checkpoint
-from src.classes import NUM_CLASSES, remap
-from src.config import DEFAULTS
-from src.ensemble import Mix, predict_batch
-from src.errors import PredictError
-from src.fileio import write_json
-from src.oof_store import STORE_MANIFEST, store_name
-from src.probstore import prob_path, save_prob
-from src.rasters import read_label
-from src.recipe import (
+from src.core.checkpoint import save_checkpoint
+from src.core.config import DEFAULTS
+from src.core.errors import PredictError
+from src.core.files import read_label, write_json
+from src.core.flair import NUM_CLASSES, remap
+from src.core.tables import load_folds, load_index
+from src.ensembling.oof import STORE_MANIFEST, store_name
+from src.ensembling.recipe import (
     RECIPE_FORMAT,
     check_recipe,
     class_weight_matrix,
@@ -33,7 +30,9 @@ from src.recipe import (
     recipe_checkpoints,
     save_recipe,
 )
-from src.tables import load_folds, load_index
+from src.ensembling.search import mix_predict
+from src.prediction.ensemble import Mix, predict_batch
+from src.prediction.stores import prob_path, save_prob
 
 torch.set_num_threads(1)
 GOOD = {"a": set(range(6)), "b": set(range(6, NUM_CLASSES))}
@@ -223,7 +222,7 @@ def test_numpy_and_torch_mixes_give_the_same_prediction():
 
 def tiny_checkpoints(root: Path, data: Path) -> list[Path]:
     """runs/a with two folds and runs/b with one: tiny random models saved as kit checkpoints."""
-    from src.models import build_model
+    from src.models.flair_model import build_model
 
     cfg = {**DEFAULTS, "arch": "FPN", "encoder": "tu-test_resnet", "encoder_weights": "none",
            "data_dir": str(data), "workers": 0, "batch_size": 2, "precision": "fp32", "channels_last": False}
@@ -238,10 +237,10 @@ def tiny_checkpoints(root: Path, data: Path) -> list[Path]:
 
 
 def test_predict_with_a_recipe_is_the_hand_computed_combination(synth_data_dir, tmp_path, capsys):
-    from src.dataset import FlairDataset
-    from src.loader import collate
-    from src.models import load_for_inference
-    from src.normalize import normalize
+    from src.data.dataset import FlairDataset
+    from src.data.loader import collate
+    from src.data.normalize import normalize
+    from src.models.flair_model import load_for_inference
 
     paths = tiny_checkpoints(tmp_path, synth_data_dir)
     test = load_index(synth_data_dir / "index_test.csv").head(2)

@@ -10,14 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from src import predict_pass as PP
-from src import predstore
-from src.bn_adapt import adapt_batchnorm, batchnorm_layers, check_settings, estimate_rows, has_batchnorm
-from src.config import DEFAULTS, load_config
-from src.errors import ConfigError, PredictError
-from src.normalize import normalize
-from src.rasters import read_label
-from src.submission import validate
+from src.core.config import DEFAULTS, load_config
+from src.core.errors import ConfigError, PredictError
+from src.core.files import read_label
+from src.data.normalize import normalize
+from src.prediction import passes as PP
+from src.prediction import stores as predstore
+from src.prediction.bn_adapt import (
+    adapt_batchnorm,
+    batchnorm_layers,
+    check_settings,
+    estimate_rows,
+    has_batchnorm,
+)
+from src.scoring.submission import validate
 from tests.test_predict import Conv1x1
 
 torch.set_num_threads(1)
@@ -77,7 +83,7 @@ def test_statistics_are_the_cumulative_average_of_the_batch_statistics():
 
 
 def test_the_first_batchnorm_of_a_real_model_gets_its_inputs_statistics():
-    from src.models import build_model
+    from src.models.flair_model import build_model
 
     cfg = load_config(None, {"encoder": "resnet18", "encoder_weights": "none", "use_s2": False,
                              "fusion": "none"})
@@ -147,7 +153,7 @@ def _preds(folder) -> dict[str, np.ndarray]:
 
 
 def test_predict_by_domain_resumes_to_the_same_files(synth_index, tmp_path, monkeypatch):
-    from src.dataset import FlairDataset
+    from src.data.dataset import FlairDataset
 
     test = synth_index["test"]
     domains = test["domain"].unique().tolist()

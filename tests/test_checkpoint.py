@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
-from src.errors import CheckpointError, DataError
+from src.core.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
+from src.core.errors import CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_sigkill_during_writes_never_breaks_the_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     script = textwrap.dedent(f"""
         import torch
-        from src.checkpoint import save_checkpoint
+        from src.core.checkpoint import save_checkpoint
         i = 0
         while True:
             i += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from src import classes
+from src.core import flair as classes
 
 
 def test_remap_matches_the_official_formula():

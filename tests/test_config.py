@@ -1,13 +1,13 @@
-"""src.config: defaults <- YAML <- key=value, with one syntax for every list-valued setting."""
+"""src.core.config: defaults <- YAML <- key=value, with one syntax for every list-valued setting."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from src.config import DEFAULTS, load_config, parse_overrides, resolve
-from src.errors import ConfigError
-from src.losses import Criterion
+from src.core.config import DEFAULTS, load_config, parse_overrides, resolve
+from src.core.errors import ConfigError
+from src.models.losses import Criterion
 
 WEIGHTS = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
 

@@ -1,4 +1,4 @@
-"""FlairDataset (+ src.loader's collate/build_loader/EpochSampler, src.metadata) on the synthetic tree
+"""FlairDataset (+ src.data.loader's collate/build_loader/EpochSampler, src.data.dataset) on the synthetic tree
 (real TIFF / .npy files): raw samples, their batches, and augmentation that depends on (seed, epoch,
 index) only."""
 from __future__ import annotations
@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from src.augment import AUG_LEN
-from src.classes import remap
-from src.config import load_config
-from src.dataset import FlairDataset
-from src.device_augment import device_batch
-from src.errors import DataError
-from src.loader import EpochSampler, build_loader, collate
-from src.metadata import META_DIM, encode_metadata
-from src.rasters import read_image, read_label, write_tif
-from src.sentinel import read_products, s2_series
+from src.core.config import load_config
+from src.core.errors import DataError
+from src.core.files import read_image, read_label, write_tif
+from src.core.flair import remap
+from src.data.augment import AUG_LEN
+from src.data.dataset import META_DIM, FlairDataset, encode_metadata
+from src.data.device_augment import device_batch
+from src.data.loader import EpochSampler, build_loader, collate
+from src.data.sentinel import read_products, s2_series
 
 # docs/data-format.md, "Aerial images", literally: R, G, B, NIR, nDSM
 SPEC_MEAN = [113.78, 118.08, 109.27, 102.36, 16.70]
@@ -59,7 +58,7 @@ def test_sample_keys_types_and_s2(synth_index):
 
 
 def test_normalisation_uses_the_five_band_statistics(synth_index):
-    """The bands a model is fed: the dataset's raw bands, normalised on the device (src.device_augment)."""
+    """The bands a model is fed: the dataset's raw bands, normalised on the device (src.data.device_augment)."""
     one = synth_index["train"].iloc[:1]
     raw = read_image(one["img_path"].iloc[0]).astype(np.float32)
 

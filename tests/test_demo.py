@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from src.classes import CLASS_NAMES
-from src.submission import validate
-from src.tables import load_index
+from src.core.flair import CLASS_NAMES
+from src.core.tables import load_index
+from src.scoring.submission import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

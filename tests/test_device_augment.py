@@ -1,4 +1,4 @@
-"""The device half of the augmentation (src.device_augment): D4 identical to the CPU reference, heavy's
+"""The device half of the augmentation (src.data.device_augment): D4 identical to the CPU reference, heavy's
 photometric transforms with uint8 semantics, normalisation, and a batch that nothing was drawn for left
 exactly as it was."""
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.augment import AUG_LEN, Slot, d4
-from src.bands import BAND_MEAN, BAND_STD
-from src.config import load_config
-from src.device_augment import (
+from src.core.config import load_config
+from src.core.flair import BAND_MEAN, BAND_STD
+from src.data.augment import AUG_LEN, Slot, d4
+from src.data.device_augment import (
     augment_batch,
     blur_kernels,
     d4_batch,

@@ -1,4 +1,4 @@
-"""src.domain_report: per-domain tables (official metric per domain, the "all" row = the dataset-level score),
+"""src.scoring.domains: per-domain tables (official metric per domain, the "all" row = the dataset-level score),
 their CSV and figure, and a training run's domains.csv across validated epochs and a resume."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from src.domain_report import (
+from src.scoring.domains import (
     ALL,
     COLUMNS,
     domain_rows,
@@ -16,8 +16,7 @@ from src.domain_report import (
     write_report,
     write_run_domains,
 )
-from src.metrics import ConfusionMatrix, ious_from_confusion, miou_from_confusion
-from src.run_files import IOU_COLS
+from src.scoring.metrics import IOU_COLS, ConfusionMatrix, ious_from_confusion, miou_from_confusion
 
 
 def stack(seed: int = 0, domains: int = 3) -> np.ndarray:

@@ -15,16 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from src import disk_space
 from src import download as dl
-from src.disk_space import human
-from src.errors import DiskSpaceError
-from src.extract import extract_tree, is_extracted, marker_path
-from src.hf_mirror import download_hf
-from src.index_scan import build_index
-from src.synth_write import make_dataset
-from src.tables import load_index
-from src.zip_table import SUBSETS, ZIPS, ZipSpec, select
+from src.core.errors import DiskSpaceError
+from src.core.tables import load_index
+from src.prep import download as disk_space
+from src.prep.archives import (
+    SUBSETS,
+    ZIPS,
+    ZipSpec,
+    download_hf,
+    extract_tree,
+    is_extracted,
+    marker_path,
+    select,
+)
+from src.prep.download import human
+from src.prep.index_scan import build_index
+from src.prep.synth_write import make_dataset
 
 TOPS = {  # zip name -> what it holds in the synthetic tree (the official layout)
     "flair_aerial_train.zip": ["flair_aerial_train"],

@@ -11,12 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import eda, eda_classes, eda_data, eda_meta, eda_prose, eda_s2
-from src.class_hist import HIST_COLS
-from src.errors import DataError
+from src import eda
+from src.analysis import classes as eda_classes
+from src.analysis import common as eda_data
+from src.analysis import meta as eda_meta
+from src.analysis import prose as eda_prose
+from src.analysis import s2 as eda_s2
+from src.analysis.common import block_class_counts, block_majority
+from src.core.errors import DataError
+from src.data.sentinel import encode_days
 from src.folds import make_folds
-from src.label_blocks import block_class_counts, block_majority
-from src.sentinel import encode_days
+from src.prep.class_hist import HIST_COLS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

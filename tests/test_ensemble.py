@@ -1,14 +1,14 @@
 """Ensemble maths: TTA views and their inverses, joint aerial/S2 transforms, views stacked into one
-forward pass, per-model weights and inputs, checkpoints resolved from run folders (src.ensemble, src.tta)."""
+forward pass, per-model weights and inputs, checkpoints resolved from run folders (src.prediction.ensemble, src.prediction.tta)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from src import ensemble as E
-from src import tta as T
-from src.errors import PredictError
+from src.core.errors import PredictError
+from src.prediction import ensemble as E
+from src.prediction import tta as T
 
 torch.set_num_threads(1)
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from src.classes import remap
-from src.errors import DataError
+from src.core.errors import DataError
+from src.core.files import read_label, write_tif
+from src.core.flair import remap
 from src.evaluate import main
-from src.metrics import ConfusionMatrix
-from src.rasters import read_label, write_tif
-from src.scoring import evaluate, find_labels
-from src.submission import make_zip, validate, write_pred
+from src.scoring.metrics import ConfusionMatrix
+from src.scoring.score import evaluate, find_labels
+from src.scoring.submission import make_zip, validate, write_pred
 from src.submit import main as submit_main
 from tests.test_metrics import official_from_files
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.checkpoint import find_checkpoints, save_checkpoint
-from src.config import load_config
+from src.core.checkpoint import find_checkpoints, save_checkpoint
+from src.core.config import load_config
 from src.export import ONNX_ATOL, OnnxModel, example_inputs, export_checkpoint, main, slim_state
-from src.models import build_model, load_for_inference
+from src.models.flair_model import build_model, load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_early_fusion_model_takes_s2_in_onnx_and_is_refused_by_infer(tmp_path):
     and whole-orthophoto inference (no S2) refuses it instead of predicting with empty channels."""
     import onnxruntime as ort
 
-    from src.errors import PredictError
+    from src.core.errors import PredictError
     from src.infer import load_models
 
     ckpt = training_checkpoint(tmp_path / "best.pt", fusion="none", s2_early="ndvi")

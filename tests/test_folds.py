@@ -1,4 +1,4 @@
-"""Folds by domain (src.folds, src.class_hist, src.fold_assign, src.fold_report) on real synthetic files:
+"""Folds by domain (src.folds, src.prep.class_hist, src.prep.folds, src.prep.folds) on real synthetic files:
 partition, determinism, balance, hf, cache."""
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.class_hist import HIST_COLS, INVALID_COL, class_histograms, domain_table, mask_counts
-from src.classes import NUM_CLASSES
-from src.errors import DataError
-from src.fold_assign import assign_folds, groupkfold_folds, hf_folds
-from src.fold_report import fold_stats, summarize
+from src.core.errors import DataError
+from src.core.files import write_tif
+from src.core.flair import NUM_CLASSES
+from src.core.tables import load_folds, load_index
 from src.folds import main
-from src.rasters import write_tif
-from src.tables import load_folds, load_index
+from src.prep.class_hist import HIST_COLS, INVALID_COL, class_histograms, domain_table, mask_counts
+from src.prep.folds import assign_folds, fold_stats, groupkfold_folds, hf_folds, summarize
 
 TRAIN_DOMAINS = 12  # enough domains for K=3 folds of 4 domains each
 
@@ -24,9 +23,9 @@ TRAIN_DOMAINS = 12  # enough domains for K=3 folds of 4 domains each
 @pytest.fixture(scope="module")
 def data12(tmp_path_factory) -> Path:
     """A data dir with index_train.csv of a 12-train-domain synthetic tree (2 patches per domain)."""
-    from src.index_scan import build_index
-    from src.synth_write import make_dataset
-    from src.tables import write_index
+    from src.core.tables import write_index
+    from src.prep.index_scan import build_index
+    from src.prep.synth_write import make_dataset
 
     base = tmp_path_factory.mktemp("folds12")
     root = make_dataset(base / "raw", train_domains=TRAIN_DOMAINS, test_domains=0, zones=1, patches=2, seed=0)

@@ -11,12 +11,11 @@ import pandas as pd
 import pytest
 
 from src import index
-from src.errors import DataError
-from src.index_checks import Problem
-from src.index_report import format_problems
-from src.index_scan import IndexReport, build_index, scan
-from src.synth_write import make_dataset
-from src.tables import COLUMNS, load_index
+from src.core.errors import DataError
+from src.core.tables import COLUMNS, load_index
+from src.prep.index_checks import Problem
+from src.prep.index_scan import IndexReport, build_index, format_problems, scan
+from src.prep.synth_write import make_dataset
 
 CENTROIDS = "flair-2_centroids_sp_to_patch.json"
 
@@ -209,7 +208,7 @@ def test_unreadable_files_only_with_check(tree):
 
 
 def test_check_finds_bad_shapes_and_s2_mismatch(tree):
-    from src.rasters import write_tif
+    from src.core.files import write_tif
 
     img = sorted(tree.rglob("IMG_*.tif"))[0]
     write_tif(img, np.zeros((4, 512, 512), np.uint8))  # a band missing

@@ -1,4 +1,4 @@
-"""Whole-orthophoto inference (src.infer, src.windows, src.georaster) on real GeoTIFFs with a tiny model."""
+"""Whole-orthophoto inference (src.infer, src.deploy.orthophoto, src.deploy.orthophoto) on real GeoTIFFs with a tiny model."""
 from __future__ import annotations
 
 import os
@@ -12,15 +12,14 @@ import rasterio
 import torch
 from rasterio.crs import CRS
 
-from src.checkpoint import save_checkpoint
-from src.classes import PALETTE
-from src.config import load_config
-from src.errors import DataError, PredictError
-from src.georaster import NODATA, Orthophoto, parse_bands
+from src.core.checkpoint import save_checkpoint
+from src.core.config import load_config
+from src.core.errors import DataError, PredictError
+from src.core.flair import PALETTE
+from src.data.normalize import normalize
+from src.deploy.orthophoto import FLOOR, NODATA, Orthophoto, Strip, blend_weights, grid, parse_bands, ramp
 from src.infer import Settings, infer, list_inputs, main, plan_outputs
-from src.models import build_model
-from src.normalize import normalize
-from src.windows import FLOOR, Strip, blend_weights, grid, ramp
+from src.models.flair_model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 600, 830  # 3 x 4 windows of 256 with overlap 64; not multiples of 32, so the edges are padded

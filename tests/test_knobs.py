@@ -13,18 +13,28 @@ import pytest
 import torch
 
 from src import train as T
-from src.checkpoint import load_checkpoint, save_checkpoint
-from src.classes import NUM_CLASSES, NUM_RAW, OTHER, remap
-from src.config import load_config
-from src.errors import ConfigError
-from src.losses import Criterion
-from src.models import build_model, load_for_inference
-from src.rasters import read_label
-from src.schedule import Schedule, encoder_of, param_groups, set_lr
-from src.tables import fold_rows
-from src.train_knobs import inverse_frequency_weights, resolve_knobs
-from src.train_state import RESUME_ONLY, Progress, build_nets, checkpoint_state, resume, sync_batchnorm
-from src.weight_avg import averaged_epochs
+from src.core.checkpoint import load_checkpoint, save_checkpoint
+from src.core.config import load_config
+from src.core.errors import ConfigError
+from src.core.files import read_label
+from src.core.flair import NUM_CLASSES, NUM_RAW, OTHER, remap
+from src.core.tables import fold_rows
+from src.models.flair_model import build_model, load_for_inference
+from src.models.losses import Criterion
+from src.training.data import inverse_frequency_weights, resolve_knobs
+from src.training.state import (
+    RESUME_ONLY,
+    Progress,
+    Schedule,
+    averaged_epochs,
+    build_nets,
+    checkpoint_state,
+    encoder_of,
+    param_groups,
+    resume,
+    set_lr,
+    sync_batchnorm,
+)
 
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
         "lr=0.001", "warmup_epochs=0.5", "ema=0.9", "channels_last=false", "precision=fp32", "log_every=1",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.classes import OTHER
-from src.config import load_config
-from src.dataset import FlairDataset
-from src.errors import ConfigError
-from src.loader import collate
-from src.losses import IGNORE, Criterion, downsample_mask, s2_label_window, s2_target
+from src.core.config import load_config
+from src.core.errors import ConfigError
+from src.core.flair import OTHER
+from src.data.dataset import FlairDataset
+from src.data.loader import collate
+from src.models.losses import IGNORE, Criterion, downsample_mask, s2_label_window, s2_target
 
 
 def test_criterion_weights_aux_head_and_errors():
@@ -76,7 +76,7 @@ def test_window_at_the_super_area_edge_is_left_out_of_the_aux_loss(synth_index):
     cfg = load_config(None, {"use_s2": True, "loss": "ce"})
     ds = FlairDataset(df, cfg, train=False)
     batch = collate([ds[0], ds[1]])
-    batch["mask"] = batch["mask"].long()  # (uint8 until the device: src.device_augment casts it there)
+    batch["mask"] = batch["mask"].long()  # (uint8 until the device: src.data.device_augment casts it there)
     valid = batch["s2_valid"]
     assert not valid[:, :17].any() and not valid[:, :, :15].any() and valid[:, 17:, 15:].all()
     under = s2_label_window(valid, (512, 512))  # S2 rows/cols 15..24 lie under the patch
@@ -97,7 +97,7 @@ def test_focal_label_smoothing_is_smps_focal_at_zero_and_smooths_the_targets():
     from segmentation_models_pytorch.losses import FocalLoss
     from segmentation_models_pytorch.losses._functional import focal_loss_with_logits
 
-    from src.losses import IGNORE, SmoothedFocal
+    from src.models.losses import IGNORE, SmoothedFocal
 
     torch.manual_seed(0)
     logits = torch.randn(2, 13, 8, 8)

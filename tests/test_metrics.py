@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from src.classes import CLASS_NAMES
-from src.metrics import (
+from src.core.files import write_tif
+from src.core.flair import CLASS_NAMES
+from src.scoring.metrics import (
     ConfusionMatrix,
     confusion_from_raw,
     confusion_matrix,
@@ -18,9 +19,8 @@ from src.metrics import (
     ious_from_confusion,
     miou_from_confusion,
 )
-from src.rasters import write_tif
-from src.scoring import evaluate
-from src.submission import write_pred
+from src.scoring.score import evaluate
+from src.scoring.submission import write_pred
 
 LABELS = list(range(13))
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoint import save_checkpoint
-from src.config import DEFAULTS, load_config
-from src.errors import CheckpointError
-from src.models import (
+from src.core.checkpoint import save_checkpoint
+from src.core.config import DEFAULTS, load_config
+from src.core.errors import CheckpointError
+from src.models.flair_model import (
     build_model,
     count_parameters,
     find_first_conv,
@@ -145,7 +145,7 @@ def test_sample_footprint_geometry():
 
 
 def test_meta_dim_default_matches_dataset():
-    from src.metadata import META_DIM
+    from src.data.dataset import META_DIM
     assert DEFAULTS["meta_dim"] == META_DIM
 
 

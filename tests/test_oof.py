@@ -14,12 +14,12 @@ import torch
 
 from src import oof as O
 from src import train as T
-from src.device_augment import device_batch
-from src.ensemble import predict_batch, quantise
-from src.models import load_for_inference
-from src.oof_store import STORE_MANIFEST, parse_store_name, store_ids, store_name, write_fold_oof
-from src.probstore import load_prob, prob_path
-from src.tables import fold_rows, write_folds
+from src.core.tables import fold_rows, write_folds
+from src.data.device_augment import device_batch
+from src.ensembling.oof import STORE_MANIFEST, parse_store_name, store_ids, store_name, write_fold_oof
+from src.models.flair_model import load_for_inference
+from src.prediction.ensemble import predict_batch, quantise
+from src.prediction.stores import load_prob, prob_path
 
 TINY = ["arch=FPN", "encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4",
         "workers=0", "lr=0.001", "warmup_epochs=0.5", "ema=0.9", "channels_last=false", "precision=fp32",
@@ -73,8 +73,8 @@ def test_fold_runs_write_exactly_their_held_out_ids_with_the_final_weights(two_f
     assert held_out(data, 0).isdisjoint(held_out(data, 1))
     assert everything == held_out(data, 0) | held_out(data, 1)  # the training set, once
     # the stored numbers are predict's: last.pt's "model" (EMA) weights through predict_batch
-    from src.dataset import FlairDataset
-    from src.loader import collate
+    from src.data.dataset import FlairDataset
+    from src.data.loader import collate
 
     model, cfg = load_for_inference(run / "fold1" / "last.pt")
     _, val_df = fold_rows(data, "1")

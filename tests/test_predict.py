@@ -12,15 +12,16 @@ import tifffile
 import torch
 from torch import nn
 
-from src import ensemble as E
 from src import predict as P
-from src import predstore, probstore
-from src.combine import combine
-from src.config import DEFAULTS
-from src.errors import DataError, PredictError
-from src.normalize import normalize
-from src.rasters import read_label
-from src.submission import validate, zip_name
+from src.core.config import DEFAULTS
+from src.core.errors import DataError, PredictError
+from src.core.files import read_label
+from src.data.normalize import normalize
+from src.prediction import ensemble as E
+from src.prediction import stores as predstore
+from src.prediction import stores as probstore
+from src.prediction.passes import combine
+from src.scoring.submission import validate, zip_name
 from tests.test_ensemble import S2Recorder
 
 torch.set_num_threads(1)
@@ -59,7 +60,7 @@ def _preds(folder) -> dict[str, np.ndarray]:
 
 
 def test_every_patch_gets_a_prediction_when_batches_do_not_divide(synth_index, tmp_path):
-    from src.dataset import FlairDataset
+    from src.data.dataset import FlairDataset
     test = synth_index["test"]
     assert len(test) % 5 != 0
     model = Conv1x1().eval()
@@ -148,7 +149,7 @@ def test_disk_full_leaves_no_partial_file_and_says_what_to_free(synth_index, tmp
 
 
 def test_saved_probabilities_combine_later(synth_index, tmp_path):
-    from src.dataset import FlairDataset
+    from src.data.dataset import FlairDataset
 
     test = synth_index["test"].iloc[:4]
     a, b = Conv1x1(0).eval(), Conv1x1(5).eval()
@@ -216,8 +217,8 @@ def test_models_with_different_inputs_share_one_loader(synth_index, tmp_path):
 # ------------------------------------------------------------------------------------- command line
 def _fake_run(runs, seeds=(0, 1)) -> None:
     """Two fold checkpoints of an untrained small model, saved the way training saves them."""
-    from src.checkpoint import save_checkpoint
-    from src.models import build_model
+    from src.core.checkpoint import save_checkpoint
+    from src.models.flair_model import build_model
 
     cfg = {**DEFAULTS, "encoder": "resnet18", "encoder_weights": "none", "use_s2": False, "fusion": "none",
            "workers": 0, "batch_size": 2, "channels_last": False}
@@ -245,7 +246,7 @@ def test_cli_predict_submit_and_combine(synth_index, tmp_path, capsys):
     assert len(zips) == 1
     assert validate(zips[0], test["id"])["files"] == 3
     assert (tmp_path / "pred_scores.json").is_file() and (tmp_path / "pred_confusion.png").is_file()
-    # the same files as make evaluate (src.scoring.score_and_write): the per-domain report included
+    # the same files as make evaluate (src.scoring.score.score_and_write): the per-domain report included
     assert json.loads((tmp_path / "pred_scores.json").read_text())["per_domain"]["domains"]
     assert (tmp_path / "pred_domains.csv").read_text().startswith("domain,patches,pixels,miou,")
     assert (tmp_path / "pred_domains.png").is_file() and "per-domain mIoU" in out

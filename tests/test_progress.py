@@ -1,4 +1,4 @@
-"""src.progress: a tqdm bar on a terminal, whole lines (no carriage returns) in a log file;
+"""src.core.progress: a tqdm bar on a terminal, whole lines (no carriage returns) in a log file;
 FLAIR_PROGRESS=bar|lines forces one."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from src.progress import LineProgress, progress
+from src.core.progress import LineProgress, progress
 
 
 class _Terminal(io.StringIO):

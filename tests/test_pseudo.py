@@ -16,15 +16,14 @@ import torch.nn.functional as F
 
 from src import pseudo as P
 from src import train as T
-from src.augment import Augment
-from src.config import load_config
-from src.dataset import FlairDataset
-from src.device_augment import d4_batch
-from src.errors import ConfigError, DataError
-from src.loader import collate
-from src.losses import IGNORE, Criterion
-from src.probstore import prob_path, save_prob
-from src.pseudo_labels import (
+from src.core.config import load_config
+from src.core.errors import ConfigError, DataError
+from src.core.tables import fold_rows, load_index, write_folds
+from src.data.augment import Augment
+from src.data.dataset import FlairDataset
+from src.data.device_augment import d4_batch
+from src.data.loader import collate
+from src.data.pseudo_labels import (
     IGNORE_U8,
     PSEUDO_MANIFEST,
     PSEUDO_REPORT,
@@ -36,7 +35,8 @@ from src.pseudo_labels import (
     read_pseudo,
     write_pseudo,
 )
-from src.tables import fold_rows, load_index, write_folds
+from src.models.losses import IGNORE, Criterion
+from src.prediction.stores import prob_path, save_prob
 
 TINY = ["arch=FPN", "encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4",
         "workers=0", "lr=0.001", "warmup_epochs=0.5", "ema=0.9", "channels_last=false", "precision=fp32",
@@ -298,6 +298,6 @@ def test_training_with_pseudo_dir_end_to_end(made, tmp_path, capsys, monkeypatch
 def test_finetune_preset_is_a_config():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pseudo_finetune.yaml")
     assert cfg["pseudo_dir"] == "data/pseudo" and "fold{fold}" in cfg["init_from"] and cfg["epochs"] == 2
-    from src.pseudo_labels import pseudo_folder
+    from src.data.pseudo_labels import pseudo_folder
 
     assert pseudo_folder({**cfg, "pseudo_dir": "data/pseudo_fold{fold}"}, "3") == Path("data/pseudo_fold3")

@@ -27,10 +27,10 @@ import pytest
 
 from src import predict as P
 from src import train as T
-from src.checkpoint import load_checkpoint
-from src.errors import DataError
-from src.predstore import FALLBACK_CLASS, pred_ok
-from src.rasters import read_label
+from src.core.checkpoint import load_checkpoint
+from src.core.errors import DataError
+from src.core.files import read_label
+from src.prediction.stores import FALLBACK_CLASS, pred_ok
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
@@ -64,10 +64,10 @@ def ids_in(log: Path) -> list[str]:
 def soak(tmp_path_factory):
     """50 patches (30 train, 20 test): index and folds built on good files, then exactly 5 % of the 100
     image / train-label / S2 .npy files damaged (as if the disk went bad mid-project)."""
+    from src.core.tables import write_index
     from src.folds import make_folds
-    from src.index_scan import build_index
-    from src.synth_write import make_dataset
-    from src.tables import write_index
+    from src.prep.index_scan import build_index
+    from src.prep.synth_write import make_dataset
 
     base = tmp_path_factory.mktemp("soak")
     root = make_dataset(base / "raw", train_domains=3, test_domains=2, zones=2, patches=5, seed=1)
@@ -99,7 +99,7 @@ def soak(tmp_path_factory):
 
 
 def test_index_check_names_exactly_the_damaged_files(soak):
-    from src.index_scan import scan
+    from src.prep.index_scan import scan
 
     report = scan(soak["root"], check=True, workers=2)
     named = {p.path for p in report.problems if p.fatal}
@@ -127,7 +127,7 @@ def test_soak_training_skips_exactly_the_damaged_patches(soak, soak_run):
 
 
 def test_soak_prediction_gives_a_valid_submission_and_an_exact_skip_list(soak, soak_run, tmp_path, capsys):
-    from src.submission import validate
+    from src.scoring.submission import validate
 
     pred, subs = tmp_path / "pred", tmp_path / "subs"
     P.main(["--runs", str(soak_run["runs"] / "r"), "--out", str(pred), "--tta", "none", "--submit", "soak",
@@ -199,7 +199,7 @@ def test_damaged_file_mid_training_stops_with_its_name_or_is_skipped(data_dir, t
 
 def _dataset_row(synth_index, tmp_path, kind: str):
     """One-row index whose files are valid TIFF / .npy files of the wrong shape."""
-    from src.rasters import write_tif
+    from src.core.files import write_tif
 
     df = synth_index["train"].iloc[:1].copy().reset_index(drop=True)
     if kind == "bands":
@@ -235,8 +235,8 @@ def _dataset_row(synth_index, tmp_path, kind: str):
 def test_wrong_shapes_are_caught_with_the_file_named(synth_index, tmp_path, kind, message):
     """Label values outside 1..19: tests/test_dataset.py::test_labels_outside_1_19_raise_naming_the_file;
     the same shapes before training: tests/test_index.py::test_check_finds_bad_shapes_and_s2_mismatch."""
-    from src.config import load_config
-    from src.dataset import FlairDataset
+    from src.core.config import load_config
+    from src.data.dataset import FlairDataset
 
     df, bad = _dataset_row(synth_index, tmp_path, kind)
     cfg = load_config(None, {"use_s2": kind.startswith("s2"), "workers": 0})
@@ -248,9 +248,9 @@ def test_wrong_shapes_are_caught_with_the_file_named(synth_index, tmp_path, kind
 def test_wrong_size_or_bands_caught_by_index_check(tmp_path):
     """An unlabelled test image has no label to compare with: `python -m src.index --check` names it
     (the dataset checks the band count; the submission validator rejects a non-512x512 PRED file)."""
-    from src.index_scan import scan
-    from src.rasters import write_tif
-    from src.synth_write import make_dataset
+    from src.core.files import write_tif
+    from src.prep.index_scan import scan
+    from src.prep.synth_write import make_dataset
 
     root = make_dataset(tmp_path / "raw", train_domains=1, test_domains=1, zones=1, patches=2, seed=3)
     small, bands = sorted(root.glob("flair_2_aerial_test/**/IMG_*.tif"))
@@ -307,7 +307,7 @@ def test_a_skipped_non_finite_step_leaves_the_weights_finite(data_dir, tmp_path)
 
 # ----------------------------------------------------------------------------- predict killed mid-run
 def test_predict_killed_then_rerun_completes_writing_only_the_missing(soak, soak_run, tmp_path):
-    from src.submission import validate
+    from src.scoring.submission import validate
 
     out = tmp_path / "pred"
     cmd = [sys.executable, "-m", "src.predict", "--runs", str(soak_run["runs"] / "r"), "--out", str(out),
@@ -340,9 +340,9 @@ def fake_ckpt(tmp_path_factory) -> Path:
     """An untrained tiny checkpoint saved the way training saves it (for predict's setting errors)."""
     import torch
 
-    from src.checkpoint import save_checkpoint
-    from src.config import load_config
-    from src.models import build_model
+    from src.core.checkpoint import save_checkpoint
+    from src.core.config import load_config
+    from src.models.flair_model import build_model
 
     cfg = load_config(None, {"encoder": "tu-test_resnet", "encoder_weights": "none", "workers": 0})
     torch.manual_seed(0)

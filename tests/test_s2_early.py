@@ -1,4 +1,4 @@
-"""Early S2 fusion (src/s2_features.py, `s2_early`): the monthly features of a real synthetic sample equal
+"""Early S2 fusion (src/models/s2_features.py, `s2_early`): the monthly features of a real synthetic sample equal
 a hand computation, turn with the D4 augmentation, and the model builds, trains, keeps pretrained kernels
 and survives a checkpoint round trip."""
 from __future__ import annotations
@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from src.augment import AUG_LEN, Slot
-from src.checkpoint import save_checkpoint
-from src.config import load_config
-from src.dataset import FlairDataset
-from src.device_augment import d4_batch, device_batch
-from src.errors import ConfigError
-from src.loader import collate
-from src.models import build_model, load_for_inference
-from src.s2_features import (
+from src.core.checkpoint import save_checkpoint
+from src.core.config import load_config
+from src.core.errors import ConfigError
+from src.core.tables import load_index
+from src.data.augment import AUG_LEN, Slot
+from src.data.dataset import FlairDataset
+from src.data.device_augment import d4_batch, device_batch
+from src.data.loader import collate
+from src.models.flair_model import build_model, load_for_inference
+from src.models.s2_features import (
     add_input_channels,
     calendar_month,
     early_channels,
@@ -25,7 +26,6 @@ from src.s2_features import (
     first_conv_with,
     model_reads_s2,
 )
-from src.tables import load_index
 
 TINY = {"encoder": "tu-test_resnet", "encoder_weights": "none", "utae_widths": [16, 16, 32, 32],
         "utae_decoder_widths": [16, 16, 32, 32], "ltae_heads": 4, "ltae_d_model": 32, "ltae_d_k": 4}

@@ -11,14 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from src.bands import BAND_MEAN, BAND_STD
-from src.config import load_config
-from src.dataset import FlairDataset
-from src.device_augment import device_batch
-from src.errors import ConfigError, PredictError
-from src.loader import collate
-from src.normalize import norm_stats, normalize
-from src.s2_norm import patch_norm_stats, s2_box_stats
+from src.core.config import load_config
+from src.core.errors import ConfigError, PredictError
+from src.core.flair import BAND_MEAN, BAND_STD
+from src.data.dataset import FlairDataset
+from src.data.device_augment import device_batch
+from src.data.loader import collate
+from src.data.normalize import norm_stats, normalize, patch_norm_stats, s2_box_stats
 
 CPU = torch.device("cpu")
 GAIN = 255 / 2000  # the team's scale: reflectance x 10000 of 2000 -> grey level 255

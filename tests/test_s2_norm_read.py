@@ -1,5 +1,5 @@
 """norm=s2_stats with use_s2: the statistics and the series come from one read of the S2 window
-(src.s2_norm.series_and_stats), bit-identical to the two separate computations and to the formula written
+(src.data.normalize.series_and_stats), bit-identical to the two separate computations and to the formula written
 out on the whole .npy arrays, windows and boxes leaving the super-area included."""
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from src.bands import BAND_NAMES
-from src.config import load_config
-from src.dataset import S2_SCALE, FlairDataset
-from src.normalize import s2_patch_stats
-from src.s2_norm import s2_box_stats, series_and_stats
-from src.sentinel import read_products, s2_series
+from src.core.config import load_config
+from src.core.flair import BAND_NAMES
+from src.data.dataset import S2_SCALE, FlairDataset
+from src.data.normalize import s2_box_stats, s2_patch_stats, series_and_stats
+from src.data.sentinel import read_products, s2_series
 
 S2_OF = (0, 1, 2, 6)  # B2, B3, B4, B8: the counterparts of B, G, R, NIR
 

@@ -6,9 +6,9 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from src import sentinel
-from src.errors import DataError
-from src.sentinel import (
+from src.core.errors import DataError
+from src.data import sentinel
+from src.data.sentinel import (
     FALLBACK_TOL,
     cloud_cover,
     encode_days,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from src import show
-from src.classes import remap
-from src.errors import DataError
-from src.pictures import rgb_of
-from src.rasters import read_image, read_label, write_tif
+from src.analysis.common import rgb_of
+from src.core.errors import DataError
+from src.core.files import read_image, read_label, write_tif
+from src.core.flair import remap
 
 
 def test_rgb_of_takes_the_first_three_bands(synth_index):

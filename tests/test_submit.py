@@ -12,8 +12,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from src.errors import DiskFullError, SubmissionError
-from src.submission import format_time, make_zip, validate, write_pred, zip_name
+from src.core.errors import DiskFullError, SubmissionError
+from src.scoring.submission import format_time, make_zip, validate, write_pred, zip_name
 from src.submit import main
 
 IDS = ["000101", "000102", "000103"]

@@ -13,9 +13,9 @@ import pytest
 import tifffile
 
 from src import synth
-from src.rasters import read_image, read_label
-from src.synth_scene import TEST_DOMAINS, ZoneTruth, plan_dataset
-from src.synth_write import make_dataset
+from src.core.files import read_image, read_label
+from src.prep.synth_scene import TEST_DOMAINS, ZoneTruth, plan_dataset
+from src.prep.synth_write import make_dataset
 
 # The session fixture synth_root is make_dataset(tmp, 3, 2, 2, 3, seed=0): the same arguments give the truth.
 FIXTURE_ARGS = dict(train_domains=3, test_domains=2, zones=2, patches=3, seed=0)

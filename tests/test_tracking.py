@@ -1,4 +1,4 @@
-"""src.tracking: TensorBoard events written into a real run folder and read back with TensorBoard's own
+"""src.training.records: TensorBoard events written into a real run folder and read back with TensorBoard's own
 reader; a resumed run replaces the interrupted epoch's events; validation pictures in the official colours;
 extra loggers only on request (never contacted here)."""
 from __future__ import annotations
@@ -12,13 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-from src.classes import PALETTE
-from src.config import DEFAULTS
-from src.errors import ConfigError
-from src.metrics import miou_from_confusion
-from src.normalize import normalize
-from src.run_files import IOU_COLS, set_aside_previous_run
-from src.tracking import Tracker, check_settings, display_rgb, epoch_scalars, logger_names, sample_grid
+from src.core.config import DEFAULTS
+from src.core.errors import ConfigError
+from src.core.flair import PALETTE
+from src.data.normalize import normalize
+from src.scoring.metrics import miou_from_confusion
+from src.training.records import (
+    IOU_COLS,
+    Tracker,
+    check_settings,
+    display_rgb,
+    epoch_scalars,
+    logger_names,
+    sample_grid,
+    set_aside_previous_run,
+)
 
 EventAccumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator").EventAccumulator

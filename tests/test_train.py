@@ -19,16 +19,16 @@ import pytest
 import torch
 
 from src import train as T
-from src.checkpoint import load_checkpoint
-from src.config import load_config
-from src.device_augment import device_batch
-from src.losses import Criterion
-from src.metrics import confusion_torch, miou_from_confusion
-from src.models import load_for_inference
-from src.run_files import CSV_COLS, IOU_COLS
-from src.schedule import lr_at
-from src.tables import fold_rows
-from src.validation import validate
+from src.core.checkpoint import load_checkpoint
+from src.core.config import load_config
+from src.core.tables import fold_rows
+from src.data.device_augment import device_batch
+from src.models.flair_model import load_for_inference
+from src.models.losses import Criterion
+from src.scoring.metrics import IOU_COLS, confusion_torch, miou_from_confusion
+from src.training.records import CSV_COLS
+from src.training.state import lr_at
+from src.training.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
@@ -132,8 +132,8 @@ def test_fold_run_outputs_checkpoints_and_metric(data_dir, tmp_path):
     assert all(torch.equal(v, best["ema"]["module"][k]) for k, v in best["model"].items())
     train_df, val_df = fold_rows(cfg["data_dir"], "0")
     assert set(val_df["domain"]) == {val_df["domain"].iloc[0]} and not set(val_df["id"]) & set(train_df["id"])
-    from src.dataset import FlairDataset
-    from src.loader import collate
+    from src.data.dataset import FlairDataset
+    from src.data.loader import collate
 
     # same batches as the trainer's validation, so multi-threaded conv kernels sum in the same order
     loader = torch.utils.data.DataLoader(FlairDataset(val_df, cfg, train=False),
@@ -255,8 +255,8 @@ def test_unreadable_validation_patch_is_skipped_not_scored_twice(data_dir, tmp_p
     assert read_csv(run / "metrics.csv")[0]["val_skipped"] == "1"
     assert [ln.split("\t")[0] for ln in (run / "skipped.tsv").read_text().splitlines()] == [bad_id]
     # the reference: the same checkpoint scored on the readable validation patches only
-    from src.dataset import FlairDataset
-    from src.loader import collate
+    from src.data.dataset import FlairDataset
+    from src.data.loader import collate
 
     model, cfg = load_for_inference(run / "best.pt")
     good = val_df[val_df["id"] != bad_id]
@@ -295,7 +295,7 @@ class _OpenCVThreads(torch.utils.data.Dataset):
 
 def test_loader_workers_run_opencv_single_threaded():
     """The training and validation loaders come from build_loader: one OpenCV thread per worker."""
-    from src.loader import build_loader
+    from src.data.loader import build_loader
 
     loader = build_loader(_OpenCVThreads(), {"workers": 2, "batch_size": 1}, train=False, collate_fn=list)
     assert [n for batch in loader for n in batch] == [1, 1, 1, 1]
@@ -326,10 +326,10 @@ def test_demo_fusion_beats_aerial_only_on_s2_only_classes(tmp_path):
     domains, 4 folds, one torch thread per training as the demo runs them), the demo's U-T&T model clearly
     beats the same U-Net without S2 on herbaceous vegetation (9) and agricultural land (10), which look the
     same from the air and differ only in their S2 phenology."""
+    from src.core.tables import write_index
     from src.folds import make_folds
-    from src.index_scan import build_index
-    from src.synth_write import make_dataset
-    from src.tables import write_index
+    from src.prep.index_scan import build_index
+    from src.prep.synth_write import make_dataset
 
     root = make_dataset(tmp_path / "raw", train_domains=8, test_domains=2, zones=2, patches=2, seed=0)
     data = tmp_path / "data"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.utae import LTAE, UTAE, aggregate, day_encoding
+from src.models.utae import LTAE, UTAE, aggregate, day_encoding
 
 S = 16  # S2 crop side for the tests (multiple of 8)
 

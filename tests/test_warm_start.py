@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from src import train as T
-from src.checkpoint import save_checkpoint
-from src.config import load_config
-from src.errors import ConfigError
-from src.models import build_model
-from src.schedule import Schedule
-from src.train_state import Progress, build_nets, checkpoint_state
-from src.warm_start import apply_init_from, group_counts, init_source, warm_start
+from src.core.checkpoint import save_checkpoint
+from src.core.config import load_config
+from src.core.errors import ConfigError
+from src.models.flair_model import build_model
+from src.models.weights import apply_init_from, group_counts, init_source, warm_start
+from src.training.state import Progress, Schedule, build_nets, checkpoint_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = {"encoder": "tu-test_resnet", "encoder_weights": "none", "channels_last": False}

@@ -1,0 +1,78 @@
+"""Every exception type of the kit, in one place (the bottom of the import graph: imports nothing of ours).
+
+Each one carries a one-line message meant for the user that names the file or the setting at fault;
+the command-line entry points turn them into that line and an exit code instead of a traceback."""
+from __future__ import annotations
+
+import errno
+import os
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or malformed; the message names the file."""
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line meant for the user."""
+
+
+class CheckpointError(DataError):
+    """A checkpoint is missing, unreadable or lacks a key; the message names the file."""
+
+
+class PredictError(ValueError):
+    """A user-facing problem while predicting (bad arguments, missing files, mismatching folders)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses; the last checkpoint on disk is the last good one."""
+
+
+class SubmissionError(ValueError):
+    """A submission (folder or zip) is invalid. `problems` holds every "file: problem" line."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+class DiskFullError(OSError):
+    """No space left while writing; the message says what was being written and how much to free."""
+
+    def __init__(self, message: str, filename: str | os.PathLike | None = None) -> None:
+        super().__init__(errno.ENOSPC, message, None if filename is None else str(filename))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for the OSErrors that mean "no space left" (ENOSPC, or the quota's EDQUOT)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error; a DataError re-raised by a DataLoader worker carries the worker's
+    whole traceback, of which only the last line is the message."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
+        msg = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
+    return msg
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or verified; the message names it and says what was done."""
+
+
+class ChecksumError(DownloadError):
+    """Size or md5 mismatch; the bad file has been deleted."""
+
+
+class DiskSpaceError(DownloadError):
+    """Not enough free disk space (checked before a download or an extraction starts); the message says
+    how much is missing. Unlike DiskFullError, nothing has been written yet."""
+
+
+class CorruptZipError(DownloadError):
+    """A zip that cannot be read or fails its CRC check."""

@@ -1,0 +1,357 @@
+"""Training augmentation, CPU half: what needs per-sample resampling, and the draw of everything else.
+
+The data path keeps a sample uint8 until the device (docs/data-format.md, "Samples and batches"): a
+DataLoader worker does here only what cannot be done cheaply on a batch -- the random crop (a slice), the
+`heavy` zoom/rotation crop (OpenCV warps, one band at a time, on uint8) and the matching S2 warp, and S2
+date dropout -- and draws the parameters of the rest into a small float32 vector `aug` (layout: `Slot`).
+src.data.device_augment applies `aug` to the whole batch on the device: the D4 element (flips and quarter
+turns, jointly on image, mask, S2 crop and its validity) and the photometric transforms of `heavy`.
+
+Presets (`cfg["augment"]`, train only; validation and test get the identity at full size):
+- `none`: no augmentation; only the random training crop to `crop_size` (when < 512).
+- `light`: D4 (a random element of the 8 flips/rotations by 90 degrees) + the random crop.
+- `heavy`: D4, with p=0.75 a random scale/rotate crop (zoom 0.75..1.33 log-uniform, limited so the source
+  square fits in the patch, rotation +-15 degrees with p=0.5, random position: RandomResizedCrop and
+  Affine in one resampling), otherwise the plain random crop; then, on the aerial image only: per-band
+  brightness/contrast/gamma (p=0.8, spectral bands only, never the elevation band), Gaussian noise
+  (p=0.3), Gaussian or motion blur (p=0.2) and coarse dropout (p=0.3, holes filled with 0, mask untouched),
+  with albumentations' parameter ranges.
+
+D4 is drawn before the crop but applied after it, on the device: the two orders give the same
+distribution (the crop position is uniform and the zoom centre's range is symmetric).
+
+The S2 crop has another size and resolution: one S2 pixel (10 m) = 50 aerial pixels (0.2 m), and the
+aerial patch covers the central ~10.24 S2 pixels of the 40x40 crop. Every geometric step is a map M of
+aerial pixel coordinates; the S2 crop gets the same map expressed about its own centre, so the invariant
+"S2 crop centred on the aerial output centre, axes aligned with it, 1 S2 pixel = 50 output aerial pixels"
+holds after augmentation (docs/data-format.md, "Geometry"): a crop, zoom or rotation of the aerial image
+moves/zooms/rotates the S2 crop by the same linear part and by the aerial translation divided by 50
+(bilinear resampling of S2; pixels that come from outside the crop or from NaN pads are marked invalid in
+`s2_valid`). Mask pixels that come from outside the patch (rotation corners) are filled with 12 ("other",
+weight 0 under the default class weights). S2 date dropout: each date is dropped with probability
+`cfg["s2_date_dropout"]`, at least one is kept.
+
+Randomness: the caller passes a numpy Generator per sample, seeded from (seed, epoch, sample index)
+(src.data.dataset), so a sample's augmentation does not depend on the worker that loads it.
+
+Your own albumentations pixel transforms in training: `augment_extra=path/to/file.py:build`.
+
+Why: the kit's presets cover what the winners used, but a competitor wants to try CLAHE, channel shuffles,
+ISO noise, posterisation... without editing the kit. `build()` (no arguments) returns an albumentations
+transform or Compose; it runs in the DataLoader workers on each training sample's uint8 image (H, W, C in
+`bands` order, after the crop/zoom), before the device half of the augmentation.
+
+Only pixel-level transforms (albumentations' ImageOnlyTransform) are accepted: a geometric one would move
+the image away from its mask and its S2 crop, which the kit keeps aligned itself (src/data/augment.py), so it is
+refused with the transform's name. The transform is tried once on a blank image of the right band count
+when the dataset is built, so a transform that cannot take 5 bands (e.g. ToGray) fails there, in one line,
+not in a worker. Randomness: each sample re-seeds the transform from its own generator, so the draws are
+a function of (seed, epoch, sample) like the rest of the augmentation (exact resume, any worker count)."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from src.core.errors import ConfigError
+from src.core.flair import AERIAL_PER_S2, BAND_NAMES
+
+PRESETS = ("none", "light", "heavy")
+MASK_FILL = 12        # label of pixels that come from outside the patch ("other")
+MAX_BANDS = len(BAND_NAMES)
+MAX_HOLES = 6
+
+
+class Slot:
+    """Positions in the per-sample `aug` vector (float32, AUG_LEN values) that src.data.device_augment reads.
+
+    Per-band values are in the config's band order (unused slots stay 0). Integers (k, seeds, pixel
+    coordinates) are below 2**24, exactly representable in float32."""
+
+    K = 0                          # D4 element 0..7 (`d4`)
+    JITTER = 1                     # 1: per-band brightness/contrast/gamma about the band mean
+    BRIGHT = 2                     # MAX_BANDS brightness shifts (0..1 scale)
+    CONTRAST = BRIGHT + MAX_BANDS  # MAX_BANDS contrast factors
+    GAMMA = CONTRAST + MAX_BANDS   # MAX_BANDS gamma exponents
+    MEAN = GAMMA + MAX_BANDS       # MAX_BANDS band means (0..1) of the crop, every 8th pixel
+    NOISE_STD = MEAN + MAX_BANDS   # Gaussian noise std in grey levels (0: no noise)
+    NOISE_SEED = NOISE_STD + 1
+    BLUR = NOISE_SEED + 1          # 0: none, 1: Gaussian, 2: motion
+    BLUR_SIZE = BLUR + 1           # odd kernel side, 3..7
+    BLUR_PARAM = BLUR_SIZE + 1     # Gaussian sigma (pixels) or motion direction (degrees)
+    HOLES = BLUR_PARAM + 1         # MAX_HOLES x (top, left, bottom, right); an unused hole is all 0
+
+
+AUG_LEN = Slot.HOLES + 4 * MAX_HOLES
+
+
+def d4(arr: np.ndarray, k: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Element k (0..7) of the dihedral group on the plane `axes`: optional flip, then k%4 rotations by 90.
+
+    The reference definition: src.data.device_augment applies the same elements to batches (tested equal)."""
+    if k >= 4:
+        arr = np.flip(arr, axis=axes[1])
+    return np.rot90(arr, k % 4, axes=axes)
+
+
+def _warp_image(img: np.ndarray, matrix: np.ndarray, size: int, nearest: bool, fill: int) -> np.ndarray:
+    """cv2.warpAffine of an (H,W) or planar (C,H,W) array to (size,size), one band at a time.
+
+    One band at a time: OpenCV's generic path for more than 4 channels interpolates differently (and
+    slower) than its single-channel path, and planar bands need no HWC round trip."""
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    kw = dict(flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    if img.ndim == 2:
+        return cv2.warpAffine(np.ascontiguousarray(img), matrix, (size, size), **kw)
+    out = np.empty((img.shape[0], size, size), dtype=img.dtype)
+    for b in range(img.shape[0]):
+        cv2.warpAffine(np.ascontiguousarray(img[b]), matrix, (size, size), dst=out[b], **kw)
+    return out
+
+
+def s2_matrix(matrix: np.ndarray, in_hw: tuple[int, int], out_hw: tuple[int, int],
+              s2_size: int) -> np.ndarray:
+    """The S2 counterpart of an aerial map `matrix` (2x3, input -> output pixel-centre coordinates).
+
+    Same linear part; translation = where the aerial input centre lands relative to the output centre,
+    divided by 50, so the S2 crop stays centred on the aerial output at 1 S2 pixel = 50 output pixels.
+    """
+    lin = matrix[:, :2]
+    c_in = np.array([(in_hw[1] - 1) / 2.0, (in_hw[0] - 1) / 2.0])
+    c_out = np.array([(out_hw[1] - 1) / 2.0, (out_hw[0] - 1) / 2.0])
+    c_s2 = np.full(2, (s2_size - 1) / 2.0)
+    shift = (lin @ c_in + matrix[:, 2] - c_out) / AERIAL_PER_S2
+    return np.hstack([lin, (c_s2 - lin @ c_s2 + shift)[:, None]])
+
+
+def warp_s2(s2: np.ndarray, valid: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear warp of (T,C,S,S) float32 by a 2x3 forward map; (warped, validity).
+
+    numpy rather than OpenCV: S2 stacks have T*10 channels (OpenCV's many-channel path is imprecise
+    and capped at 512 channels), and validity must follow exactly which source pixels were used. An
+    output pixel is valid when all its interpolation neighbours with non-zero weight are valid.
+    """
+    size = s2.shape[-1]
+    inv = cv2.invertAffineTransform(matrix.astype(np.float64))
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    # Snap coordinates within 1e-4 of a pixel centre, so exact moves (D4-like) do not touch neighbours.
+    sx = np.where(np.abs(sx - np.rint(sx)) < 1e-4, np.rint(sx), sx)
+    sy = np.where(np.abs(sy - np.rint(sy)) < 1e-4, np.rint(sy), sy)
+    x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
+    fx, fy = (sx - x0).astype(np.float32), (sy - y0).astype(np.float32)
+    flat = s2.reshape(*s2.shape[:-2], size * size)  # gathers along one flat axis: ~4x faster than 2-D
+    out = np.zeros_like(flat)
+    ok = np.ones((size, size), bool)
+    corners = ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx))
+    for dy, dx, w in corners:
+        xi, yi = x0 + dx, y0 + dy
+        used = w > 0
+        inside = (xi >= 0) & (xi < size) & (yi >= 0) & (yi < size)
+        xc, yc = np.clip(xi, 0, size - 1), np.clip(yi, 0, size - 1)
+        ok &= ~used | (inside & valid[yc, xc])
+        weight = np.where(inside, w, 0).astype(np.float32).ravel()
+        out += np.take(flat, (yc * size + xc).ravel(), axis=-1) * weight
+    out = out.reshape(s2.shape)
+    out[..., ~ok] = 0.0
+    return out, ok
+
+
+def draw_photometric(rng: np.random.Generator, image: np.ndarray, aug: np.ndarray) -> None:
+    """`heavy`'s photometric parameters for a (C,H,W) uint8 crop, written into `aug` (see `Slot`).
+
+    Ranges and probabilities of the albumentations transforms they replace: brightness +-0.1, contrast
+    and gamma x0.8..1.25 (p=0.8); GaussNoise std 1..4 % of 255 at half resolution (p=0.3); GaussianBlur
+    3..5 px, sigma 0.5..3 or MotionBlur 3..7 px (p=0.2); CoarseDropout 1..6 holes of 3..12 % (p=0.3)."""
+    c, h, w = image.shape
+    if rng.random() < 0.8:
+        aug[Slot.JITTER] = 1.0
+        aug[Slot.BRIGHT:Slot.BRIGHT + c] = rng.uniform(-0.1, 0.1, c)
+        aug[Slot.CONTRAST:Slot.CONTRAST + c] = np.exp(rng.uniform(np.log(0.8), -np.log(0.8), c))
+        aug[Slot.GAMMA:Slot.GAMMA + c] = np.exp(rng.uniform(np.log(0.8), -np.log(0.8), c))
+        aug[Slot.MEAN:Slot.MEAN + c] = image[:, ::8, ::8].reshape(c, -1).mean(axis=1) / 255.0
+    if rng.random() < 0.3:
+        aug[Slot.NOISE_STD] = rng.uniform(0.01, 0.04) * 255.0
+        aug[Slot.NOISE_SEED] = rng.integers(2**24)
+    if rng.random() < 0.2:
+        motion = rng.random() < 0.5
+        aug[Slot.BLUR] = 2.0 if motion else 1.0
+        aug[Slot.BLUR_SIZE] = rng.choice([3, 5, 7] if motion else [3, 5])
+        aug[Slot.BLUR_PARAM] = rng.uniform(0.0, 180.0) if motion else rng.uniform(0.5, 3.0)
+    if rng.random() < 0.3:
+        for j in range(int(rng.integers(1, MAX_HOLES + 1))):
+            hh, hw = int(h * rng.uniform(0.03, 0.12)), int(w * rng.uniform(0.03, 0.12))
+            top, left = int(rng.integers(0, h - hh + 1)), int(rng.integers(0, w - hw + 1))
+            aug[Slot.HOLES + 4 * j:Slot.HOLES + 4 * j + 4] = (top, left, top + hh, left + hw)
+
+
+class Augment:
+    """Callable joint augmentation, CPU half:
+    `aug(rng, image, mask=None, s2=None, s2_valid=None, s2_days=None) -> dict`.
+
+    `image` uint8 (C,H,W), `mask` uint8 (H,W), `s2` float32 (T,10,S,S), `s2_valid` bool (S,S), `s2_days`
+    int64 (T,). Returns the same keys (None stays None), with H,W = `crop_size` when cropping, plus "aug":
+    the float32 (AUG_LEN,) parameters of the device half (None for `none`, which has no device work).
+    `rng` may be None when the preset draws nothing (evaluation).
+    """
+
+    def __init__(self, preset: str = "none", crop_size: int | None = None, date_dropout: float = 0.0,
+                 extra: ExtraTransform | None = None):
+        if preset not in PRESETS:
+            raise ValueError(f"augment preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        self.preset = preset
+        self.crop_size = crop_size
+        self.use_d4 = preset in ("light", "heavy")
+        self.scale_rotate_p = 0.75 if preset == "heavy" else 0.0
+        self.zoom = (0.75, 4.0 / 3.0)
+        self.rotate_p, self.max_angle = 0.5, 15.0
+        self.date_dropout = float(date_dropout)
+        self.extra = extra  # the user's pixel transforms (src.data.augment), after the crop
+
+    def _geometry(self, rng: np.random.Generator | None, h: int, w: int
+                  ) -> tuple[np.ndarray | None, tuple[int, int] | None, int]:
+        """(matrix or None, integer crop offset or None, output size) for an (h, w) input."""
+        out = min(self.crop_size or max(h, w), h, w)
+        if not self.crop_size and not self.scale_rotate_p:
+            return None, None, out  # evaluation: the whole patch, whatever its shape
+        if self.scale_rotate_p and rng.random() < self.scale_rotate_p:
+            zoom = float(np.exp(rng.uniform(np.log(self.zoom[0]), np.log(self.zoom[1]))))
+            zoom = max(zoom, out / min(h, w))  # the source square must fit in the patch
+            side = out / zoom
+            cx, cy = rng.uniform(side / 2, w - side / 2), rng.uniform(side / 2, h - side / 2)
+            angle = rng.uniform(-self.max_angle, self.max_angle) if rng.random() < self.rotate_p else 0.0
+            # forward map b = zoom * R(angle) (a - centre) + c_out, in pixel-centre coordinates
+            rad = np.deg2rad(angle)
+            lin = zoom * np.array([[np.cos(rad), -np.sin(rad)], [np.sin(rad), np.cos(rad)]])
+            centre = np.array([cx - 0.5, cy - 0.5])
+            c_out = np.full(2, (out - 1) / 2.0)
+            return np.hstack([lin, (c_out - lin @ centre)[:, None]]), None, out
+        if out < h or out < w:
+            return None, (int(rng.integers(0, h - out + 1)), int(rng.integers(0, w - out + 1))), out
+        return None, None, out
+
+    def __call__(self, rng: np.random.Generator | None, image: np.ndarray, mask: np.ndarray | None = None,
+                 s2: np.ndarray | None = None, s2_valid: np.ndarray | None = None,
+                 s2_days: np.ndarray | None = None) -> dict[str, Any]:
+        if s2 is not None and s2_valid is None:
+            s2_valid = np.ones(s2.shape[-2:], bool)
+        if s2 is not None and self.date_dropout > 0 and s2.shape[0] > 1:
+            keep = rng.random(s2.shape[0]) >= self.date_dropout
+            if not keep.any():
+                keep[rng.integers(s2.shape[0])] = True
+            s2 = s2[keep]
+            s2_days = s2_days[keep] if s2_days is not None else None
+        aug = None
+        if self.use_d4:
+            aug = np.zeros(AUG_LEN, np.float32)
+            aug[Slot.K] = rng.integers(8)
+
+        h, w = image.shape[-2:]
+        matrix, offset, out = self._geometry(rng, h, w)
+        if offset is not None:
+            r, c = offset
+            image = image[:, r:r + out, c:c + out]
+            mask = mask[r:r + out, c:c + out] if mask is not None else None
+            matrix = np.array([[1.0, 0.0, -c], [0.0, 1.0, -r]])
+        elif matrix is not None:
+            image = _warp_image(image, matrix, out, nearest=False, fill=0)
+            if mask is not None:
+                mask = _warp_image(mask, matrix, out, nearest=True, fill=MASK_FILL)
+        if matrix is not None and s2 is not None:
+            s2, s2_valid = warp_s2(s2, s2_valid, s2_matrix(matrix, (h, w), (out, out), s2.shape[-1]))
+        if self.extra is not None:
+            image = self.extra.apply(rng, image)
+        if self.preset == "heavy":
+            draw_photometric(rng, image, aug)
+        return {"image": image, "mask": mask, "s2": s2, "s2_valid": s2_valid, "s2_days": s2_days, "aug": aug}
+
+
+def build_augment(cfg: dict, train: bool) -> Augment:
+    """The training preset of `cfg["augment"]` (with crop and date dropout), or the identity for eval."""
+    if not train:
+        return Augment("none")
+    crop = int(cfg.get("crop_size") or 0) or None
+    spec = str(cfg.get("augment_extra") or "")
+    extra = ExtraTransform(spec, len(cfg.get("bands", BAND_NAMES))) if spec else None
+    return Augment(cfg.get("augment", "none"), crop_size=crop,
+                   date_dropout=float(cfg.get("s2_date_dropout", 0.0)), extra=extra)
+
+
+def _load_builder(spec: str) -> Any:
+    """`file.py:function` or `package.module:function` -> the function."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ConfigError(f"augment_extra: expected path/to/file.py:function or package.module:function, "
+                          f"got {spec!r}")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ConfigError(f"augment_extra: {path}: file not found")
+            module_spec = importlib.util.spec_from_file_location(f"_augment_extra_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as err:  # an import error of the user's file: name it, in one line
+        raise ConfigError(f"augment_extra: cannot import {where}: {type(err).__name__}: {err}") from None
+    builder = getattr(module, name, None)
+    if not callable(builder):
+        raise ConfigError(f"augment_extra: {where} has no function {name!r}")
+    return builder
+
+
+def _leaves(transform: Any) -> Iterator[Any]:
+    """Every transform inside (nested Compose, OneOf, SomeOf, ...)."""
+    children = getattr(transform, "transforms", None)
+    if children is None:
+        yield transform
+        return
+    for child in children:
+        yield from _leaves(child)
+
+
+class ExtraTransform:
+    """A checked albumentations pipeline applied to (C, H, W) uint8 images, re-seeded per sample."""
+
+    def __init__(self, spec: str, n_bands: int):
+        import albumentations as A
+
+        transform = _load_builder(spec)()
+        if not isinstance(transform, (A.BaseCompose, A.BasicTransform)):
+            raise ConfigError(f"augment_extra: {spec} returned {type(transform).__name__}, "
+                              "not an albumentations transform")
+        if not isinstance(transform, A.BaseCompose):
+            transform = A.Compose([transform])
+        for leaf in _leaves(transform):
+            if not isinstance(leaf, A.ImageOnlyTransform):
+                raise ConfigError(f"augment_extra: {type(leaf).__name__} is not a pixel-level transform (the "
+                                  "kit keeps the mask and the S2 crop aligned: use only ImageOnlyTransform)")
+        self.spec, self.transform = spec, transform
+        try:
+            self.apply(np.random.default_rng(0), np.zeros((n_bands, 64, 64), np.uint8))
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"augment_extra: {spec} fails on a {n_bands}-band uint8 image: "
+                              f"{type(err).__name__}: {err}") from None
+
+    def apply(self, rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+        """(C, H, W) uint8 -> (C, H, W) uint8."""
+        self.transform.set_random_seed(int(rng.integers(2**31)))
+        out = self.transform(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)))["image"]
+        out = np.asarray(out)
+        if out.ndim == 2:
+            out = out[..., None]
+        if out.dtype != np.uint8 or out.shape[:2] != image.shape[1:] or out.shape[2] != image.shape[0]:
+            raise ConfigError(f"augment_extra: {self.spec} turned a {image.shape[0]}-band uint8 "
+                              f"{image.shape[1]}x{image.shape[2]} image into {out.dtype} {out.shape}")
+        return np.ascontiguousarray(np.moveaxis(out, -1, 0))

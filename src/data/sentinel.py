@@ -1,0 +1,304 @@
+"""Sentinel-2 time series for one aerial patch: crop, cloud/snow filter, monthly composites, date encoding.
+
+Pure numpy (no torch), so the exact baseline procedure (docs/data-format.md, "S2 matching and the cloud
+filter") can be tested against a slow reimplementation and reused by any caller. With the defaults,
+`s2_series` reproduces the official FLAIR #2 baseline for series inside one calendar year; where the
+baseline crashes or silently misbehaves, the kit does something defined instead (listed in
+`s2_series`' docstring).
+
+CLI (inspection): `python -m src.data.sentinel --data X_data.npy --masks X_masks.npy --products X_products.txt
+--centroid ROW COL [--size 40] [--no-filter] [--no-monthly]` prints the kept dates and their encoding."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import os
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from src.core.errors import DataError
+
+# Reference day of the baseline date encoding: days are counted before 15 May.
+REF_MONTH, REF_DAY = 5, 15
+# Fallback when no date passes the cloud/snow filter: keep every date whose cover is within this
+# tolerance of the least covered date (so at least one date, usually a handful, survive).
+FALLBACK_TOL = 0.1
+# Day-of-year in a 365-day calendar (the baseline forces every date into the year 2021).
+_DOY365 = np.cumsum([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30])
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def product_date(name: str) -> dt.date:
+    """Acquisition date of an L2A product name, e.g. `S2A_MSIL2A_20210415T105021_...` -> 2021-04-15.
+
+    The date is characters 11..18 of the name (docs/data-format.md, "Sentinel-2 super-areas").
+    """
+    stem = os.path.basename(str(name).strip())
+    digits = stem[11:19]
+    try:
+        if len(digits) != 8 or not digits.isdigit():
+            raise ValueError
+        return dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
+    except ValueError:
+        raise ValueError(f"S2 product name {name!r}: no YYYYMMDD date at characters 11..18") from None
+
+
+def read_products(path: str | os.PathLike) -> list[str]:
+    """Product names of a `_products.txt`, one per line in time-axis order (blank lines ignored)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable products list ({err})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path}: empty products list")
+    return names
+
+
+def open_zone(data_path: str | os.PathLike, masks_path: str | os.PathLike, products_path: str | os.PathLike
+              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(data, masks, products) of one S2 super-area: the two arrays memory-mapped (only the windows that
+    are used get read), the triple checked for agreement. Errors name the file at fault."""
+    arrays = []
+    for p in (data_path, masks_path):
+        try:
+            arrays.append(np.load(p, mmap_mode="r"))
+        except FileNotFoundError:
+            raise DataError(f"{p}: file not found") from None
+        except (OSError, ValueError) as err:
+            raise DataError(f"{p}: unreadable .npy ({err})") from None
+    data, masks = arrays
+    products = read_products(products_path)
+    if data.ndim != 4 or masks.ndim != 4 or masks.shape[0] != data.shape[0] \
+            or masks.shape[2:] != data.shape[2:] or len(products) != data.shape[0]:
+        raise DataError(f"{data_path}: S2 triple does not match: data {data.shape}, "
+                        f"masks {masks.shape}, {len(products)} products in {products_path}")
+    return data, masks, products
+
+
+def encode_days(dates: list[dt.date], ref_year: int) -> np.ndarray:
+    """Days before 15 May of `ref_year` in a 365-day calendar, int64.
+
+    For dates of `ref_year` this is exactly the baseline's `(2021-05-15 - 2021-MM-DD).days` (the
+    baseline forces every year to 2021, so leap days never count; 29 February is treated as the
+    28th, where the baseline crashes). Each year after `ref_year` subtracts 365 days, each year
+    before adds 365, so a series across New Year stays monotonic.
+    """
+    ref = _DOY365[REF_MONTH - 1] + REF_DAY
+    out = np.empty(len(dates), dtype=np.int64)
+    for i, d in enumerate(dates):
+        day = min(d.day, 28) if d.month == 2 else d.day
+        out[i] = ref - (_DOY365[d.month - 1] + day) + 365 * (ref_year - d.year)
+    return out
+
+
+def reference_year(dates: list[dt.date]) -> int:
+    """Year holding most acquisitions (the earliest such year on a tie): the year of the series."""
+    counts = Counter(d.year for d in dates)
+    best = max(counts.values())
+    return min(y for y, n in counts.items() if n == best)
+
+
+Span = tuple[int, int, int, int]  # (src_start, src_stop, dst_start, dst_stop) along one axis
+
+
+def window_span(centre: int, size: int, extent: int) -> Span:
+    """(src_start, src_stop, dst_start, dst_stop) of a `size` window starting at centre - size//2, clipped
+    to [0, extent): which S2 pixels lie around a patch (src.data.normalize takes the box under it from here)."""
+    start = int(centre) - size // 2
+    lo, hi = max(start, 0), min(start + size, extent)
+    if hi <= lo:
+        return 0, 0, 0, 0
+    return lo, hi, lo - start, hi - start
+
+
+def window_spans(centroid: tuple[int, int], size: int, hw: tuple[int, ...]) -> tuple[Span, Span]:
+    """`window_span` of the rows and of the columns of a super-area of `hw` (H, W); ValueError when the
+    window lies entirely outside it."""
+    rows, cols = window_span(centroid[0], size, hw[0]), window_span(centroid[1], size, hw[1])
+    if rows[1] == rows[0] or cols[1] == cols[0]:
+        raise ValueError(f"S2 window of size {size} at centroid {tuple(centroid)} lies outside the "
+                         f"super-area ({hw[0]}x{hw[1]})")
+    return rows, cols
+
+
+def window_in_bounds(masks: np.ndarray, centroid: tuple[int, int], size: int = 40) -> np.ndarray:
+    """The in-bounds part of the `size` window around `centroid` of a (T, C, H, W) array (what the cloud
+    filter looks at; a view: nothing is read); ValueError when the window lies entirely outside the
+    super-area."""
+    rows, cols = window_spans(centroid, size, masks.shape[-2:])
+    return masks[..., rows[0]:rows[1], cols[0]:cols[1]]
+
+
+def cloud_cover(window_masks: np.ndarray, prob_min: int = 60) -> np.ndarray:
+    """Per-date cover of a (T, 2, h, w) snow/cloud window: (count(snow >= p) + count(cloud >= p)) / (h*w).
+
+    float64 (T,), as the baseline computes it; `h*w` are the valid (in-bounds) pixels of the window.
+    """
+    m = np.asarray(window_masks)
+    counts = np.count_nonzero(m[:, :2] >= prob_min, axis=(1, 2, 3))
+    return counts / float(m.shape[2] * m.shape[3])
+
+
+def select_dates(dates: list[dt.date], cover: np.ndarray | None, cover_max: float = 0.5) -> np.ndarray:
+    """Indices of the dates kept, ordered by true date (stable).
+
+    `cover` None keeps every date; otherwise dates with `cover < cover_max`, or, when none passes,
+    every date within FALLBACK_TOL of the least covered one.
+    """
+    order = np.argsort(np.array([d.toordinal() for d in dates]), kind="stable")
+    if cover is None:
+        return order
+    cover = np.asarray(cover)
+    keep = order[cover[order] < cover_max]
+    if keep.size == 0:
+        keep = order[cover[order] <= cover.min() + FALLBACK_TOL]
+    return keep
+
+
+def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid: tuple[int, int],
+              size: int = 40, filter_clouds: bool = True, cover_max: float = 0.5, prob_min: int = 60,
+              monthly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """S2 series of one patch: `x` float32 (T',10,size,size) in stored reflectance units, `days` int64 (T',).
+
+    `data` (T,10,H,W) and `masks` (T,2,H,W, channel 0 snow, 1 cloud, 0..100) may be memmaps: only the
+    window (and only the kept dates of `data`) is read. `products` are the T product names in the
+    time-axis order of the arrays, `centroid` the (row, col) of the patch centre in the super-area.
+
+    Baseline procedure (docs/data-format.md, "S2 matching and the cloud filter"), reproduced exactly for
+    a window inside the super-area and a series inside one calendar year:
+    1. window `[r - size/2 : r + size/2, c - size/2 : c + size/2]`;
+    2. when `filter_clouds`, keep date t if `(count(snow >= prob_min) + count(cloud >= prob_min)) /
+       (size*size) < cover_max` (a pixel both snowy and cloudy counts twice, as in the baseline);
+    3. days = `(2021-05-15 - 2021-MM-DD).days`, positive before 15 May (year forced to 2021);
+    4. when `monthly`, average the kept dates of each calendar month present (months without a kept
+       date are skipped; mean of the integer reflectances, computed in float32 -- exact sums, one
+       rounding, equal to the baseline's float64 mean cast to float32), dated the 15th of the month.
+    No scaling: the dataset divides by 10000.
+
+    Differences from the baseline (which crashes or silently misbehaves in these cases):
+    - Window leaving the super-area: the missing pixels are NaN in `x` (the dataset turns them into
+      0 plus a validity mask). The cover of step 2 is computed over the valid pixels only
+      (cloudy count / number of valid pixels), so pads count neither as cloud nor as clear. A window
+      entirely outside the super-area raises ValueError.
+    - No date passes the filter: keep every date whose cover is within FALLBACK_TOL (0.1) of the
+      least covered one (at least one date; the baseline crashes on an empty series).
+    - Dates are ordered by true acquisition date (stable; the official products lists are already
+      in time order, so nothing changes there) and a monthly composite is per (year, month).
+    - Date encoding uses the real year relative to 15 May of the series' reference year (the year
+      holding most acquisitions) in a 365-day calendar (`encode_days`): identical to the baseline for
+      single-year series of any year, leap years included, and monotonic across New Year, where the
+      baseline's forced 2021 would fold December before January.
+    """
+    plan = plan_series(data, masks, products, centroid, size, filter_clouds, cover_max, prob_min)
+    (r0, r1, _, _), (c0, c1, _, _) = plan.spans
+    crop = np.asarray(data[plan.keep, :, r0:r1, c0:c1])  # only the kept dates of the window are read
+    return series_of_crop(crop, plan.dates, plan.keep, plan.spans, size, monthly)
+
+
+class SeriesPlan(NamedTuple):
+    """What `s2_series` decides before reading any data: the window, the dates and the ones it keeps."""
+    spans: tuple[Span, Span]   # the window's rows and columns (`window_spans`)
+    window_masks: np.ndarray   # (T, 2+, h, w) masks in the window (read with the cloud filter, else a view)
+    dates: list[dt.date]       # every date of the super-area
+    keep: np.ndarray           # indices of the dates kept (step 2), in date order
+
+
+def plan_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid: tuple[int, int],
+                size: int = 40, filter_clouds: bool = True, cover_max: float = 0.5, prob_min: int = 60
+                ) -> SeriesPlan:
+    """Steps 1-2 of `s2_series` (its checks, window and date selection; the same ValueErrors), shared with
+    src.data.normalize.series_and_stats, which reads the same window once for the series and its statistics."""
+    check_series_args(data, masks, products, size)
+    spans = window_spans(centroid, size, data.shape[-2:])  # raises when entirely outside
+    (r0, r1, _, _), (c0, c1, _, _) = spans
+    window_masks = masks[:, :, r0:r1, c0:c1]
+    if filter_clouds:  # the cloud filter reads the window's masks anyway: read them once, for the caller too
+        window_masks = np.asarray(window_masks)
+    dates = [product_date(p) for p in products]
+    return SeriesPlan(spans, window_masks, dates,
+                      series_dates(dates, window_masks, filter_clouds, cover_max, prob_min))
+
+
+def check_series_args(data: np.ndarray, masks: np.ndarray, products: list[str], size: int) -> None:
+    """ValueError unless (data, masks, products, size) can make a series (shapes, counts, size > 0)."""
+    if data.ndim != 4 or masks.ndim != 4:
+        raise ValueError(f"S2 data must be (T,C,H,W) and masks (T,2,H,W); got {data.shape} and {masks.shape}")
+    n_dates = data.shape[0]
+    if masks.shape[0] != n_dates or masks.shape[1] < 2 or masks.shape[2:] != data.shape[2:]:
+        raise ValueError(f"S2 masks shape {masks.shape} does not match data shape {data.shape}")
+    if len(products) != n_dates:
+        raise ValueError(f"{len(products)} product names for {n_dates} S2 dates")
+    if n_dates == 0:
+        raise ValueError("empty S2 series (0 dates)")
+    if size <= 0:
+        raise ValueError(f"S2 crop size must be positive, got {size}")
+
+
+def series_dates(dates: list[dt.date], window_masks: np.ndarray, filter_clouds: bool = True,
+                 cover_max: float = 0.5, prob_min: int = 60) -> np.ndarray:
+    """Indices of the dates `s2_series` keeps (step 2), in date order, from the (T, 2, h, w) masks of the
+    window."""
+    cover = cloud_cover(window_masks[:, :2], prob_min) if filter_clouds else None
+    return select_dates(dates, cover, cover_max)
+
+
+def series_of_crop(crop: np.ndarray, dates: list[dt.date], keep: np.ndarray, spans: tuple[Span, Span],
+                   size: int, monthly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 3-4 of `s2_series` and its NaN pads, from `crop`: the in-bounds window (`window_spans`) of the
+    data on the dates `keep` of `dates` (all of the super-area's dates), in that order."""
+    (_, _, dr0, dr1), (_, _, dc0, dc1) = spans
+    kept_dates = [dates[i] for i in keep]
+    ref_year = reference_year(dates)
+
+    if monthly:
+        month_key = np.array([d.year * 12 + d.month - 1 for d in kept_dates])
+        starts = np.flatnonzero(np.r_[True, month_key[1:] != month_key[:-1]])
+        counts = np.diff(np.r_[starts, month_key.size]).astype(np.float32)
+        ends = np.r_[starts[1:], month_key.size]
+        # float32 sums of integers < 2**24 are exact, so this equals the baseline's float64 mean + cast
+        sums = np.stack([crop[a:b].astype(np.float32).sum(axis=0) for a, b in zip(starts, ends)])
+        values = sums / counts[:, None, None, None]
+        out_dates = [dt.date(int(k) // 12, int(k) % 12 + 1, 15) for k in month_key[starts]]
+    else:
+        values = crop.astype(np.float32, copy=False)
+        out_dates = kept_dates
+
+    if (dr0, dr1, dc0, dc1) == (0, size, 0, size):
+        x = np.ascontiguousarray(values, dtype=np.float32)
+    else:
+        x = np.full((values.shape[0], values.shape[1], size, size), np.nan, dtype=np.float32)
+        x[:, :, dr0:dr1, dc0:dc1] = values
+    return x, encode_days(out_dates, ref_year)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print the S2 series kept for one patch centroid.")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--masks", required=True)
+    parser.add_argument("--products", required=True)
+    parser.add_argument("--centroid", type=int, nargs=2, required=True, metavar=("ROW", "COL"))
+    parser.add_argument("--size", type=int, default=40)
+    parser.add_argument("--no-filter", action="store_true")
+    parser.add_argument("--no-monthly", action="store_true")
+    args = parser.parse_args(argv)
+    data = np.load(args.data, mmap_mode="r")
+    masks = np.load(args.masks, mmap_mode="r")
+    products = read_products(args.products)
+    x, days = s2_series(data, masks, products, tuple(args.centroid), size=args.size,
+                        filter_clouds=not args.no_filter, monthly=not args.no_monthly)
+    print(f"{len(products)} dates -> {x.shape[0]} kept, x {x.shape} {x.dtype}")
+    for t, d in enumerate(days):
+        valid = x[t][~np.isnan(x[t])]
+        mean = float(valid.mean()) if valid.size else float("nan")
+        print(f"  t={t:2d} days={int(d):5d} mean reflectance {mean:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""What can be wrong in a FLAIR #2 tree (`Problem`) and the file checks of `python -m src.index --check`:
+every aerial/label TIFF header and every S2 triple is opened, so a truncated or damaged download is named
+file by file before any training starts (docs/data-format.md, "The index")."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from src.core.flair import PATCH_SIZE
+from src.core.progress import progress
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the tree; `fatal` ones stop the index (the CSVs would be wrong or unusable)."""
+
+    kind: str
+    path: str
+    message: str
+    fatal: bool
+
+    def __str__(self) -> str:
+        return f"{'ERROR' if self.fatal else 'warning'} [{self.kind}] {self.path}: {self.message}"
+
+
+def check_tif(path: Path, kind: str) -> str | None:
+    """Header check of an image (5 bands, 512x512, uint8; planar or interleaved) or label; None when fine."""
+    try:
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
+            # Truncated downloads keep a valid header: the strips must also end inside the file.
+            end = max((o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts)),
+                      default=0)
+    except Exception as err:  # tifffile raises many types for corrupt files
+        return f"unreadable TIFF ({type(err).__name__}: {err})"
+    if end > size:
+        return f"unreadable TIFF (truncated: image data ends at byte {end}, file has {size})"
+    if dtype != np.uint8:
+        return f"dtype {dtype}, expected uint8"
+    if kind == "img":
+        ok = shape in ((5, PATCH_SIZE, PATCH_SIZE), (PATCH_SIZE, PATCH_SIZE, 5))
+        return None if ok else f"shape {shape}, expected 5 bands of {PATCH_SIZE}x{PATCH_SIZE}"
+    ok = shape in ((PATCH_SIZE, PATCH_SIZE), (1, PATCH_SIZE, PATCH_SIZE), (PATCH_SIZE, PATCH_SIZE, 1))
+    return None if ok else f"shape {shape}, expected one band of {PATCH_SIZE}x{PATCH_SIZE}"
+
+
+def check_s2(triple: dict) -> list[tuple[str, str]]:
+    """(path, message) for every inconsistency of one S2 triple: shapes, dtypes, dates vs products.txt."""
+    out: list[tuple[str, str]] = []
+    try:
+        data = np.load(triple["data"], mmap_mode="r")
+    except Exception as err:
+        return [(str(triple["data"]), f"unreadable .npy ({type(err).__name__}: {err})")]
+    try:
+        masks = np.load(triple["masks"], mmap_mode="r")
+    except Exception as err:
+        return [(str(triple["masks"]), f"unreadable .npy ({type(err).__name__}: {err})")]
+    if data.ndim != 4 or data.shape[1] != 10:
+        out.append((str(triple["data"]), f"shape {data.shape}, expected (T, 10, H, W)"))
+    elif data.dtype.kind not in "iu":
+        out.append((str(triple["data"]), f"dtype {data.dtype}, expected integer reflectance"))
+    if masks.ndim != 4 or masks.shape[1] != 2:
+        out.append((str(triple["masks"]), f"shape {masks.shape}, expected (T, 2, H, W)"))
+    elif data.ndim == 4 and (masks.shape[0] != data.shape[0] or masks.shape[2:] != data.shape[2:]):
+        out.append((str(triple["masks"]), f"shape {masks.shape} does not match data {data.shape}"))
+    try:
+        lines = [ln.strip() for ln in Path(triple["products"]).read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        return [*out, (str(triple["products"]), f"unreadable ({err})")]
+    if data.ndim == 4 and len(lines) != data.shape[0]:
+        out.append((str(triple["products"]), f"{len(lines)} products but data has T={data.shape[0]} dates"))
+    for line in lines:
+        try:
+            dt.datetime.strptime(line[11:19], "%Y%m%d")
+        except ValueError:
+            out.append((str(triple["products"]), f"no date at chars 11..18 of {line!r}"))
+            break
+    return out
+
+
+def check_files(rows: list[dict], triples: list[dict], workers: int | None = None) -> list[Problem]:
+    """Every image/label TIFF header of the index rows and every S2 triple, read in parallel threads.
+
+    Header reads wait on the disk, not the CPU, hence more threads than cores (up to 32)."""
+    jobs = [(Path(r["img_path"]), "img") for r in rows]
+    jobs += [(Path(r["msk_path"]), "msk") for r in rows if r["msk_path"]]
+    workers = workers or min(32, (os.cpu_count() or 2) * 4)
+    problems: list[Problem] = []
+    with ThreadPoolExecutor(workers) as pool, \
+            progress(total=len(jobs) + len(triples), desc="checking files", unit="file") as bar:
+        for (path, _kind), msg in zip(jobs, pool.map(lambda j: check_tif(*j), jobs)):
+            bar.update()
+            if msg:
+                kind = "unreadable" if msg.startswith("unreadable") else "bad-file"
+                problems.append(Problem(kind, str(path), msg, True))
+        for found in pool.map(check_s2, triples):
+            bar.update()
+            for path, msg in found:
+                kind = "unreadable" if msg.startswith("unreadable") else "bad-s2"
+                problems.append(Problem(kind, path, msg, True))
+    return problems
