@@ -47,7 +47,7 @@ OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filt
 	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA)))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv synth index download folds train oof ensemble predict pseudo submit evaluate export infer tensorboard demo eda test test-all lint bench clean
+.PHONY: help venv synth index download folds train oof ensemble predict pseudo submit evaluate export infer tensorboard demo eda settings test test-all lint bench clean
 
 help: ## list every target
 	@grep -E '^[a-z][a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -117,6 +117,9 @@ demo: $(STAMP) ## whole chain on CPU on synthetic data: synth, index, folds, tra
 
 eda: $(STAMP) ## execute notebooks/eda.ipynb headlessly (EDA_DATA=path) into notebooks/out/ (+ HTML)
 	$(PY) -m src.eda $(if $(EDA_DATA),--data $(EDA_DATA)) $(ARGS)
+
+settings: $(STAMP) ## print every setting: type, default, allowed values, the jobs that read it, what it does
+	@$(PY) -m src.train --settings
 
 test: $(STAMP) ## run the fast test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -9,7 +9,8 @@ an option and this bench says what it does, not what it should do.
 
 What it does: scripts/demo.sh's synthetic set (8 training domains, 2 test domains, 2 zones x 2 patches each;
 every domain has its own radiometry: per-band gain 0.85..1.15 and offset -12..12 grey levels, elevation gain
-0.9..1.1, src/prep/synth_scene.py), folds as the demo, then trains configs/demo.yaml on fold 0 twice (aerial only:
+0.9..1.1, src/prep/synth_scene.py), folds as the demo, then trains configs/demo.yaml on fold 0 twice (aerial
+only:
 fusion=none use_s2=false; and the U-T&T fusion model), skipped when the work folder already holds them.
 Each model predicts, through the `python -m src.predict` command, the test split and fold 0's held-out
 validation domains (also unseen in training) with bn_adapt=none and bn_adapt=domain; the official scores
@@ -46,11 +47,12 @@ def prepare_data(work: Path) -> Path:
     from src.core.tables import write_index
     from src.folds import make_folds
     from src.prep.index_scan import build_index
-    from src.prep.synth_write import make_dataset
+    from src.prep.synth_write import SynthSpec, make_dataset
 
     data = work / "data"
     if not (data / "folds.csv").is_file():
-        root = make_dataset(work / "raw", train_domains=8, test_domains=2, zones=2, patches=2, seed=0)
+        root = make_dataset(work / "raw", SynthSpec(train_domains=8, test_domains=2, zones=2, patches=2,
+                                                    seed=0))
         data.mkdir(parents=True, exist_ok=True)
         write_index(build_index(root), data)
         make_folds(data, k=4, seed=0, plot=False)

@@ -43,7 +43,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from loader_bench import uncompressed_copy, warm  # noqa: E402
 
-from src.core.config import load_config  # noqa: E402
+from src.core.config import load_settings  # noqa: E402
 from src.core.flair import N_TEST_PATCHES  # noqa: E402
 from src.core.runtime import amp_dtype, autocast, tune_cuda  # noqa: E402
 from src.core.workers import cpu_count  # noqa: E402
@@ -54,7 +54,7 @@ from src.data.loader import EpochSampler, build_loader, collate  # noqa: E402
 from src.models.flair_model import build_model  # noqa: E402
 from src.prediction.ensemble import predict_batch  # noqa: E402
 from src.prep.index_scan import build_index  # noqa: E402
-from src.prep.synth_write import make_dataset  # noqa: E402
+from src.prep.synth_write import SynthSpec, make_dataset  # noqa: E402
 from src.training.state import build_nets  # noqa: E402
 from src.training.validation import to_device  # noqa: E402
 
@@ -96,20 +96,20 @@ def preset_cfg(name: str, plan: Plan, **over: Any) -> dict:
     values = {"encoder_weights": "none", "crop_size": plan.crop, "channels_last": True, "compile": False,
               "precision": "fp32" if plan.smoke else "bf16", "workers": 0, **(TINY if plan.smoke else {}),
               **over}
-    return load_config(ROOT / "configs" / f"{name}.yaml", values)
+    return load_settings(ROOT / "configs" / f"{name}.yaml", values)
 
 
 def batch_size(cfg: dict, plan: Plan) -> int:
-    return 2 if plan.smoke else int(cfg["batch_size"])
+    return 2 if plan.smoke else int(cfg.batch_size)
 
 
 def raw_batch(cfg: dict, b: int, crop: int, dates: int = 12) -> dict[str, torch.Tensor]:
     """A collated raw batch (uint8 image and mask, float16 S2) of random values, pinned on CUDA."""
     g = torch.Generator().manual_seed(0)
-    out = {"image": torch.randint(0, 256, (b, len(cfg["bands"]), crop, crop), generator=g, dtype=torch.uint8),
+    out = {"image": torch.randint(0, 256, (b, len(cfg.bands), crop, crop), generator=g, dtype=torch.uint8),
            "mask": torch.randint(0, 13, (b, crop, crop), generator=g, dtype=torch.uint8)}
-    if cfg["use_s2"]:
-        s = cfg["s2_size"]
+    if cfg.use_s2:
+        s = cfg.s2_size
         out["s2"] = (torch.rand(b, dates, 10, s, s, generator=g) * 0.3).half()
         out["s2_days"] = (torch.arange(dates) * 30 - 150).repeat(b, 1)
         out["s2_pad"] = torch.zeros(b, dates, dtype=torch.bool)
@@ -128,19 +128,19 @@ class Trainer:
     def __init__(self, cfg: dict, device: torch.device, backend: str = "inductor"):
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
-        self.dtype = amp_dtype(cfg["precision"], device)
+        self.dtype = amp_dtype(cfg.precision, device)
         self.nets = build_nets(cfg, build_model(cfg).to(device).train(), device)
-        self.run = torch.compile(self.nets.model, backend=backend) if cfg["compile"] else self.nets.model
+        self.run = torch.compile(self.nets.model, backend=backend) if cfg.compile else self.nets.model
 
     def step(self, batch: dict[str, Any]) -> None:
         n = self.nets
         image, extra, mask, valid = to_device(batch, self.cfg, self.device, self.dtype,
-                                              self.cfg["channels_last"], augment=True)
+                                              self.cfg.channels_last, augment=True)
         with autocast(self.device, self.dtype):
             out = self.run(image, **extra)
         loss, _ = n.criterion(out, mask, s2_valid=valid)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(n.model.parameters(), self.cfg["grad_clip"] or float("inf"))
+        torch.nn.utils.clip_grad_norm_(n.model.parameters(), self.cfg.grad_clip or float("inf"))
         n.optimizer.step()
         n.optimizer.zero_grad(set_to_none=True)
         if n.ema is not None:
@@ -193,8 +193,8 @@ def timed(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
 
 def synthetic_index(tmp: Path, plan: Plan) -> pd.DataFrame:
     """Train rows of a synthetic tree, tiles rewritten uncompressed, repeated so an epoch is long."""
-    root = make_dataset(tmp / "synth", train_domains=2, test_domains=1, zones=2,
-                        patches=2 if plan.smoke else 8, seed=0)
+    root = make_dataset(tmp / "synth", SynthSpec(train_domains=2, test_domains=1, zones=2,
+                                                 patches=2 if plan.smoke else 8, seed=0))
     df = uncompressed_copy(build_index(root)["train"].reset_index(drop=True), tmp / "tiles")
     warm(df)
     return pd.concat([df] * (2 if plan.smoke else 32), ignore_index=True)
@@ -226,7 +226,7 @@ def transform_cost(df: pd.DataFrame, plan: Plan, preset: str, all_on: bool) -> d
     if plan.device.type == "cuda":
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     on_dev = tensors_to({k: v for k, v in batch.items() if k != "aug"}, plan.device)
-    dtype = amp_dtype(cfg["precision"], plan.device)
+    dtype = amp_dtype(cfg.precision, plan.device)
     copy = timed(lambda: tensors_to(batch, plan.device), plan.device, 20)
     work = timed(lambda: device_batch(augment_batch(on_dev, batch["aug"], cfg), cfg, plan.device, dtype=dtype,
                                       channels_last=True), plan.device, 20)
@@ -243,11 +243,11 @@ def prediction(name: str, n_models: int, plan: Plan) -> dict[str, Any]:
     models = [build_model(cfg).to(plan.device).eval().to(memory_format=torch.channels_last)
               for _ in range(n_models)]
     batch = raw_batch(cfg, b, plan.crop)
-    dtype = amp_dtype(cfg["precision"], plan.device)
+    dtype = amp_dtype(cfg.precision, plan.device)
 
     def run():
         fed = device_batch(batch, cfg, plan.device, dtype=dtype)
-        return predict_batch(models, None, fed, "d4", precision=cfg["precision"], channels_last=True)
+        return predict_batch(models, None, fed, "d4", precision=cfg.precision, channels_last=True)
     per = timed(run, plan.device, 2 if plan.smoke else 5)
     rate = b / per
     return {"preset": name, "models": n_models, "tta": "d4", "batch": b, "patches_s": round(rate, 2),

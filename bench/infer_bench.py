@@ -32,14 +32,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from src.core.checkpoint import save_checkpoint  # noqa: E402
-from src.core.config import load_config  # noqa: E402
+from src.core.config import load_settings  # noqa: E402
 from src.models.flair_model import build_model  # noqa: E402
 
 
 def tiny_checkpoint(path: Path, **over) -> Path:
-    cfg = load_config(ROOT / "configs/demo.yaml", {"use_s2": False, "fusion": "none", **over})
+    cfg = load_settings(ROOT / "configs/demo.yaml", {"use_s2": False, "fusion": "none", **over})
     torch.manual_seed(0)
-    return save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": cfg})
+    return save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": cfg.to_dict()})
 
 
 def synthetic_raster(path: Path, size: int, strip: int = 512) -> Path:
@@ -86,7 +86,7 @@ def onnx_vs_torch(ckpt: Path, window: int, batch: int, reps: int = 3) -> list[tu
     model, cfg = load_for_inference(ckpt)
     wrapper = OnnxModel(model, cfg).eval()
     session = ort.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"])
-    image = torch.randint(0, 256, (batch, len(cfg["bands"]), window, window)).float()
+    image = torch.randint(0, 256, (batch, len(cfg.bands), window, window)).float()
     rows = []
     feed = {"image": image.numpy()}
     runners = {"pytorch": lambda: wrapper(image), "onnxruntime": lambda: session.run(None, feed)}

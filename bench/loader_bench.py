@@ -38,14 +38,14 @@ import pandas as pd  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
-from src.core.config import load_config  # noqa: E402
+from src.core.config import load_settings  # noqa: E402
 from src.core.files import read_image, read_label, write_tif  # noqa: E402
 from src.core.workers import cpu_count  # noqa: E402
 from src.data.dataset import FlairDataset  # noqa: E402
 from src.data.loader import EpochSampler, build_loader, collate  # noqa: E402
 from src.data.sentinel import window_in_bounds  # noqa: E402
 from src.prep.index_scan import build_index  # noqa: E402
-from src.prep.synth_write import make_dataset  # noqa: E402
+from src.prep.synth_write import SynthSpec, make_dataset  # noqa: E402
 
 STAGES = ("read", "s2", "augment", "finalize")
 
@@ -95,7 +95,7 @@ def read_floor(df: pd.DataFrame, n: int, s2: bool, hold: int = 0, size: int = 40
 
 def sample_cost(df: pd.DataFrame, preset: str, s2: bool, n: int, batch: int) -> dict:
     """CPU ms per sample of a worker's job: __getitem__ then collate, in batches of `batch`."""
-    cfg = load_config(None, {"augment": preset, "use_s2": s2, "use_metadata": s2, "crop_size": 512})
+    cfg = load_settings(None, {"augment": preset, "use_s2": s2, "use_metadata": s2, "crop_size": 512})
     ds = FlairDataset(df, cfg, train=True)
     collate([ds[(i % len(ds), 0)] for i in range(min(len(ds), 4))])  # warm-up: memmaps, caches
     ds.clock, ds.timings = time.thread_time, {}
@@ -114,7 +114,7 @@ def sample_cost(df: pd.DataFrame, preset: str, s2: bool, n: int, batch: int) -> 
 def throughput(df: pd.DataFrame, preset: str, workers: int, batch: int, batches: int) -> float:
     """Samples/s (wall) delivered by build_loader with `workers` persistent workers, after one warm batch
     per worker."""
-    cfg = load_config(None, {"augment": preset, "use_s2": True, "use_metadata": True, "crop_size": 512,
+    cfg = load_settings(None, {"augment": preset, "use_s2": True, "use_metadata": True, "crop_size": 512,
                              "workers": workers, "batch_size": batch})
     ds = FlairDataset(df, cfg, train=True)
     sampler = EpochSampler(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, seed=0))
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(w) for w in args.workers.split(",") if w] or sorted(
         {w for w in (1, 2, 4, 8, 16, 32, 64) if w <= cores} | {cores})
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.root or make_dataset(Path(tmp) / "synth", train_domains=2, test_domains=1, zones=2,
-                                         patches=6, seed=0)
+        root = args.root or make_dataset(Path(tmp) / "synth", SynthSpec(train_domains=2, test_domains=1,
+                                                                        zones=2, patches=6, seed=0))
         df = build_index(root)["train"].reset_index(drop=True)
         with tifffile.TiffFile(df["img_path"].iloc[0]) as tif:
             compression = tif.pages[0].compression.name.lower()

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from src.core.config import load_config  # noqa: E402
+from src.core.config import load_settings  # noqa: E402
 from src.core.files import write_json  # noqa: E402
 from src.core.runtime import amp_dtype, autocast, pick_device  # noqa: E402
 from src.models.flair_model import build_model, count_parameters  # noqa: E402
@@ -37,16 +37,16 @@ S2_DATES = 12  # monthly composites: at most one date per month
 
 def make_batch(cfg: dict, batch: int, size: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
-    out = {"image": torch.randn(batch, len(cfg["bands"]), size, size, generator=g),
-           "mask": torch.randint(0, cfg["num_classes"], (batch, size, size), generator=g)}
-    if cfg["fusion"] != "none":
-        s = cfg["s2_size"]
+    out = {"image": torch.randn(batch, len(cfg.bands), size, size, generator=g),
+           "mask": torch.randint(0, cfg.num_classes, (batch, size, size), generator=g)}
+    if cfg.fusion != "none":
+        s = cfg.s2_size
         out["s2"] = torch.rand(batch, S2_DATES, 10, s, s, generator=g)
         out["s2_days"] = (torch.arange(S2_DATES) * 30 - 150).repeat(batch, 1)
         out["s2_pad"] = torch.zeros(batch, S2_DATES, dtype=torch.bool)
         out["s2_valid"] = torch.ones(batch, s, s, dtype=torch.bool)
-    if cfg["use_metadata"]:
-        out["meta"] = torch.randn(batch, cfg["meta_dim"], generator=g)
+    if cfg.use_metadata:
+        out["meta"] = torch.randn(batch, cfg.meta_dim, generator=g)
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -73,7 +73,7 @@ def _timed(fn, iters: int, warmup: int, device: torch.device) -> tuple[float, fl
 
 
 def bench_preset(name: str, size: int, batch: int, iters: int, warmup: int, device: torch.device) -> dict:
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml", {"encoder_weights": "none"})
+    cfg = load_settings(ROOT / "configs" / f"{name}.yaml", {"encoder_weights": "none"})
     model = build_model(cfg).to(device)
     gpu = device.type == "cuda"
     if gpu:
@@ -101,8 +101,8 @@ def bench_preset(name: str, size: int, batch: int, iters: int, warmup: int, devi
 
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    row = {"preset": name, "arch": cfg["arch"], "encoder": cfg["encoder"], "bands": "".join(
-        b_[0] if b_ != "NIR" else "I" for b_ in cfg["bands"]), "s2": cfg["fusion"] != "none",
+    row = {"preset": name, "arch": cfg.arch, "encoder": cfg.encoder, "bands": "".join(
+        b_[0] if b_ != "NIR" else "I" for b_ in cfg.bands), "s2": cfg.fusion != "none",
         "params_m": round(count_parameters(model) / 1e6, 2), "size": size, "batch": batch,
         "device": str(device)}
     wall, cpu = _timed(forward, iters, warmup, device)

@@ -4,7 +4,8 @@ On the kit's own synthetic set (scripts/demo.sh's shape by default: 8 training d
 domains), each aerial pixel is described by its 5 aerial bands and, with --s2, the NDVI of each monthly S2
 composite of the S2 pixel it lies in (10 m, docs/data-format.md "Geometry"; months absent from a series
 repeat the nearest present one). The S2 features are the kit's own early-fusion features
-(src/models/s2_features.py, `s2_early=ndvi`) sampled nearest, i.e. the S2 pixel under each aerial pixel, so the
+(src/models/s2_features.py, `s2_early=ndvi`) sampled nearest, i.e. the S2 pixel under each aerial pixel, so
+the
 forest and the models read the same numbers. A random forest is fitted on pixels sampled from the training
 patches (every one, or with --fold K the demo's training rows of fold K: the domains outside fold K) and
 scored on every pixel of the test patches with the official metric (mIoU over classes 0..11). It is the
@@ -38,7 +39,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 
-from src.core.config import load_config  # noqa: E402
+from src.core.config import load_settings  # noqa: E402
 from src.core.flair import CLASS_NAMES, NUM_SCORED  # noqa: E402
 from src.core.tables import fold_rows, load_index  # noqa: E402
 from src.data.dataset import FlairDataset  # noqa: E402
@@ -52,9 +53,10 @@ def make_data(folder: Path) -> Path:
     from src.core.tables import write_index
     from src.folds import make_folds
     from src.prep.index_scan import build_index
-    from src.prep.synth_write import make_dataset
+    from src.prep.synth_write import SynthSpec, make_dataset
 
-    root = make_dataset(folder / "raw", train_domains=8, test_domains=2, zones=2, patches=2, seed=0)
+    root = make_dataset(folder / "raw", SynthSpec(train_domains=8, test_domains=2, zones=2, patches=2,
+                                                  seed=0))
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     write_index(build_index(root), data)
@@ -75,7 +77,7 @@ def pixel_features(sample: dict, with_s2: bool) -> np.ndarray:
 
 
 def run(data: Path, pixels: int, trees: int, seed: int, fold: str = "all") -> dict[str, np.ndarray]:
-    cfg = load_config(None, {"use_s2": True, "data_dir": str(data), "workers": 0})
+    cfg = load_settings(None, {"use_s2": True, "data_dir": str(data), "workers": 0})
     train_rows, _ = fold_rows(data, fold)  # the rows `make train FOLD=<fold>` trains on
     print(f"fold {fold}: {len(train_rows)} training patches from {train_rows['domain'].nunique()} domains")
     train = FlairDataset(train_rows, cfg, train=False)

@@ -1,4 +1,5 @@
-"""Cost of live tracking (src.training.records: TensorBoard event files) next to a training step: is logging noise?
+"""Cost of live tracking (src.training.records: TensorBoard event files) next to a training step: is logging
+noise?
 
 Measured directly, because on a shared machine two timed training runs differ by more than the logging:
 - `Tracker.step` (loss, lr, s2_loss: what the loop logs every `log_every` steps), averaged over many calls;
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.core.config import exit_on_config_error, load_config  # noqa: E402
+from src.core.config import exit_on_config_error, load_settings  # noqa: E402
 from src.core.errors import ConfigError  # noqa: E402
 from src.models.flair_model import build_model  # noqa: E402
 from src.models.losses import Criterion  # noqa: E402
@@ -64,10 +65,10 @@ def time_calls(fn, n: int) -> float:
 def model_steps(cfg: dict, batch: int, crop: int, steps: int, tracker: Tracker) -> tuple[list, list]:
     """Seconds of `steps` training steps without and with a Tracker.step after each, interleaved."""
     torch.manual_seed(0)
-    model = build_model({**cfg, "encoder_weights": "none", "fusion": "none", "use_s2": False}).train()
-    criterion = Criterion({**cfg, "fusion": "none"})
+    model = build_model(cfg.with_values(encoder_weights="none", fusion="none", use_s2=False)).train()
+    criterion = Criterion(cfg.with_values(fusion="none"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    image = torch.randn(batch, len(cfg["bands"]), crop, crop)
+    image = torch.randn(batch, len(cfg.bands), crop, crop)
     mask = torch.randint(0, 13, (batch, crop, crop))
 
     def one(log: bool, i: int) -> float:
@@ -99,15 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value settings")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_settings(args.config, args.overrides)
     except ConfigError as err:
         exit_on_config_error(err)
-    args.batch_size = args.batch_size or cfg["batch_size"]
-    args.crop = args.crop or cfg["crop_size"]
+    args.batch_size = args.batch_size or cfg.batch_size
+    args.crop = args.crop or cfg.crop_size
     with tempfile.TemporaryDirectory() as tmp:
-        tracker = Tracker.open(tmp, {**cfg, "tensorboard": True, "loggers": ""})
+        tracker = Tracker.open(tmp, cfg.with_values(tensorboard=True, loggers=""))
         per_step = time_calls(lambda i: tracker.step(i, loss=1.0 / (i + 1), lr=1e-3, s2_loss=0.5), args.calls)
-        samples = picture_samples(len(cfg["bands"]))
+        samples = picture_samples(len(cfg.bands))
         per_epoch = time_calls(lambda i: tracker.epoch(row(args.calls + i), ["D1", "D2"],
                                                        torch.ones(2, 13, 13), samples), 5)
         plain, logged = model_steps(cfg, args.batch_size, args.crop, args.steps, tracker)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.core.config import exit_on_config_error, load_config  # noqa: E402
+from src.core.config import exit_on_config_error, load_settings  # noqa: E402
 from src.core.errors import ConfigError  # noqa: E402
 from src.core.runtime import amp_dtype as precision_dtype  # noqa: E402
 from src.core.runtime import autocast, needs_grad_scaler, precision_name  # noqa: E402
@@ -42,11 +42,11 @@ S2_DATES = 12  # monthly composites
 def synthetic_batch(cfg: dict, batch: int, crop: int) -> dict[str, torch.Tensor]:
     """A raw batch with the dataset's keys, dtypes and shapes (uint8 image and mask), random values."""
     g = torch.Generator().manual_seed(0)
-    out = {"image": torch.randint(0, 256, (batch, len(cfg["bands"]), crop, crop), generator=g,
+    out = {"image": torch.randint(0, 256, (batch, len(cfg.bands), crop, crop), generator=g,
                                   dtype=torch.uint8),
            "mask": torch.randint(0, 13, (batch, crop, crop), generator=g, dtype=torch.uint8)}
-    if cfg["use_s2"]:
-        s = cfg["s2_size"]
+    if cfg.use_s2:
+        s = cfg.s2_size
         out["s2"] = (torch.rand(batch, S2_DATES, 10, s, s, generator=g) * 0.3).half()
         out["s2_days"] = torch.arange(S2_DATES).repeat(batch, 1) * 30 - 120
         out["s2_pad"] = torch.zeros(batch, S2_DATES, dtype=torch.bool)
@@ -63,28 +63,28 @@ def bench(cfg: dict, batch: int, crop: int, steps: int, warmup: int) -> dict:
     """Images/s over `steps` timed optimizer steps after `warmup` untimed ones."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    amp_dtype = precision_dtype(cfg["precision"], device)
-    use_scaler = needs_grad_scaler(cfg["precision"], device)
-    model = build_model({**cfg, "encoder_weights": "none"}).to(device).train()
-    if cfg["channels_last"]:
+    amp_dtype = precision_dtype(cfg.precision, device)
+    use_scaler = needs_grad_scaler(cfg.precision, device)
+    model = build_model(cfg.with_values(encoder_weights="none")).to(device).train()
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
-    run_model = torch.compile(model) if cfg["compile"] else model
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    run_model = torch.compile(model) if cfg.compile else model
     criterion = Criterion(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     data = synthetic_batch(cfg, batch, crop)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def one_step() -> None:
-        image, extra, mask, _ = to_device(data, cfg, device, amp_dtype, cfg["channels_last"])
+        image, extra, mask, _ = to_device(data, cfg, device, amp_dtype, cfg.channels_last)
         with autocast(device, amp_dtype):
             out = run_model(image, **extra)
         loss, _ = criterion(out, mask)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -101,7 +101,7 @@ def bench(cfg: dict, batch: int, crop: int, steps: int, warmup: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    return {"arch": cfg["arch"], "encoder": cfg["encoder"], "fusion": cfg["fusion"], "device": str(device),
+    return {"arch": cfg.arch, "encoder": cfg.encoder, "fusion": cfg.fusion, "device": str(device),
             "precision": precision_name(amp_dtype), "threads": torch.get_num_threads(),
             "batch": batch, "crop": crop, "steps": steps, "img_s": round(batch * steps / elapsed, 2),
             "s_per_step": round(elapsed / steps, 3), "peak_mem_mb": round(peak_memory_mb(device)),
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (20 if gpu else 5)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     try:
-        cfgs = [(c, load_config(c, ["precision=bf16", *args.overrides] if gpu and not args.config
+        cfgs = [(c, load_settings(c, ["precision=bf16", *args.overrides] if gpu and not args.config
                                 else args.overrides)) for c in configs]
     except ConfigError as err:
         exit_on_config_error(err)

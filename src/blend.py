@@ -4,7 +4,8 @@
         [--tta auto|none|flip|d4] [--checkpoint last|best] [--pixels auto|N] [--seed 0]
         [--no-choice] [--no-biases] [--threads 8] [--foldall]
 
-Each run is a folder of K fold runs of one config, whose `fold<k>/oof*/` stores (src.ensembling.oof) hold every
+Each run is a folder of K fold runs of one config, whose `fold<k>/oof*/` stores (src.ensembling.oof) hold
+every
 training patch once, predicted by the fold model that did not train on it. The search (src.ensembling.search)
 maximises the official OOF mIoU over the run weights, a per-class choice of one run (2nd place), the TTA
 level among those stored by every run, and per-class biases, on a fixed pixel subsample (src.ensembling.search
@@ -29,6 +30,7 @@ import numpy as np
 
 from src.core.errors import DataError, PredictError, one_line
 from src.core.flair import CLASS_NAMES, NUM_SCORED
+from src.core.settings import OOF_CHECKPOINTS, TTA_LEVELS
 from src.core.tables import load_folds, train_index
 from src.ensembling import search as S
 from src.ensembling.oof import read_store_manifest
@@ -201,9 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", nargs="+", required=True, help="run folders with fold<k>/oof*/ stores")
     ap.add_argument("--out", default="recipe.json", help="the recipe JSON (tables written beside it)")
     ap.add_argument("--data", help="data folder with index_train.csv and folds.csv (default: the stores')")
-    ap.add_argument("--tta", default="auto", choices=["auto", "none", "flip", "d4"],
+    ap.add_argument("--tta", default="auto", choices=["auto", *TTA_LEVELS],
                     help="TTA level of the stores to use; auto: the best among those every run stored")
-    ap.add_argument("--checkpoint", default="last", choices=["last", "best"], help="stores of last/best.pt")
+    ap.add_argument("--checkpoint", default="last", choices=OOF_CHECKPOINTS, help="stores of last/best.pt")
     ap.add_argument("--pixels", default="auto",
                     help="sampled pixels per patch for the search (auto: 128, or more on small sets)")
     ap.add_argument("--seed", type=int, default=0, help="pixel sample and domain halves")

@@ -7,7 +7,8 @@ Outputs: a per-class table and each domain's mIoU on stdout, optional JSON and a
 confusion-matrix PNG, and the per-domain report (PREFIX.csv: mIoU and the 13 IoUs of each domain;
 PREFIX.png: the same as a figure), by default beside the JSON (`X_scores.json` -> `X_domains.csv/.png`):
 the test set is 10 unseen domains and domain shift decides the ranking. The scoring and the writing live
-in `src.scoring.score` (docs/data-format.md, "Metric"; `score_and_write`, which `predict --submit` uses too) and
+in `src.scoring.score` (docs/data-format.md, "Metric"; `score_and_write`, which `predict --submit` uses too)
+and
 the report in `src.scoring.domains`; this is only the command line.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 
 from src.core.errors import DataError
-from src.scoring.score import score_and_write
+from src.scoring.score import ScoreFiles, score_and_write
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,9 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.labels and not args.index:
         parser.error("give --labels DIR or --index CSV")
     try:
-        score_and_write(args.pred, args.index or args.labels, json_path=args.json, png_path=args.png,
-                        domains=args.domains, workers=args.workers,
-                        labels=args.labels if args.index else None, backend=args.backend)
+        score_and_write(args.pred, args.index or args.labels, ScoreFiles(args.json, args.png, args.domains),
+                        workers=args.workers, labels=args.labels if args.index else None,
+                        backend=args.backend)
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -18,189 +18,23 @@ maximum absolute differences of the logits and the three file sizes are printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import time
-import warnings
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from src.core.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
-from src.core.errors import DataError, one_line
-from src.core.files import atomic_write
+from src.core.errors import one_line
 from src.core.flair import PATCH_SIZE
-from src.data.dataset import S2_SCALE
-from src.data.normalize import normalize
-from src.models.flair_model import load_for_inference
-from src.models.s2_features import model_reads_s2
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-OPSET = 18
-# Accepted max |logit difference| between onnxruntime and PyTorch (fp32, CPU): 1e-3, or 1e-5 of the largest
-# logit for models with large logits (measured: 1.0e-3 on logits up to 437 of an untrained U-Net R34).
-ONNX_ATOL, ONNX_RTOL = 1e-3, 1e-5
-
-
-# ----------------------------------------------------------------------------------- slim checkpoint
-def slim_state(state: dict[str, Any], dtype: torch.dtype = torch.float16, source: str = "") -> dict[str, Any]:
-    """{"model": half-precision inference weights, "config", "meta"} from a training checkpoint."""
-    weights, kept = {}, []
-    limit = torch.finfo(dtype).max
-    for key, value in state["model"].items():
-        if value.is_floating_point():
-            if value.abs().max() > limit if value.numel() else False:
-                kept.append(key)  # would become inf: stays float32
-            else:
-                value = value.to(dtype)
-        weights[key] = value.detach().clone().contiguous()
-    meta = {"format": "flair2-kit slim checkpoint (inference weights only)",
-            "dtype": str(dtype).split(".")[-1], "kept_float32": kept, "source": source,
-            "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            **{k: state.get(k) for k in ("fold", "epoch", "best_miou")}}
-    return {"model": weights, "config": dict(state["config"]), "meta": meta}
-
-
-# ------------------------------------------------------------------------------------------- ONNX
-class OnnxModel(nn.Module):
-    """What the ONNX file computes: raw inputs -> normalisation -> the model -> logits (B, 13, H, W).
-
-    Inputs: `image` float32 (B, C, H, W) raw band values 0..255, C = the config's bands in their order
-    (e.g. R, G, B, NIR, E); the normalisation of the config (train mean/std or /255) is inside.
-    Fusion models (fusion=utt) also take `s2` float32 (B, T, 10, S, S) Sentinel-2 reflectance x 10000 as
-    stored in the FLAIR #2 arrays (NaN allowed: read as 0), `s2_days` int64 (B, T) and `s2_pad` bool
-    (B, T), True on padded dates (docs/data-format.md, "Samples and batches"). B and T are dynamic; H and
-    W are the export size (`--size`, 512 by default: the window `make infer` uses). Dynamic sides are not
-    offered: the dynamo exporter of torch 2.5-2.6 with onnxscript 0.1 fails on the U-Net decoder's
-    upsampling to symbolic sizes, and a fixed window is what tiled inference feeds anyway.
-    Softmax of the logits gives the class probabilities.
-    """
-
-    def __init__(self, model: nn.Module, cfg: dict[str, Any]):
-        super().__init__()
-        self.model, self.cfg = model, {"bands": list(cfg["bands"]), "norm": cfg.get("norm", "mean_std")}
-        self.fusion = model_reads_s2(cfg)  # U-T&T and/or early S2 channels
-
-    def forward(self, image: torch.Tensor, s2: torch.Tensor | None = None,
-                s2_days: torch.Tensor | None = None, s2_pad: torch.Tensor | None = None) -> torch.Tensor:
-        if s2 is not None:
-            s2 = torch.nan_to_num(s2, nan=0.0) / S2_SCALE
-        return self.model(normalize(image, self.cfg), s2=s2, s2_days=s2_days, s2_pad=s2_pad)["logits"]
-
-
-def example_inputs(cfg: dict[str, Any], batch: int = 2, size: int = PATCH_SIZE, dates: int = 6,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random raw inputs of the shapes the ONNX model takes (the last sample with padded dates)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {"image": torch.randint(0, 256, (batch, len(cfg["bands"]), size, size), generator=g).float()}
-    if model_reads_s2(cfg):
-        s = int(cfg["s2_size"])
-        out["s2"] = torch.randint(0, 4000, (batch, dates, 10, s, s), generator=g).float()
-        out["s2_days"] = torch.sort(torch.randint(-130, 230, (batch, dates), generator=g), dim=1).values
-        out["s2_pad"] = torch.zeros(batch, dates, dtype=torch.bool)
-        out["s2_pad"][-1, dates // 2:] = True
-    return out
-
-
-def export_onnx(wrapper: OnnxModel, inputs: dict[str, torch.Tensor], path: Path) -> Path:
-    """torch.onnx.export (dynamo) with a dynamic batch (and dates), sides fixed, written atomically."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    shapes: dict[str, dict[int, Any]] = {"image": {0: batch}}
-    if wrapper.fusion:
-        dates = torch.export.Dim("dates", min=1, max=1024)
-        shapes.update({"s2": {0: batch, 1: dates}, "s2_days": {0: batch, 1: dates},
-                       "s2_pad": {0: batch, 1: dates}})
-    names = list(inputs)
-    with atomic_write(path) as tmp, contextlib.redirect_stdout(sys.stderr), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # axis-renaming notes of the exporter
-        program = torch.onnx.export(wrapper.eval(), tuple(inputs.values()), dynamic_shapes=shapes,
-                                    input_names=names, output_names=["logits"], opset_version=OPSET,
-                                    dynamo=True, external_data=False, verbose=False)
-        program.save(str(tmp))
-    return path
-
-
-def onnx_max_diff(path: Path, wrapper: OnnxModel, inputs: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(max |logit difference| between onnxruntime (CPU) and PyTorch on `inputs`, max |logit|)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
-    with torch.inference_mode():
-        want = wrapper(**inputs).numpy()
-    if got.shape != want.shape:
-        raise DataError(f"{path}: ONNX logits {got.shape}, PyTorch {want.shape}")
-    return float(np.abs(got - want).max()), float(np.abs(want).max())
-
-
-# ------------------------------------------------------------------------------------- one checkpoint
-def logits_of(model: nn.Module, cfg: dict[str, Any], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode():
-        return OnnxModel(model, cfg).eval()(**inputs)
-
-
-def mb(path: Path) -> str:
-    return f"{path.stat().st_size / 1e6:.1f} MB"
-
-
-def export_checkpoint(path: Path, dtype: str = "fp16", onnx: bool = True, size: int = PATCH_SIZE,
-                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write and check `<stem>.slim.pt` (and `<stem>.onnx`) beside checkpoint `path`; a report dict."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    state = load_checkpoint(path)
-    slim = path.with_name(f"{path.stem}.slim.pt")
-    save_checkpoint(slim, slim_state(state, DTYPES[dtype], source=str(path)))
-    del state
-    model, cfg = load_for_inference(path, "cpu")
-    small, _ = load_for_inference(slim, "cpu")
-    inputs = example_inputs(cfg, size=size)
-    ref = logits_of(model, cfg, inputs)
-    report: dict[str, Any] = {"checkpoint": str(path), "slim": str(slim),
-                              "slim_max_diff": float((logits_of(small, cfg, inputs) - ref).abs().max()),
-                              "sizes": {"checkpoint": path.stat().st_size, "slim": slim.stat().st_size}}
-    line = (f"export: {path} ({mb(path)}) -> {slim.name} ({mb(slim)}, {dtype}; max |logit diff| "
-            f"{report['slim_max_diff']:.2e} vs {path.name}, logits up to {float(ref.abs().max()):.3g})")
-    if onnx and cfg.get("use_metadata"):  # its input is the kit's own metadata encoding: no portable ONNX
-        line += "; no ONNX: metadata models (use_metadata=true) are not exported"
-    elif onnx and cfg.get("norm") == "s2_stats":  # each patch is normalised by numbers from its S2 series
-        line += "; no ONNX: norm=s2_stats needs per-patch S2 statistics the ONNX input does not carry"
-    elif onnx:
-        out = path.with_name(f"{path.stem}.onnx")
-        wrapper = OnnxModel(model, cfg).eval()
-        export_onnx(wrapper, inputs, out)
-        check = example_inputs(cfg, batch=3, size=size, dates=9, seed=1)  # another batch size: dynamic
-        diff, scale = onnx_max_diff(out, wrapper, check)
-        report.update(onnx=str(out), onnx_max_diff=diff)
-        report["sizes"]["onnx"] = out.stat().st_size
-        line += f", {out.name} ({mb(out)}; max |logit diff| {diff:.2e} onnxruntime vs PyTorch)"
-        if not diff <= max(ONNX_ATOL, ONNX_RTOL * scale):
-            out.unlink()  # an unchecked model is not left for use
-            raise DataError(f"{out}: onnxruntime logits differ from PyTorch by {diff:.3g} on logits up to "
-                            f"{scale:.3g}; file removed")
-    log(line)
-    return report
-
-
-def export(runs: Sequence[str | Path], dtype: str = "fp16", onnx: bool = True, size: int = PATCH_SIZE,
-           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Export every best.pt under `runs` (or the checkpoint files given)."""
-    return [export_checkpoint(p, dtype, onnx, size, log) for p in find_checkpoints(list(runs))]
+from src.core.settings import SLIM_DTYPES
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m src.export", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="run folders (best.pt under them) or files")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="slim weights (default fp16)")
+    ap.add_argument("--dtype", choices=SLIM_DTYPES, default="fp16", help="slim weights (default fp16)")
     ap.add_argument("--no-onnx", dest="onnx", action="store_false", help="only the slim checkpoint")
     ap.add_argument("--size", type=int, default=PATCH_SIZE, help="image side of the example/check inputs")
     args = ap.parse_args(argv)
     try:
+        from src.deploy.export import export
+
         export(args.runs, args.dtype, args.onnx, args.size)
     except ValueError as err:  # CheckpointError, DataError, bad settings
         print(f"export: error: {one_line(err)}", file=sys.stderr)

@@ -14,22 +14,21 @@ batch_size, workers, precision, skip_bad). Docs: docs/recipes.md, "Out-of-fold e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from src.core.config import exit_on_config_error, parse_overrides, resolve, split_overrides
+from src.core.config import exit_on_config_error, parse_overrides, split_overrides
 from src.core.errors import CheckpointError, ConfigError, DataError, PredictError, one_line
-from src.core.runtime import cleanup, pick_device, setup_distributed
-from src.core.tables import fold_rows
-from src.ensembling.oof import CHECKPOINTS, TTA_LEVELS, fold_dirs, store_name, write_oof
+from src.core.settings import OOF_CHECKPOINTS, TTA_LEVELS
 
 
 def fold_checkpoints(runs: Sequence[str | Path], checkpoint: str) -> list[tuple[int, Path]]:
     """(fold, checkpoint file) of every fold<k> of every run; a run without folds or a fold without the
     checkpoint is an error naming the folder (before any model is loaded)."""
+    from src.ensembling.oof import fold_dirs
+
     out: list[tuple[int, Path]] = []
     for run in map(Path, runs):
         folds = fold_dirs(run)
@@ -45,31 +44,25 @@ def fold_checkpoints(runs: Sequence[str | Path], checkpoint: str) -> list[tuple[
 
 
 def write_stores(runs: Sequence[str | Path], tta: str = "none", checkpoint: str = "last",
-                 overrides: dict[str, Any] | list[str] | None = None, device: str = "auto",
+                 overrides: dict[str, Any] | None = None, device: str = "auto",
                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Write (or complete) the OOF store of every fold under `runs`; returns rank 0's manifests."""
-    from src.models.flair_model import load_for_inference
+    from src.core.tables import fold_rows
+    from src.ensembling.oof import Store, store_name, write_oof
+    from src.prediction.ensemble import load_ensemble, place_prediction
 
-    if tta not in TTA_LEVELS:
-        raise ConfigError(f"--tta: expected one of {', '.join(TTA_LEVELS)}, got {tta!r}")
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"--checkpoint: expected last or best, got {checkpoint!r}")
-    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     todo = fold_checkpoints(runs, checkpoint)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world, dev = setup_distributed()
-    else:
-        rank, world, dev = 0, 1, pick_device(device)
+    place = place_prediction(device)
     quiet: Callable[[str], None] = lambda *a, **k: None  # noqa: E731
     manifests = []
     for k, ckpt in todo:
-        model, mcfg = load_for_inference(ckpt, dev)
-        cfg = resolve(ov, mcfg, "command line")
-        _, val_df = fold_rows(cfg["data_dir"], str(k))
-        cfg["name"], cfg["runs_dir"] = ckpt.parent.parent.name, str(ckpt.parent.parent.parent)
-        manifests.append(write_oof(model, cfg, val_df, ckpt.parent / store_name(tta, checkpoint), fold=k,
-                                   tta=tta, checkpoint=checkpoint, weights_file=ckpt, rank=rank, world=world,
-                                   device=dev, log=log if rank == 0 else quiet))
+        run_dir = ckpt.parent.parent
+        where = {"name": run_dir.name, "runs_dir": str(run_dir.parent)}  # the run the store belongs to
+        ens = load_ensemble([ckpt], place.device, job="oof", overrides={**(overrides or {}), **where},
+                            log=quiet)
+        _, val_df = fold_rows(ens.cfg.data_dir, str(k))
+        store = Store(ckpt.parent / store_name(tta, checkpoint), str(k), tta, checkpoint, ckpt)
+        manifests.append(write_oof(ens, val_df, store, place, log if place.main else quiet))
     return manifests
 
 
@@ -77,21 +70,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m src.oof", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="run folders holding fold<k>/ subfolders")
     ap.add_argument("--tta", default="none", choices=TTA_LEVELS, help="TTA level of the store")
-    ap.add_argument("--checkpoint", default="last", choices=CHECKPOINTS,
+    ap.add_argument("--checkpoint", default="last", choices=OOF_CHECKPOINTS,
                     help="last.pt (the final weights, as training writes) or best.pt")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (data_dir=..., batch_size=...)")
     args = ap.parse_args(argv)
     runs, overrides = split_overrides(args.runs, args.overrides)
     try:
-        write_stores(runs, args.tta, args.checkpoint, overrides, args.device)
+        write_stores(runs, args.tta, args.checkpoint, parse_overrides(overrides), args.device)
     except ConfigError as err:
         exit_on_config_error(err)
     except (PredictError, DataError) as err:
         print(f"oof: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        cleanup()
+        if "torch" in sys.modules:
+            from src.core.runtime import cleanup
+
+            cleanup()
 
 
 if __name__ == "__main__":

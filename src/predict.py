@@ -5,20 +5,24 @@
     python -m src.predict --combine PROBS_DIR1 PROBS_DIR2 ... --out PRED_DIR [--weights ...] [--submit NAME]
 
 Why it is built this way (formats: docs/data-format.md, "Predictions and probabilities"):
-- Every model is rebuilt from its own checkpoint config (`src.models.flair_model.load_for_inference`); `key=value`
-  overrides apply on top of every checkpoint's config (use them for data_dir, batch_size, workers, tta...).
+- Every model is rebuilt from its own checkpoint's settings (src.prediction.ensemble: the one engine of
+  predict, oof, pseudo and infer); `key=value` overrides apply on top of every checkpoint's settings (use
+  them for data_dir, batch_size, workers, tta...) and are checked before torch is imported.
 - One loader feeds the whole ensemble: a patch is read once per distinct input setting, not once per
   model (src.data.loader). The batch maths (TTA views in one forward, weights, probs or logits) are in
   src.prediction.ensemble.
 - PRED files are written in background threads through the atomic `src.scoring.submission.write_pred`, so a
   killed run never leaves a partial file. Re-running with the same --out writes only the missing ones;
   a `predict.json` manifest records which checkpoints/weights/TTA made them, and a different setup is
-  refused (use --overwrite) rather than silently mixing two ensembles in one submission (src.prediction.stores).
+  refused (use --overwrite) rather than silently mixing two ensembles in one submission
+  (src.prediction.stores).
 - `bn_adapt=domain` re-estimates every model's BatchNorm statistics on each test domain's patches before
-  predicting that domain (src.prediction.bn_adapt; `--bn-adapt-patches N` caps the patches per domain, default 256).
+  predicting that domain (src.prediction.bn_adapt; `--bn-adapt-patches N` caps the patches per domain,
+  default 256).
 - The pass over the split (loader, writer, manifest, measured time) is src.prediction.passes.
 - `--save-probs DIR` keeps the ensemble's softmax per patch as `PROB_<id>.npz` (src.prediction.stores) so
-  separately predicted models can be combined later with `--combine` (src.prediction.passes) without re-running
+  separately predicted models can be combined later with `--combine` (src.prediction.passes) without
+  re-running
   them.
 - The time in the zip name (--submit with --baseline-time) is the measured inference time for the
   split; for --combine it adds up the times of the runs that saved the probabilities (from their
@@ -28,63 +32,55 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
-
-from src.core.config import exit_on_config_error, parse_overrides, resolve, split_overrides
+from src.core.config import exit_on_config_error, load_settings, parse_overrides, split_overrides
 from src.core.errors import ConfigError, DataError, PredictError, is_disk_full, one_line
-from src.core.runtime import pick_device, tune_cuda
-from src.core.tables import has_labels, split_index
-from src.ensembling.recipe import load_recipe, recipe_checkpoints
-from src.prediction import tta as T
-from src.prediction.ensemble import Mix, resolve_checkpoints
-from src.prediction.passes import check_settings, combine, run_prediction
+from src.core.settings import TTA_LEVELS
 
 
 # ------------------------------------------------------------------------------------------ commands
-def predict(runs: Sequence[str | Path], out_dir: str | Path, *, split: str = "test",
-            weights: Sequence[float] | None = None, tta: str | None = None,
-            overrides: dict[str, Any] | list[str] | None = None, probs_dir: str | Path | None = None,
-            index: str | Path | None = None, overwrite: bool = False, device: str = "auto",
-            mix: Mix | None = None, bn_patches: int | None = None,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Load the checkpoints under `runs`, predict the split's index into `out_dir`; report dict.
-    `bn_patches` caps the patches per domain that bn_adapt=domain re-estimates on (0: all)."""
-    from src.core.checkpoint import load_checkpoint
-    from src.models.flair_model import load_for_inference
+def predict_runs(args: argparse.Namespace, weights: list[float] | None, overrides: dict[str, Any],
+                 log: Callable[[str], None] = print) -> tuple[dict[str, Any], Any]:
+    """Predict the split with the checkpoints of --runs or --recipe: (report, the split's index)."""
+    from src.core.tables import split_index
+    from src.ensembling.recipe import load_recipe, recipe_checkpoints
+    from src.prediction.ensemble import load_ensemble, place_prediction
+    from src.prediction.passes import Target, run_prediction
 
-    ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    paths, w = resolve_checkpoints(runs, weights)
-    dev = pick_device(device)
-    # settings are checked (one-line errors) before any model is built
-    first_cfg = resolve(ov, dict(load_checkpoint(paths[0])["config"]), "command line")
-    if bn_patches is not None:
-        first_cfg["bn_adapt_patches"] = bn_patches
-    check_settings({**first_cfg, **({"tta": tta} if tta else {})})
-    index_df = split_index(first_cfg["data_dir"], split, index)
-    models, cfgs = [], []
-    for p in paths:
-        model, mcfg = load_for_inference(p, dev)
-        if first_cfg.get("channels_last"):  # faster on GPU, and on CPU too (oneDNN, ~1.3x measured)
-            model = model.to(memory_format=torch.channels_last)
-        models.append(model)
-        cfgs.append(resolve(ov, mcfg, "command line"))
-        log(f"predict: loaded {p} (arch {mcfg.get('arch')}, encoder {mcfg.get('encoder')}, "
-            f"bands {','.join(map(str, mcfg.get('bands', [])))}, s2 {mcfg.get('use_s2')})")
-    tune_cuda(dev)  # fixed 512x512 inputs: cuDNN picks its fastest kernels; TF32 for fp32 runs
-    identity = {"models": [{"path": str(p.resolve()), "size": p.stat().st_size,
-                            "mtime_ns": p.stat().st_mtime_ns} for p in paths]}
-    report = run_prediction(models, cfgs, w, index_df, out_dir, first_cfg, tta=tta, probs_dir=probs_dir,
-                            identity=identity, overwrite=overwrite, mix=mix, log=log)
-    report["index_df"] = index_df
-    return report
+    recipe = load_recipe(args.recipe) if args.recipe else {}  # its checkpoints, TTA, class weights, biases
+    runs, mix = recipe_checkpoints(recipe) if recipe else (args.runs, None)
+    place = place_prediction(args.device)
+    found: dict[str, Any] = {}
+
+    def index_of(first: Any) -> None:  # the split's rows, checked before any model is built
+        found["index"] = split_index(first.data_dir, args.split, args.index)
+
+    ens = load_ensemble([str(r) for r in runs], place.device, weights=weights, overrides=overrides, mix=mix,
+                        on_first=index_of, log=log)
+    target = Target(Path(args.out), Path(args.save_probs) if args.save_probs else None, args.overwrite)
+    report = run_prediction(ens, found["index"], target, tta=args.tta or recipe.get("tta"), log=log)
+    return report, found["index"]
 
 
-def submit_and_score(out_dir: Path, index_df: pd.DataFrame, name: str, infer_s: float | None,
+def combine_folders(args: argparse.Namespace, weights: list[float] | None, overrides: dict[str, Any]
+                    ) -> tuple[dict[str, Any], Any]:
+    """--combine: the weighted average of saved probability folders: (report, the split's index or None)."""
+    from src.core.tables import split_index
+    from src.prediction.passes import combine
+
+    cfg = load_settings(None, overrides)
+    index_df = None
+    if args.index or (Path(cfg.data_dir) / f"index_{args.split}.csv").is_file():
+        index_df = split_index(cfg.data_dir, args.split, args.index)
+    report = combine(args.combine, args.out, None if index_df is None else index_df["id"].tolist(), weights,
+                     probs_dir=args.save_probs, overwrite=args.overwrite)
+    return report, index_df
+
+
+def submit_and_score(out_dir: Path, index_df: Any, name: str, infer_s: float | None,
                      baseline_s: float | None, submissions: str | Path = "submissions",
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Zip the PRED folder into submissions/ (make_zip validates it against the split's ids first), then
@@ -92,7 +88,8 @@ def submit_and_score(out_dir: Path, index_df: pd.DataFrame, name: str, infer_s: 
     `score_and_write`) beside the folder: `<out>_scores.json`, `<out>_confusion.png` and the per-domain
     report `<out>_domains.csv/.png`. Times go in the zip name only when both are known (make_zip wants
     both or neither)."""
-    from src.scoring.score import domains_prefix, score_and_write
+    from src.core.tables import has_labels
+    from src.scoring.score import ScoreFiles, domains_prefix, score_and_write
     from src.scoring.submission import make_zip
 
     ids = index_df["id"].astype(str).tolist()
@@ -110,7 +107,7 @@ def submit_and_score(out_dir: Path, index_df: pd.DataFrame, name: str, infer_s: 
         base = Path(out_dir)
         out["scores"] = str(base.with_name(base.name + "_scores.json"))
         out["confusion_png"] = str(base.with_name(base.name + "_confusion.png"))
-        res = score_and_write(zip_path, index_df, json_path=out["scores"], png_path=out["confusion_png"],
+        res = score_and_write(zip_path, index_df, ScoreFiles(out["scores"], out["confusion_png"]),
                               log=log)
         out["miou"] = res["miou"]
         if res["per_domain"]:
@@ -130,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default="test", help="index split to predict: DATA/index_<split>.csv")
     ap.add_argument("--index", help="explicit index CSV (default: data_dir/index_<split>.csv)")
     ap.add_argument("--out", required=True, help="folder for PRED_<id>.tif (re-running resumes)")
-    ap.add_argument("--tta", choices=T.LEVELS, help="none | flip (3 views) | d4 (8 views); default: cfg tta")
+    ap.add_argument("--tta", choices=TTA_LEVELS,
+                    help="none | flip (3 views) | d4 (8 views); default: cfg tta")
     ap.add_argument("--weights", help="comma-separated weights: one per --runs item, per checkpoint, "
                     "or per --combine folder")
     ap.add_argument("--save-probs", help="also save uint8 softmax per patch here (PROB_<id>.npz)")
@@ -146,23 +144,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_command(args: argparse.Namespace, weights: list[float] | None) -> None:
-    if args.runs or args.recipe:  # a recipe (src.ensembling.recipe): its checkpoints, TTA, class weights and biases
-        recipe = load_recipe(args.recipe) if args.recipe else {}
-        paths, mix = recipe_checkpoints(recipe) if recipe else (args.runs, None)
-        runs, overrides = split_overrides([str(p) for p in paths], args.overrides)
-        report = predict(runs, args.out, split=args.split, weights=weights, tta=args.tta or recipe.get("tta"),
-                         overrides=overrides, probs_dir=args.save_probs, index=args.index,
-                         overwrite=args.overwrite, device=args.device, mix=mix,
-                         bn_patches=args.bn_adapt_patches)
-        index_df = report["index_df"]
+    items = args.combine or args.runs or []
+    items, rest = split_overrides([str(p) for p in items], args.overrides)  # nargs="+" swallows key=value
+    overrides = parse_overrides(rest)  # unknown settings and bad values fail here, before torch loads
+    if args.bn_adapt_patches is not None:
+        overrides["bn_adapt_patches"] = args.bn_adapt_patches
+    if args.combine:
+        args.combine = items
+        report, index_df = combine_folders(args, weights, overrides)
     else:
-        dirs, overrides = split_overrides(args.combine, args.overrides)
-        cfg = resolve(parse_overrides(overrides))
-        index_df = None
-        if args.index or (Path(cfg["data_dir"]) / f"index_{args.split}.csv").is_file():
-            index_df = split_index(cfg["data_dir"], args.split, args.index)
-        report = combine(dirs, args.out, None if index_df is None else index_df["id"].tolist(), weights,
-                         probs_dir=args.save_probs, overwrite=args.overwrite)
+        args.runs = items or args.runs
+        report, index_df = predict_runs(args, weights, overrides)
     if args.submit:
         if index_df is None:
             raise PredictError("--submit needs the split's index (data_dir=... or --index)")

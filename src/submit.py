@@ -4,7 +4,8 @@
     python -m src.submit --pred PRED_DIR --index DATA/index_test.csv --name NAME
         [--baseline-time S --your-time S] [--out submissions] [--deflate]
 
-The format, the checks and the zip live in `src.scoring.submission` (docs/data-format.md, "Submission"); this is
+The format, the checks and the zip live in `src.scoring.submission` (docs/data-format.md, "Submission"); this
+is
 only its command line.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Write a synthetic FLAIR #2 dataset in the real layout (`make synth`): learnable, honest data for every
-check that must run without the real 100 GB. The truth: src.prep.synth_scene; the pixels: src.prep.synth_write;
+check that must run without the real 100 GB. The truth: src.prep.synth_scene; the pixels:
+src.prep.synth_write;
 the files: src.prep.synth_write.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ import os
 import sys
 import time
 
-from src.prep.synth_write import make_dataset
+from src.prep.synth_write import SynthSpec, make_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="parallel processes (zones are written independently)")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    root = make_dataset(args.out, args.train_domains, args.test_domains, args.zones, args.patches,
-                        args.seed, args.layout, args.interleave, not args.no_test_labels,
-                        workers=args.workers)
+    spec = SynthSpec(args.train_domains, args.test_domains, args.zones, args.patches, args.seed, args.layout,
+                     args.interleave, not args.no_test_labels)
+    root = make_dataset(args.out, spec, workers=args.workers)
     n = (args.train_domains + args.test_domains) * args.zones * args.patches
     print(f"synthetic FLAIR #2 ({args.layout} layout): {n} patches, "
           f"{(args.train_domains + args.test_domains) * args.zones} zones -> {root} "

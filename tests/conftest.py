@@ -14,10 +14,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic FLAIR #2 tree (official layout), written once per session. Do not modify it."""
-    from src.prep.synth_write import make_dataset
+    from src.prep.synth_write import SynthSpec, make_dataset
 
-    return make_dataset(tmp_path_factory.mktemp("synth"), train_domains=3, test_domains=2, zones=2,
-                        patches=3, seed=0)
+    return make_dataset(tmp_path_factory.mktemp("synth"), SynthSpec(train_domains=3, test_domains=2, zones=2,
+                                                                    patches=3, seed=0))
 
 
 @pytest.fixture(scope="session")

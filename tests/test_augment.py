@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.data.augment import AUG_LEN, MASK_FILL, Augment, Slot, build_augment, d4, s2_matrix, warp_s2
 from src.data.device_augment import augment_batch
 
@@ -94,7 +94,7 @@ def test_joint_alignment(preset, crop):
     image, mask, s2, days = planted()
     totals = np.zeros(2, int)
     for seed in range(12):
-        cfg = load_config(None, {"augment": preset, "crop_size": crop})
+        cfg = load_settings(None, {"augment": preset, "crop_size": crop})
         out = full(build_augment(cfg, train=True), cfg, seed, image, mask, s2.copy(), days)
         assert out["image"].shape == (5, crop, crop) and out["mask"].shape == (crop, crop)
         assert out["s2"].shape == (3, 10, S2, S2) and out["s2_valid"].shape == (S2, S2)
@@ -105,7 +105,7 @@ def test_joint_alignment(preset, crop):
 def test_d4_moves_all_targets_with_the_same_element():
     image, mask, s2, days = planted()
     seen = set()
-    cfg = load_config(None, {"augment": "light"})
+    cfg = load_settings(None, {"augment": "light"})
     for seed in range(40):
         out = full(Augment("light"), cfg, seed, image, mask, s2, days)
         matches = [k for k in range(8) if np.array_equal(out["image"], d4(image, k, axes=(1, 2)))]
@@ -128,7 +128,7 @@ def test_d4_group():
 
 def test_eval_is_identity_at_full_size():
     image, mask, s2, days = planted()
-    cfg = load_config(None, {"augment": "heavy", "crop_size": 256, "s2_date_dropout": 0.5})
+    cfg = load_settings(None, {"augment": "heavy", "crop_size": 256, "s2_date_dropout": 0.5})
     out = build_augment(cfg, train=False)(None, image, mask, s2, None, days)
     assert out["image"] is image and out["mask"] is mask and out["s2"] is s2
     assert out["s2_valid"].all() and out["aug"] is None
@@ -179,7 +179,7 @@ def test_heavy_draws_its_photometric_parameters_and_works_on_band_subsets():
     image, mask, s2, days = planted()
     drawn = np.zeros(AUG_LEN)
     for bands in (["R", "G", "B"], ["NIR", "E"], ["E"]):
-        cfg = load_config(None, {"augment": "heavy", "crop_size": 128, "bands": bands})
+        cfg = load_settings(None, {"augment": "heavy", "crop_size": 128, "bands": bands})
         aug = build_augment(cfg, train=True)
         for seed in range(8):
             sub = np.ascontiguousarray(image[:len(bands)])

@@ -16,10 +16,10 @@ import torch
 from src import blend as B
 from src import predict as P
 from src.core.checkpoint import save_checkpoint
-from src.core.config import DEFAULTS
 from src.core.errors import PredictError
 from src.core.files import read_label, write_json
 from src.core.flair import NUM_CLASSES, remap
+from src.core.settings import Settings
 from src.core.tables import load_folds, load_index
 from src.ensembling.oof import STORE_MANIFEST, store_name
 from src.ensembling.recipe import (
@@ -224,14 +224,15 @@ def tiny_checkpoints(root: Path, data: Path) -> list[Path]:
     """runs/a with two folds and runs/b with one: tiny random models saved as kit checkpoints."""
     from src.models.flair_model import build_model
 
-    cfg = {**DEFAULTS, "arch": "FPN", "encoder": "tu-test_resnet", "encoder_weights": "none",
-           "data_dir": str(data), "workers": 0, "batch_size": 2, "precision": "fp32", "channels_last": False}
+    cfg = Settings(arch="FPN", encoder="tu-test_resnet", encoder_weights="none", data_dir=str(data),
+                   workers=0,
+                   batch_size=2, precision="fp32", channels_last=False)
     paths = []
     for seed, (run, k) in enumerate([("a", 0), ("a", 1), ("b", 0)]):
         torch.manual_seed(seed)
         path = root / "runs" / run / f"fold{k}" / "last.pt"
         path.parent.mkdir(parents=True)
-        save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": cfg})
+        save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": cfg.to_dict()})
         paths.append(path)
     return paths
 

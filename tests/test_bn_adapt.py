@@ -10,19 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from src.core.config import DEFAULTS, load_config
+from src.core.config import load_settings
 from src.core.errors import ConfigError, PredictError
 from src.core.files import read_label
+from src.core.settings import Settings
 from src.data.normalize import normalize
 from src.prediction import passes as PP
 from src.prediction import stores as predstore
 from src.prediction.bn_adapt import (
     adapt_batchnorm,
     batchnorm_layers,
-    check_settings,
     estimate_rows,
     has_batchnorm,
 )
+from src.prediction.ensemble import Ensemble
 from src.scoring.submission import validate
 from tests.test_predict import Conv1x1
 
@@ -85,7 +86,7 @@ def test_statistics_are_the_cumulative_average_of_the_batch_statistics():
 def test_the_first_batchnorm_of_a_real_model_gets_its_inputs_statistics():
     from src.models.flair_model import build_model
 
-    cfg = load_config(None, {"encoder": "resnet18", "encoder_weights": "none", "use_s2": False,
+    cfg = load_settings(None, {"encoder": "resnet18", "encoder_weights": "none", "use_s2": False,
                              "fusion": "none"})
     model = build_model(cfg).eval()
     before = _state(model)
@@ -123,11 +124,11 @@ def test_a_layer_with_one_value_per_channel_keeps_its_statistics():
 
 
 def test_settings_and_estimate_rows():
-    assert check_settings("domain", 0) == ("domain", 0)
+    assert Settings(bn_adapt="domain", bn_adapt_patches=0).bn_adapt_patches == 0
     with pytest.raises(ConfigError, match="bn_adapt: expected"):
-        check_settings("batch", 10)
+        Settings(bn_adapt="batch")
     with pytest.raises(ConfigError, match="bn_adapt_patches"):
-        check_settings("domain", -1)
+        Settings(bn_adapt_patches=-1)
     import pandas as pd
 
     rows = pd.DataFrame({"id": [str(i) for i in range(10)]})
@@ -136,15 +137,14 @@ def test_settings_and_estimate_rows():
 
 
 # ---------------------------------------------------------------------------------------- prediction
-def _cfg(**kw) -> dict:
-    return {**DEFAULTS, "bands": ["R", "G", "B", "NIR", "E"], "use_s2": False, "workers": 0, "batch_size": 2,
-            "tta": "none", "precision": "fp32", "channels_last": False, "bn_adapt": "domain", **kw}
+def _cfg(**kw) -> Settings:
+    return Settings(**{"use_s2": False, "workers": 0, "batch_size": 2, "tta": "none", "precision": "fp32",
+                       "channels_last": False, "bn_adapt": "domain", **kw})
 
 
 def _run(index_df, out, model, **kw) -> list[str]:
-    cfg = _cfg(**kw)
     logs: list[str] = []
-    PP.run_prediction([model], [cfg], None, index_df, out, cfg, log=logs.append)
+    PP.run_prediction(Ensemble([model], [_cfg(**kw)], [1.0]), index_df, PP.Target(out), log=logs.append)
     return logs
 
 
@@ -180,7 +180,7 @@ def test_predict_by_domain_resumes_to_the_same_files(synth_index, tmp_path, monk
     assert any(not np.array_equal(a, once[k]) for k, a in _preds(tmp_path / "none").items())
 
     # killed after the first batch of the first domain (2 of its patches written), then resumed
-    real, calls = PP.predict_batch, [0]
+    real, calls = Ensemble.predict, [0]
 
     def dies_on_second_batch(*a, **kw):
         calls[0] += 1
@@ -188,11 +188,11 @@ def test_predict_by_domain_resumes_to_the_same_files(synth_index, tmp_path, monk
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(PP, "predict_batch", dies_on_second_batch)
+    monkeypatch.setattr(Ensemble, "predict", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         _run(test, tmp_path / "killed", model)
     assert len(_preds(tmp_path / "killed")) == 2
-    monkeypatch.setattr(PP, "predict_batch", real)
+    monkeypatch.setattr(Ensemble, "predict", real)
     logs = _run(test, tmp_path / "killed", model)
     # the partly done domain is re-estimated on all its patches, not on the 4 still to write
     assert any(f"domain {domains[0]}: BatchNorm statistics re-estimated on {n} of its {n}" in s for s in logs)

@@ -1,4 +1,5 @@
-"""FlairDataset (+ src.data.loader's collate/build_loader/EpochSampler, src.data.dataset) on the synthetic tree
+"""FlairDataset (+ src.data.loader's collate/build_loader/EpochSampler, src.data.dataset) on the synthetic
+tree
 (real TIFF / .npy files): raw samples, their batches, and augmentation that depends on (seed, epoch,
 index) only."""
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.errors import DataError
 from src.core.files import read_image, read_label, write_tif
 from src.core.flair import remap
@@ -26,7 +27,7 @@ SPEC_STD = [35.41, 32.06, 30.71, 27.09, 15.85]
 
 
 def cfg_of(**kw):
-    return load_config(None, kw)
+    return load_settings(None, kw)
 
 
 def test_sample_keys_types_and_s2(synth_index):
@@ -58,7 +59,8 @@ def test_sample_keys_types_and_s2(synth_index):
 
 
 def test_normalisation_uses_the_five_band_statistics(synth_index):
-    """The bands a model is fed: the dataset's raw bands, normalised on the device (src.data.device_augment)."""
+    """The bands a model is fed: the dataset's raw bands, normalised on the device
+    (src.data.device_augment)."""
     one = synth_index["train"].iloc[:1]
     raw = read_image(one["img_path"].iloc[0]).astype(np.float32)
 
@@ -166,8 +168,8 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(synth_index):
     df = synth_index["train"].iloc[:8]
     cfg = cfg_of(use_s2=True, augment="heavy", crop_size=64, batch_size=4, s2_date_dropout=0.3)
     ds = FlairDataset(df, cfg, train=True)
-    main = epoch_batches(ds, {**cfg, "workers": 0}, [0, 1])
-    workers = epoch_batches(ds, {**cfg, "workers": 2}, [1, 0, 1], persistent=True)
+    main = epoch_batches(ds, cfg.with_values(workers=0), [0, 1])
+    workers = epoch_batches(ds, cfg.with_values(workers=2), [1, 0, 1], persistent=True)
     assert same(main[0], workers[1]) and same(main[1], workers[0]) and same(main[1], workers[2])
     assert not same(main[0], main[1])
     twice = FlairDataset(df.iloc[[0, 0]], cfg, train=True)

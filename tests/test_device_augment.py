@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.flair import BAND_MEAN, BAND_STD
 from src.data.augment import AUG_LEN, Slot, d4
 from src.data.device_augment import (
@@ -41,7 +41,7 @@ def test_d4_on_the_device_matches_the_cpu_reference_bit_for_bit():
     # the 8 elements are distinct, and joint keys of one batch get the same element
     out = augment_batch({"image": torch.from_numpy(image), "mask": torch.from_numpy(mask)},
                         torch.cat([params(8)[:, :Slot.K], k[:, None].float(), params(8)[:, Slot.K + 1:]], 1),
-                        load_config(None, {}))
+                        load_settings(None, {}))
     assert len({out["image"][j, 0].numpy().tobytes() for j in range(8)}) == 8
     for j in range(8):
         np.testing.assert_array_equal(out["mask"][j].numpy(), d4(mask[j], j))
@@ -80,7 +80,7 @@ def test_jitter_is_per_band_monotone_spares_elevation_and_follows_the_formula():
     p[0, Slot.CONTRAST:Slot.CONTRAST + 5] = torch.tensor([1.2, 0.85, 1.0, 1.1, 1.3])
     p[0, Slot.GAMMA:Slot.GAMMA + 5] = torch.tensor([0.9, 1.2, 1.1, 0.8, 1.0])
     p[0, Slot.MEAN:Slot.MEAN + 5] = torch.tensor([0.4, 0.5, 0.45, 0.3, 0.1])
-    spectral = spectral_bands(load_config(None, {}))
+    spectral = spectral_bands(load_settings(None, {}))
     assert spectral == (True, True, True, True, False)
     out = jitter(image, p, spectral)[0].numpy()
     raw = image[0].numpy()
@@ -113,11 +113,11 @@ def test_device_batch_normalises_in_the_requested_dtype_and_casts_targets():
     raw = rng.integers(0, 256, (2, 5, 8, 8), dtype=np.uint8)
     batch = {"image": torch.from_numpy(raw), "mask": torch.zeros(2, 8, 8, dtype=torch.uint8),
              "s2": torch.ones(2, 3, 10, 4, 4, dtype=torch.float16), "id": ["a", "b"]}
-    out = device_batch(batch, load_config(None, {}), CPU)
+    out = device_batch(batch, load_settings(None, {}), CPU)
     expect = (raw.astype(np.float32) - BAND_MEAN[None, :, None, None]) / BAND_STD[None, :, None, None]
     np.testing.assert_array_equal(out["image"].numpy(), expect)
     assert out["mask"].dtype == torch.int64 and out["s2"].dtype == torch.float32 and "id" not in out
-    sub = device_batch({"image": batch["image"][:, [3, 0]]}, load_config(None, {"bands": ["NIR", "R"],
+    sub = device_batch({"image": batch["image"][:, [3, 0]]}, load_settings(None, {"bands": ["NIR", "R"],
                                                                                  "norm": "scale"}),
                        CPU, dtype=torch.bfloat16, channels_last=True)
     assert sub["image"].dtype == torch.bfloat16

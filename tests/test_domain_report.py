@@ -1,4 +1,5 @@
-"""src.scoring.domains: per-domain tables (official metric per domain, the "all" row = the dataset-level score),
+"""src.scoring.domains: per-domain tables (official metric per domain, the "all" row = the dataset-level
+score),
 their CSV and figure, and a training run's domains.csv across validated epochs and a resume."""
 from __future__ import annotations
 

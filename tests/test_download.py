@@ -22,16 +22,18 @@ from src.prep import download as disk_space
 from src.prep.archives import (
     SUBSETS,
     ZIPS,
+    Mirror,
     ZipSpec,
+    download,
     download_hf,
     extract_tree,
     is_extracted,
     marker_path,
     select,
 )
-from src.prep.download import human
+from src.prep.download import Transfer, human
 from src.prep.index_scan import build_index
-from src.prep.synth_write import make_dataset
+from src.prep.synth_write import SynthSpec, make_dataset
 
 TOPS = {  # zip name -> what it holds in the synthetic tree (the official layout)
     "flair_aerial_train.zip": ["flair_aerial_train"],
@@ -59,7 +61,7 @@ def _zip_tree(root: Path, tops: list[str], dest: Path, stored: bool = False) -> 
 def zips(tmp_path_factory) -> dict[str, bytes]:
     """The eight official zips (toy excepted) built from a 1-train + 1-test domain synthetic tree."""
     base = tmp_path_factory.mktemp("dlsrc")
-    root = make_dataset(base / "tree", train_domains=1, test_domains=1, zones=1, patches=2, seed=3)
+    root = make_dataset(base / "tree", SynthSpec(train_domains=1, test_domains=1, zones=1, patches=2, seed=3))
     return {name: _zip_tree(root, tops, base / name) for name, tops in TOPS.items()}
 
 
@@ -212,11 +214,13 @@ def test_resume_after_dropped_connection(server, zips, tmp_path):
     st.drop_after[name] = cut
     raw = tmp_path / "raw"
     table = _table([name], zips)
-    first = dl.download("train", raw, base_url=url, table=table, retries=0, backoff=0, progress=False)
+    first = download("train", raw, mirror=Mirror(url, table=table), transfer=Transfer(retries=0, backoff=0,
+                                                                                      progress=False))
     assert first[0].status == "failed" and "re-run to resume" in first[0].message
     assert (raw / (name + ".part")).stat().st_size == cut
     assert not (raw / name).exists()
-    res = dl.download("train", raw, base_url=url, table=table, retries=0, backoff=0, progress=False)[0]
+    res = download("train", raw, mirror=Mirror(url, table=table), transfer=Transfer(retries=0, backoff=0,
+                                                                                    progress=False))[0]
     assert st.requests == [(name, 0), (name, cut)]
     assert st.sent[name] == size  # every byte sent exactly once over the two runs
     assert (res.status, res.md5, res.extracted, res.resumed_from) == ("ok", "ok", "yes", cut)
@@ -230,15 +234,16 @@ def test_retries_within_one_run(server, zips, tmp_path):
     name = "flair_sen_train.zip"
     st.files[name] = zips[name]
     st.fail_once.add(name)
-    res = dl.download("train", tmp_path, base_url=url, table=_table([name], zips), backoff=0, progress=False)
+    res = download("train", tmp_path, mirror=Mirror(url, table=_table([name], zips)),
+                   transfer=Transfer(backoff=0, progress=False))
     assert res[0].status == "ok"
     st.requests.clear()
     st.sent.clear()
     other = "flair_labels_train.zip"
     st.files[other] = zips[other]
     st.drop_after[other] = 1000
-    res = dl.download("train", tmp_path, base_url=url, table=_table([name, other], zips), backoff=0,
-                      progress=False)
+    res = download("train", tmp_path, mirror=Mirror(url, table=_table([name, other], zips)),
+                   transfer=Transfer(backoff=0, progress=False))
     assert [r.status for r in res] == ["skipped", "ok"]
     assert st.requests == [(other, 0), (other, 1000)]  # the finished zip is not asked again
     assert st.sent[other] == len(zips[other])
@@ -249,8 +254,8 @@ def test_md5_mismatch_deletes_the_file(server, zips, tmp_path, capsys):
     name = "flair_labels_train.zip"
     st.files[name] = zips[name]
     table = _table([name], zips)
-    res = dl.download("train", tmp_path, base_url=url, table=table, md5={name: "0" * 32}, backoff=0,
-                      progress=False)[0]
+    res = download("train", tmp_path, mirror=Mirror(url, table=table, md5={name: "0" * 32}),
+                   transfer=Transfer(backoff=0, progress=False))[0]
     assert res.status == "failed" and res.md5 == "mismatch"
     assert "md5 mismatch" in res.message and "deleted" in res.message and name in res.message
     assert "md5 mismatch" in capsys.readouterr().out
@@ -275,13 +280,14 @@ def test_corrupt_zip_is_reported_and_deleted(server, zips, tmp_path, kind, capsy
     url, st = server
     name = "flair_labels_train.zip"
     root = tmp_path / "src"
-    make_dataset(root, train_domains=1, test_domains=0, zones=1, patches=2, seed=5)
+    make_dataset(root, SynthSpec(train_domains=1, test_domains=0, zones=1, patches=2, seed=5))
     good = _zip_tree(root, ["flair_labels_train"], tmp_path / "good.zip", stored=True)
     bad = good[: len(good) // 2] if kind == "truncated" else _corrupt_crc(good)
     st.files[name] = bad
     raw = tmp_path / "raw"
     table = {name: ZipSpec(name, len(bad), None, 3.0, ("train",))}
-    res = dl.download("train", raw, base_url=url, table=table, backoff=0, progress=False)[0]
+    res = download("train", raw, mirror=Mirror(url, table=table), transfer=Transfer(backoff=0,
+                                                                                    progress=False))[0]
     assert res.status == "failed" and res.extracted == "failed"
     assert name in res.message and "corrupt" in res.message
     assert name in capsys.readouterr().out
@@ -299,7 +305,8 @@ def test_not_enough_disk_space(server, zips, tmp_path, monkeypatch, capsys):
     free = len(zips[name])
     monkeypatch.setattr(disk_space, "free_bytes", lambda path: free)
     with pytest.raises(DiskSpaceError) as err:
-        dl.download("train", tmp_path / "raw", base_url=url, table=table, backoff=0, progress=False)
+        download("train", tmp_path / "raw", mirror=Mirror(url, table=table),
+                 transfer=Transfer(backoff=0, progress=False))
     need = len(zips[name]) + int(len(zips[name]) * 3.0)
     assert f"{human(need - free)} missing" in str(err.value)
     assert st.requests == []  # refused before any byte is fetched
@@ -316,7 +323,8 @@ def test_extraction_needs_no_network_when_zip_is_there(server, zips, tmp_path):
     name = "flair_2_labels_test.zip"
     (tmp_path / name).write_bytes(zips[name])
     (tmp_path / "flair_2_labels_test").mkdir()  # debris of an interrupted extraction
-    res = dl.download("train", tmp_path, base_url=url, table=_table([name], zips), progress=False)[0]
+    res = download("train", tmp_path, mirror=Mirror(url, table=_table([name], zips)),
+                   transfer=Transfer(progress=False))[0]
     assert st.requests == []
     assert res.status == "ok" and res.extracted == "yes"
     assert len(list(tmp_path.glob("flair_2_labels_test/*/*/msk/MSK_*.tif"))) == 2
@@ -331,7 +339,8 @@ def _domain_zip(root: Path, domain: str, dest: Path) -> None:
 
 def test_extract_tree_hf_layout_then_index(tmp_path):
     """Hugging Face mirror layout (offline): domain zips in nested folders, JSONs in aux-data/."""
-    root = make_dataset(tmp_path / "tree", train_domains=1, test_domains=1, zones=1, patches=1, seed=4)
+    root = make_dataset(tmp_path / "tree", SynthSpec(train_domains=1, test_domains=1, zones=1, patches=1,
+                                                     seed=4))
     train_dom = next((root / "flair_aerial_train").iterdir()).name
     test_dom = next((root / "flair_2_aerial_test").iterdir()).name
     hf = tmp_path / "raw" / "hf"

@@ -1,5 +1,6 @@
 """Ensemble maths: TTA views and their inverses, joint aerial/S2 transforms, views stacked into one
-forward pass, per-model weights and inputs, checkpoints resolved from run folders (src.prediction.ensemble, src.prediction.tta)."""
+forward pass, per-model weights and inputs, checkpoints resolved from run folders (src.prediction.ensemble,
+src.prediction.tta)."""
 from __future__ import annotations
 
 import pytest

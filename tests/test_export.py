@@ -1,4 +1,5 @@
-"""make export (src.export): slim checkpoint and ONNX model, checked against PyTorch on CPU."""
+"""make export (src.export, src.deploy.export): slim checkpoint and ONNX model, checked against PyTorch on
+CPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from src.core.checkpoint import find_checkpoints, save_checkpoint
-from src.core.config import load_config
-from src.export import ONNX_ATOL, OnnxModel, example_inputs, export_checkpoint, main, slim_state
+from src.core.config import load_settings
+from src.deploy.export import ONNX_ATOL, OnnxModel, example_inputs, export_checkpoint, slim_state
+from src.export import main
 from src.models.flair_model import build_model, load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def training_checkpoint(path: Path, **over) -> Path:
     """A best.pt as src.train writes it: EMA weights, raw weights, EMA state, optimizer moments, history."""
-    cfg = load_config(ROOT / "configs/demo.yaml", over)
+    cfg = load_settings(ROOT / "configs/demo.yaml", over)
     torch.manual_seed(0)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters())
@@ -26,7 +28,7 @@ def training_checkpoint(path: Path, **over) -> Path:
     opt.step()
     sd = model.state_dict()
     return save_checkpoint(path, {"model": sd, "raw_model": sd, "ema": {"module": sd, "updates": 3},
-                                  "config": cfg, "fold": 0, "epoch": 2, "best_miou": 0.42,
+                                  "config": cfg.to_dict(), "fold": 0, "epoch": 2, "best_miou": 0.42,
                                   "history": [{"epoch": 2}], "optimizer": opt.state_dict()})
 
 
@@ -102,12 +104,12 @@ def test_early_fusion_model_takes_s2_in_onnx_and_is_refused_by_infer(tmp_path):
     and whole-orthophoto inference (no S2) refuses it instead of predicting with empty channels."""
     import onnxruntime as ort
 
-    from src.core.errors import PredictError
-    from src.infer import load_models
+    from src.core.errors import ConfigError
+    from src.prediction.ensemble import load_ensemble
 
     ckpt = training_checkpoint(tmp_path / "best.pt", fusion="none", s2_early="ndvi")
     report = export_checkpoint(ckpt, "fp16", onnx=True, size=64)
     assert report["onnx_max_diff"] < ONNX_ATOL
     assert [i.name for i in ort.InferenceSession(report["onnx"]).get_inputs()][:2] == ["image", "s2"]
-    with pytest.raises(PredictError, match="s2_early=ndvi"):
-        load_models([ckpt], None, torch.device("cpu"), {}, lambda s: None)
+    with pytest.raises(ConfigError, match="s2_early=ndvi"):
+        load_ensemble([ckpt], torch.device("cpu"), job="infer", log=lambda s: None)

@@ -25,10 +25,11 @@ def data12(tmp_path_factory) -> Path:
     """A data dir with index_train.csv of a 12-train-domain synthetic tree (2 patches per domain)."""
     from src.core.tables import write_index
     from src.prep.index_scan import build_index
-    from src.prep.synth_write import make_dataset
+    from src.prep.synth_write import SynthSpec, make_dataset
 
     base = tmp_path_factory.mktemp("folds12")
-    root = make_dataset(base / "raw", train_domains=TRAIN_DOMAINS, test_domains=0, zones=1, patches=2, seed=0)
+    root = make_dataset(base / "raw", SynthSpec(train_domains=TRAIN_DOMAINS, test_domains=0, zones=1,
+                                                patches=2, seed=0))
     data = base / "data"
     write_index(build_index(root), data)
     return data

@@ -15,7 +15,7 @@ from src.core.errors import DataError
 from src.core.tables import COLUMNS, load_index
 from src.prep.index_checks import Problem
 from src.prep.index_scan import IndexReport, build_index, format_problems, scan
-from src.prep.synth_write import make_dataset
+from src.prep.synth_write import SynthSpec, make_dataset
 
 CENTROIDS = "flair-2_centroids_sp_to_patch.json"
 
@@ -23,7 +23,7 @@ CENTROIDS = "flair-2_centroids_sp_to_patch.json"
 @pytest.fixture(scope="module")
 def small_tree(tmp_path_factory) -> Path:
     """1 train + 1 test domain, 2 zones, 2 patches each; tests corrupt copies of it, never the original."""
-    return make_dataset(tmp_path_factory.mktemp("small"), 1, 1, 2, 2, seed=7, edge_rate=0.0)
+    return make_dataset(tmp_path_factory.mktemp("small"), SynthSpec(1, 1, 2, 2, seed=7, edge_rate=0.0))
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_cli_writes_csvs_and_counts(synth_root, tmp_path, capsys):
 
 def test_toy_layout_under_a_test_named_path(tmp_path):
     # tmp_path contains this test's name ("test_..."): only folders below the root may decide the split.
-    root = make_dataset(tmp_path / "toy", 2, 1, 1, 2, seed=2, layout="toy", test_labels=False)
+    root = make_dataset(tmp_path / "toy", SynthSpec(2, 1, 1, 2, seed=2, layout="toy", test_labels=False))
     frames = build_index(root)
     assert len(frames["train"]) == 4 and len(frames["test"]) == 2
     assert (frames["test"]["msk_path"] == "").all() and (frames["train"]["msk_path"] != "").all()

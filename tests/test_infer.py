@@ -1,4 +1,5 @@
-"""Whole-orthophoto inference (src.infer, src.deploy.orthophoto, src.deploy.orthophoto) on real GeoTIFFs with a tiny model."""
+"""Whole-orthophoto inference (src.infer, src.deploy.infer, src.deploy.orthophoto) on real GeoTIFFs with a
+tiny model."""
 from __future__ import annotations
 
 import os
@@ -13,21 +14,23 @@ import torch
 from rasterio.crs import CRS
 
 from src.core.checkpoint import save_checkpoint
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.errors import DataError, PredictError
 from src.core.flair import PALETTE
 from src.data.normalize import normalize
+from src.deploy.infer import RasterOptions, infer, list_inputs, plan_outputs
 from src.deploy.orthophoto import FLOOR, NODATA, Orthophoto, Strip, blend_weights, grid, parse_bands, ramp
-from src.infer import Settings, infer, list_inputs, main, plan_outputs
+from src.infer import main
 from src.models.flair_model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 600, 830  # 3 x 4 windows of 256 with overlap 64; not multiples of 32, so the edges are padded
 WINDOW, OVERLAP = 256, 64
+WINDOWS = {"infer_window": WINDOW, "infer_overlap": OVERLAP}
 
 
 def tiny_cfg(**over) -> dict:
-    return load_config(ROOT / "configs/demo.yaml", {"use_s2": False, "fusion": "none", "tta": "none",
+    return load_settings(ROOT / "configs/demo.yaml", {"use_s2": False, "fusion": "none", "tta": "none",
                                                     "batch_size": 4, "channels_last": False, **over})
 
 
@@ -70,7 +73,7 @@ def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
 def tiny(tmp_path_factory) -> Path:
     cfg = tiny_cfg()
     path = tmp_path_factory.mktemp("runs") / "tiny" / "fold0" / "best.pt"
-    save_checkpoint(path, {"model": local_model(cfg).state_dict(), "config": cfg})
+    save_checkpoint(path, {"model": local_model(cfg).state_dict(), "config": cfg.to_dict()})
     return path
 
 
@@ -83,7 +86,7 @@ def ortho(tmp_path_factory) -> tuple[Path, np.ndarray]:
 @pytest.fixture(scope="module")
 def inferred(tiny, ortho, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out") / "landcover.tif"
-    infer([tiny], ortho[0], out, settings=Settings(window=WINDOW, overlap=OVERLAP, batch_size=4, probs=True))
+    infer([tiny], ortho[0], out, overrides={**WINDOWS, "batch_size": 4}, options=RasterOptions(probs=True))
     return out
 
 
@@ -151,7 +154,7 @@ def test_georeferencing_round_trips(ortho, inferred):
 
 def test_resume_skips_finished_output(tiny, ortho, inferred, capsys):
     before = inferred.stat().st_mtime_ns
-    reports = infer([tiny], ortho[0], inferred, settings=Settings(window=WINDOW, overlap=OVERLAP, probs=True))
+    reports = infer([tiny], ortho[0], inferred, overrides=WINDOWS, options=RasterOptions(probs=True))
     assert reports == [{"src": str(ortho[0]), "out": str(inferred), "skipped": True}]
     assert inferred.stat().st_mtime_ns == before and "skipped" in capsys.readouterr().out
     assert not list(inferred.parent.glob(".*.tmp"))
@@ -171,7 +174,7 @@ def test_folder_small_raster_nodata_and_bad_file(tiny, tmp_path):
     (src / "c.tif").write_bytes(b"truncated")
     out = tmp_path / "out"
     bands = parse_bands("B,R,G,NIR,E")
-    reports = infer([tiny], src, out, settings=Settings(window=WINDOW, overlap=OVERLAP, bands=bands))
+    reports = infer([tiny], src, out, overrides=WINDOWS, options=RasterOptions(bands=bands))
     assert [r.get("error", "").split(":")[0] for r in reports] == ["", "", str(src / "c.tif")]
     assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]  # no temporary left behind
     with rasterio.open(out / "a.tif") as ds:
@@ -208,12 +211,13 @@ def test_band_errors_name_the_file(tmp_path):
 
 
 def test_fusion_model_is_refused(tmp_path, ortho, capsys):
-    cfg = load_config(ROOT / "configs/demo.yaml")  # U-T&T: needs Sentinel-2
-    ckpt = save_checkpoint(tmp_path / "utt.pt", {"model": build_model(cfg).state_dict(), "config": cfg})
+    cfg = load_settings(ROOT / "configs/demo.yaml")  # U-T&T: needs Sentinel-2
+    ckpt = save_checkpoint(tmp_path / "utt.pt", {"model": build_model(cfg).state_dict(),
+                                                 "config": cfg.to_dict()})
     with pytest.raises(SystemExit) as exit_info:
         main(["--runs", str(ckpt), "--src", str(ortho[0]), "--out", str(tmp_path / "x.tif")])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1  # a setting the job cannot serve
     assert "utt.pt: this model needs Sentinel-2" in err and "aerial-only models" in err
     assert not (tmp_path / "x.tif").exists()
 

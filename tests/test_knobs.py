@@ -14,14 +14,16 @@ import torch
 
 from src import train as T
 from src.core.checkpoint import load_checkpoint, save_checkpoint
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.errors import ConfigError
 from src.core.files import read_label
 from src.core.flair import NUM_CLASSES, NUM_RAW, OTHER, remap
+from src.core.settings import Settings
 from src.core.tables import fold_rows
 from src.models.flair_model import build_model, load_for_inference
 from src.models.losses import Criterion
-from src.training.data import inverse_frequency_weights, resolve_knobs
+from src.training import loop as L
+from src.training.prepare import inverse_frequency_weights, resolve_knobs
 from src.training.state import (
     RESUME_ONLY,
     Progress,
@@ -91,16 +93,16 @@ def runs(data_dir, tmp_path_factory) -> dict:
     saved: list[Path] = []
     states: list[int] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "set_lr", _recording(ref_lrs))
-        mp.setattr(T, "save_checkpoint", _keeping_epochs(saved))
-        mp.setattr(T, "checkpoint_state", _counting(states))
+        mp.setattr(L, "set_lr", _recording(ref_lrs))
+        mp.setattr(L, "save_checkpoint", _keeping_epochs(saved))
+        mp.setattr(L, "checkpoint_state", _counting(states))
         ref = T.main(run_args(data_dir, tmp / "ref"))
     ref_dir = tmp / "ref" / "k" / "foldall"
     res_dir = tmp / "resumed" / "k" / "foldall"
     res_dir.mkdir(parents=True)
     shutil.copy(ref_dir / "last_e2.pt", res_dir / "last.pt")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "set_lr", _recording(resumed_lrs))
+        mp.setattr(L, "set_lr", _recording(resumed_lrs))
         resumed = T.main(run_args(data_dir, tmp / "resumed", resume=1))
     return {"ref": ref, "resumed": resumed, "ref_dir": ref_dir, "res_dir": res_dir, "ref_lrs": ref_lrs,
             "resumed_lrs": resumed_lrs, "states_built": len(states)}
@@ -108,7 +110,7 @@ def runs(data_dir, tmp_path_factory) -> dict:
 
 # ----------------------------------------------------------------------------- encoder_lr_ratio
 def test_param_groups_split_the_encoder_and_keep_weight_decay_rules():
-    model = build_model(load_config(None, {"encoder": "tu-test_resnet", "encoder_weights": "none"}))
+    model = build_model(load_settings(None, {"encoder": "tu-test_resnet", "encoder_weights": "none"}))
     groups = param_groups(model, 0.01, encoder_lr_ratio=0.1)
     enc = {id(p) for p in encoder_of(model).parameters()}
     assert enc == {id(p) for n, p in model.named_parameters() if n.startswith("net.encoder.")}
@@ -131,7 +133,7 @@ def test_param_groups_split_the_encoder_and_keep_weight_decay_rules():
 def test_encoder_lr_ratio_holds_at_every_step_and_after_resume(runs):
     ref, res = runs["ref_lrs"], runs["resumed_lrs"]
     assert len(ref) == 3 * STEPS_PER_EPOCH and len(res) == STEPS_PER_EPOCH
-    cfg = load_checkpoint(runs["ref_dir"] / "last.pt")["config"]
+    cfg = Settings(**load_checkpoint(runs["ref_dir"] / "last.pt")["config"])
     sched = Schedule.of(cfg, STEPS_PER_EPOCH)
     for step, groups in enumerate(ref):
         assert [s for _, s in groups] == [1.0, 1.0, 0.1, 0.1]
@@ -144,7 +146,7 @@ def test_encoder_lr_ratio_holds_at_every_step_and_after_resume(runs):
 
 def test_resume_takes_this_runs_ratio_and_refuses_another_group_layout():
     def nets_at(ratio: float):
-        cfg = load_config(None, {"encoder": "tu-test_resnet", "encoder_weights": "none", "ema": 0.0,
+        cfg = load_settings(None, {"encoder": "tu-test_resnet", "encoder_weights": "none", "ema": 0.0,
                                  "encoder_lr_ratio": ratio})
         return cfg, build_nets(cfg, build_model(cfg), torch.device("cpu"))
 
@@ -186,9 +188,9 @@ def test_inverse_weights_match_the_masks_counted_by_hand(data_dir, word, power, 
     mean = sum(raw.values()) / len(raw)
     expected = [raw[c] / mean if c in raw else 0.0 for c in range(NUM_CLASSES)]
     train_df, _ = fold_rows(data_dir, "0")
-    cfg = resolve_knobs(load_config(None, {"class_weights": word, "data_dir": str(data_dir)}), train_df)
-    assert cfg["class_weights"] == pytest.approx(expected, rel=1e-12)
-    assert cfg["class_weights"][OTHER] == 0.0
+    cfg = resolve_knobs(load_settings(None, {"class_weights": word, "data_dir": str(data_dir)}), train_df)
+    assert cfg.class_weights == pytest.approx(expected, rel=1e-12)
+    assert cfg.class_weights[OTHER] == 0.0
     assert f"class_weights={word}: [" in capsys.readouterr().out
     w = Criterion(cfg).w  # the loss takes the resolved list; the S2 head the same list
     assert torch.equal(w, Criterion(cfg).w_s2) and w.tolist() == pytest.approx(expected, rel=1e-6)
@@ -200,16 +202,17 @@ def test_absent_classes_weigh_zero_and_words_need_resolving():
     assert w[1] == w[4] == w[OTHER] == 0.0
     assert np.mean([w[0], w[2], w[3]]) == pytest.approx(1.0) and w[2] == pytest.approx(4 * w[0])
     with pytest.raises(ConfigError, match="class_weights=inverse is computed from the training split"):
-        Criterion(load_config(None, {"class_weights": "inverse"}))
+        Criterion(load_settings(None, {"class_weights": "inverse"}))
     with pytest.raises(ConfigError, match="encoder_lr_ratio"):
-        T.check_settings(load_config(None, {"encoder_lr_ratio": -1.0}))
+        load_settings(None, {"encoder_lr_ratio": -1.0})
     for word in ("inverse", "inverse_sqrt"):  # valid settings: their numbers are checked once resolved
-        T.check_settings(load_config(None, {"class_weights": word}))
+        assert load_settings(None, {"class_weights": word}).class_weights_from_data
 
 
 @pytest.mark.parametrize("bad, message", [(["loss=dice"], "loss: expected one of"),
-                                          (["avg_last=-1"], "avg_last: expected a number of epochs"),
-                                          (["encoder_lr_ratio=-1"], "encoder_lr_ratio: expected >= 0")])
+                                          (["avg_last=-1"], "avg_last: expected a value >= 0"),
+                                          (["encoder_lr_ratio=-1"],
+                                           "encoder_lr_ratio: expected a value >= 0")])
 def test_setting_errors_come_before_the_data_is_read(tmp_path, capsys, bad, message):
     """With class_weights=inverse too (which reads the training masks), a bad setting is reported first:
     here there is no data at all, and the error is still the setting's."""
@@ -224,7 +227,7 @@ def test_run_saves_the_resolved_weights(runs, data_dir):
     expected = inverse_frequency_weights(hand_counts(data_dir, "all"), 0.5)
     for name in ("last.pt", "best.pt", "avg.pt"):
         assert load_checkpoint(runs["ref_dir"] / name)["config"]["class_weights"] == pytest.approx(expected)
-    assert load_config(runs["ref_dir"] / "config.yaml")["class_weights"] == pytest.approx(expected)
+    assert load_settings(runs["ref_dir"] / "config.yaml").class_weights == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- avg_last
@@ -251,7 +254,7 @@ def test_avg_pt_is_the_mean_of_the_last_epochs_and_resume_gives_the_same_bits(ru
 
 # ----------------------------------------------------------------------------- sync_bn
 def test_sync_bn_is_a_note_on_cpu_and_converts_in_place_elsewhere(capsys):
-    cfg = load_config(None, {"encoder": "tu-test_resnet", "encoder_weights": "none", "sync_bn": True,
+    cfg = load_settings(None, {"encoder": "tu-test_resnet", "encoder_weights": "none", "sync_bn": True,
                              "channels_last": False})
     nets = build_nets(cfg, build_model(cfg), torch.device("cpu"))
     model = nets.model
@@ -264,4 +267,4 @@ def test_sync_bn_is_a_note_on_cpu_and_converts_in_place_elsewhere(capsys):
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in nets.model.modules())
     assert [id(p) for p in nets.model.parameters()] == params and list(nets.model.state_dict()) == keys
     assert nets.train_model is nets.model
-    assert not sync_batchnorm(nets, {**cfg, "sync_bn": False}, 2, torch.device("cuda", 0))
+    assert not sync_batchnorm(nets, cfg.with_values(sync_bn=False), 2, torch.device("cuda", 0))

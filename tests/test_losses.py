@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.errors import ConfigError
 from src.core.flair import OTHER
 from src.data.dataset import FlairDataset
@@ -14,7 +14,7 @@ from src.models.losses import IGNORE, Criterion, downsample_mask, s2_label_windo
 
 
 def test_criterion_weights_aux_head_and_errors():
-    cfg = load_config(None, {"loss": "ce"})
+    cfg = load_settings(None, {"loss": "ce"})
     crit = Criterion(cfg)
     logits = torch.randn(2, 13, 64, 64, requires_grad=True)
     only_other = torch.full((2, 64, 64), OTHER)
@@ -25,12 +25,13 @@ def test_criterion_weights_aux_head_and_errors():
     mask = torch.randint(0, 13, (2, 64, 64))
     for kind in ("ce", "ce_dice", "focal"):
         out = {"logits": logits, "s2_logits": torch.randn(2, 13, 40, 40)}
-        value, parts = Criterion({**cfg, "loss": kind})(out, mask)
+        value, parts = Criterion(cfg.with_values(loss=kind))(out, mask)
         assert torch.isfinite(value) and "s2" in parts
-    for bad in ({"loss": "dice"}, {"class_weights": [1, 2]}, {"class_weights": "inverse"},
-                {"label_smoothing": 1.5}):
+    for bad in ({"loss": "dice"}, {"class_weights": [1, 2]}, {"label_smoothing": 1.5}):
         with pytest.raises(ConfigError):
-            Criterion({**cfg, **bad})
+            cfg.with_values(**bad)
+    with pytest.raises(ConfigError, match="computed from the training split"):
+        Criterion(cfg.with_values(class_weights="inverse"))  # numbers only once the masks are counted
 
 
 def test_s2_target_is_majority_of_the_label_window():
@@ -48,7 +49,7 @@ def test_aux_loss_ignores_s2_pixels_outside_the_super_area():
     """Labels under invalid S2 pixels (zero-filled inputs) take no part in the auxiliary loss: it equals
     the loss over the valid pixels alone, whatever those labels are."""
     torch.manual_seed(0)
-    crit = Criterion(load_config(None, {"loss": "ce"}))
+    crit = Criterion(load_settings(None, {"loss": "ce"}))
     mask = torch.randint(0, 11, (2, 256, 256))          # classes 0..10: weighted in both heads
     out = {"logits": torch.randn(2, 13, 256, 256), "s2_logits": torch.randn(2, 13, 40, 40)}
     valid = torch.ones(2, 40, 40, dtype=torch.bool)
@@ -73,7 +74,7 @@ def test_window_at_the_super_area_edge_is_left_out_of_the_aux_loss(synth_index):
     keeps those pixels out of the auxiliary loss."""
     df = synth_index["train"].iloc[:2].copy()
     df["s2_row"], df["s2_col"] = 3, 5         # window rows 0..16 and cols 0..14 lie outside
-    cfg = load_config(None, {"use_s2": True, "loss": "ce"})
+    cfg = load_settings(None, {"use_s2": True, "loss": "ce"})
     ds = FlairDataset(df, cfg, train=False)
     batch = collate([ds[0], ds[1]])
     batch["mask"] = batch["mask"].long()  # (uint8 until the device: src.data.device_augment casts it there)
@@ -114,7 +115,7 @@ def test_focal_label_smoothing_is_smps_focal_at_zero_and_smooths_the_targets():
     smoothed = SmoothedFocal(0.1, class_weights=weights, ignore_index=IGNORE)(logits, mask)
     torch.testing.assert_close(smoothed, (by_hand * torch.tensor(weights)).sum() / 12)
     assert not torch.allclose(smoothed, plain)
-    crit = Criterion(load_config(None, {"loss": "focal", "label_smoothing": 0.1}))
+    crit = Criterion(load_settings(None, {"loss": "focal", "label_smoothing": 0.1}))
     torch.testing.assert_close(crit({"logits": logits}, mask)[0], smoothed)
 
 
@@ -122,7 +123,7 @@ def test_focal_label_smoothing_is_smps_focal_at_zero_and_smooths_the_targets():
 def test_unweighted_loss_never_reads_the_device(loss):
     """Without per-sample weights no term syncs to the host (a GPU step is never stalled mid-loss): the loss
     runs on meta tensors, which cannot be read back (.item(), bool(), boolean indexing all raise)."""
-    crit = Criterion(load_config(None, {"loss": loss, "label_smoothing": 0.1, "s2_aux_weight": 0.5}))
+    crit = Criterion(load_settings(None, {"loss": loss, "label_smoothing": 0.1, "s2_aux_weight": 0.5}))
     out = {"logits": torch.randn(2, 13, 32, 32, device="meta"),
            "s2_logits": torch.randn(2, 13, 40, 40, device="meta")}
     total, parts = crit.to("meta")(out, torch.randint(0, 13, (2, 32, 32), device="meta"))
@@ -136,7 +137,7 @@ def test_batch_losses_equal_smps_and_scale_with_equal_weights(loss):
     from segmentation_models_pytorch.losses import DiceLoss
 
     torch.manual_seed(0)
-    crit = Criterion(load_config(None, {"loss": loss}))
+    crit = Criterion(load_settings(None, {"loss": loss}))
     logits = torch.randn(3, 13, 16, 16)
     mask = torch.randint(0, 13, (3, 16, 16))
     mask[1, :4] = IGNORE

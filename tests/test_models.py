@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from src.core.checkpoint import save_checkpoint
-from src.core.config import DEFAULTS, load_config
+from src.core.config import load_settings
 from src.core.errors import CheckpointError
+from src.core.settings import Settings
 from src.models.flair_model import (
     build_model,
     count_parameters,
@@ -23,8 +24,10 @@ SMALL_UTAE = {"utae_widths": [16, 16, 32, 32], "utae_decoder_widths": [16, 16, 3
               "ltae_d_model": 32, "ltae_d_k": 4}
 
 
-def cfg_for(**kw) -> dict:
-    return load_config(None, {"encoder_weights": "none", **kw})
+def cfg_for(**kw) -> Settings:
+    """Settings without pretrained weights; a fusion model reads S2 (use_s2 follows fusion unless given)."""
+    kw.setdefault("use_s2", kw.get("fusion", "none") != "none")
+    return load_settings(None, {"encoder_weights": "none", **kw})
 
 
 def s2_batch(b: int, t: int = 4, size: int = 16, seed: int = 0):
@@ -146,7 +149,7 @@ def test_sample_footprint_geometry():
 
 def test_meta_dim_default_matches_dataset():
     from src.data.dataset import META_DIM
-    assert DEFAULTS["meta_dim"] == META_DIM
+    assert Settings().meta_dim == META_DIM
 
 
 def test_modality_dropout():
@@ -285,43 +288,43 @@ PRESETS = ["unet_r34", "utt_r34", "segformer_b5", "maxvit_unet"]
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_build(preset):
-    cfg = load_config(CONFIGS / f"{preset}.yaml", {"encoder_weights": "none"})
+    cfg = load_settings(CONFIGS / f"{preset}.yaml", {"encoder_weights": "none"})
     model = build_model(cfg)
     assert count_parameters(model) > 1_000_000
     if preset in ("unet_r34", "utt_r34"):
         model.eval()
-        image = torch.randn(1, len(cfg["bands"]), 64, 64)
-        s2, days, pad = s2_batch(1, size=cfg["s2_size"])
+        image = torch.randn(1, len(cfg.bands), 64, 64)
+        s2, days, pad = s2_batch(1, size=cfg.s2_size)
         with torch.no_grad():
-            out = model(image, s2, days, pad) if cfg["fusion"] != "none" else model(image)
+            out = model(image, s2, days, pad) if cfg.fusion != "none" else model(image)
         assert out["logits"].shape == (1, 13, 64, 64)
-        assert ("s2_logits" in out) == (cfg["fusion"] == "utt")
+        assert ("s2_logits" in out) == (cfg.fusion == "utt")
 
 
 @pytest.mark.slow
 def test_maxvit_pads_to_its_window_multiple():
     """MaxViT-512 windows need sides that are multiples of 512: smaller crops are padded, then cropped."""
-    cfg = load_config(CONFIGS / "maxvit_unet.yaml", {"encoder_weights": "none"})
+    cfg = load_settings(CONFIGS / "maxvit_unet.yaml", {"encoder_weights": "none"})
     model = build_model(cfg).eval()
     assert model.multiple == 512
     with torch.no_grad():
-        out = model(torch.randn(1, len(cfg["bands"]), 96, 64))["logits"]
+        out = model(torch.randn(1, len(cfg.bands), 96, 64))["logits"]
     assert out.shape == (1, 13, 96, 64)
 
 
 def test_load_for_inference_rebuilds_the_model(tmp_path):
-    cfg = load_config(None, {"encoder": "resnet18", "encoder_weights": "none", "bands": ["R", "G", "B"]})
+    cfg = load_settings(None, {"encoder": "resnet18", "encoder_weights": "none", "bands": ["R", "G", "B"]})
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    path = save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": cfg})
+    path = save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict()})
     loaded, saved_cfg = load_for_inference(path, "cpu")
     assert saved_cfg == cfg and not loaded.training
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x)["logits"], model(x)["logits"])
     # weights of another architecture: a clear error naming the file
-    other = {**cfg, "encoder": "resnet34"}
-    save_checkpoint(tmp_path / "bad.pt", {"model": model.state_dict(), "config": other})
+    other = cfg.with_values(encoder="resnet34")
+    save_checkpoint(tmp_path / "bad.pt", {"model": model.state_dict(), "config": other.to_dict()})
     with pytest.raises(CheckpointError, match="bad.pt: weights do not match"):
         load_for_inference(tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):

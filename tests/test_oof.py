@@ -14,6 +14,8 @@ import torch
 
 from src import oof as O
 from src import train as T
+from src.core.runtime import Placement
+from src.core.settings import Settings
 from src.core.tables import fold_rows, write_folds
 from src.data.device_augment import device_batch
 from src.ensembling.oof import STORE_MANIFEST, parse_store_name, store_ids, store_name, write_fold_oof
@@ -119,11 +121,11 @@ def test_fold_all_and_oof_off_write_nothing(two_folds, tmp_path):
     def never(*a, **k):
         raise AssertionError("no store for fold all")
 
-    cpu = torch.device("cpu")
-    assert write_fold_oof({"oof": True}, "all", None, never, tmp_path, 0, 1, cpu, never) is None
+    place = Placement(0, 1, torch.device("cpu"))
+    assert write_fold_oof(Settings(oof=True), "all", None, never, tmp_path, place, never) is None
     data, _ = two_folds
     _, val_df = fold_rows(data, "0")
-    assert write_fold_oof({"oof": False}, "0", val_df, never, tmp_path, 0, 1, cpu, never) is None
+    assert write_fold_oof(Settings(oof=False), "0", val_df, never, tmp_path, place, never) is None
     assert not any(tmp_path.iterdir())
 
 

@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 from src import predict as P
-from src.core.config import DEFAULTS
 from src.core.errors import DataError, PredictError
 from src.core.files import read_label
+from src.core.settings import Settings
 from src.data.normalize import normalize
 from src.prediction import ensemble as E
 from src.prediction import stores as predstore
 from src.prediction import stores as probstore
-from src.prediction.passes import combine
+from src.prediction.ensemble import Ensemble
+from src.prediction.passes import Target, combine, run_prediction
 from src.scoring.submission import validate, zip_name
 from tests.test_ensemble import S2Recorder
 
@@ -40,17 +41,19 @@ class Conv1x1(nn.Module):
         return {"logits": self.c(image)}
 
 
-def _cfg(**kw) -> dict:
-    return {**DEFAULTS, "bands": ["R", "G", "B", "NIR", "E"], "use_s2": False, "workers": 0,
-            "batch_size": 5, "tta": "none", "precision": "fp32", "channels_last": False, **kw}
+def _cfg(**kw) -> Settings:
+    return Settings(**{"use_s2": False, "workers": 0, "batch_size": 5, "tta": "none", "precision": "fp32",
+                       "channels_last": False, **kw})
 
 
-def _run(index_df, out, models=None, cfg=None, **kw):
+def _run(index_df, out, models=None, cfg=None, weights=None, probs_dir=None, overwrite=False, **kw):
+    """run_prediction of `models` (one tiny conv by default), all with settings `cfg`."""
     models = models or [Conv1x1().eval()]
     cfg = cfg or _cfg()
     logs: list[str] = []
-    report = P.run_prediction(models, [cfg] * len(models), kw.pop("weights", None), index_df, out, cfg,
-                              log=logs.append, **kw)
+    ens = Ensemble(models, [cfg] * len(models), E.normalise_weights(weights, len(models)))
+    report = run_prediction(ens, index_df, Target(Path(out), probs_dir and Path(probs_dir), overwrite),
+                            log=logs.append, **kw)
     report["logs"] = logs
     return report
 
@@ -205,11 +208,12 @@ def test_time_budget_picks_the_largest_level_that_fits(synth_index, tmp_path):
 def test_models_with_different_inputs_share_one_loader(synth_index, tmp_path):
     test = synth_index["test"].iloc[:3]
     rgb_cfg = _cfg(bands=["R", "G", "B"])
-    s2_cfg = _cfg(use_s2=True, s2_size=8)
+    s2_cfg = _cfg(use_s2=True, fusion="utt", s2_size=8)
     rec = S2Recorder().eval()
     models = [Conv1x1(0, c_in=3).eval(), rec]
-    report = P.run_prediction(models, [rgb_cfg, s2_cfg], None, test, tmp_path / "pred", _cfg(tta="flip"),
-                              log=lambda s: None)
+    # (the prediction settings are the first model's: tta=flip)
+    ens = Ensemble(models, [rgb_cfg.with_values(tta="flip"), s2_cfg], [0.5, 0.5])
+    report = run_prediction(ens, test, Target(tmp_path / "pred"), log=lambda s: None)
     assert report["n_written"] == 3
     assert rec.seen and rec.seen[0]["image"].shape[1] == 5 and rec.seen[0]["s2"].shape[-2:] == (8, 8)
 
@@ -220,12 +224,13 @@ def _fake_run(runs, seeds=(0, 1)) -> None:
     from src.core.checkpoint import save_checkpoint
     from src.models.flair_model import build_model
 
-    cfg = {**DEFAULTS, "encoder": "resnet18", "encoder_weights": "none", "use_s2": False, "fusion": "none",
-           "workers": 0, "batch_size": 2, "channels_last": False}
+    cfg = Settings(encoder="resnet18", encoder_weights="none", use_s2=False, fusion="none", workers=0,
+                   batch_size=2, channels_last=False)
     for fold, seed in enumerate(seeds):
         torch.manual_seed(seed)
         model = build_model(cfg)
-        save_checkpoint(runs / f"fold{fold}" / "best.pt", {"model": model.state_dict(), "config": cfg,
+        save_checkpoint(runs / f"fold{fold}" / "best.pt", {"model": model.state_dict(),
+                                                           "config": cfg.to_dict(),
                                                            "epoch": 1, "step": 1, "best_miou": 0.0})
 
 

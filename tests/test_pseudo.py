@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from src import pseudo as P
 from src import train as T
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.errors import ConfigError, DataError
+from src.core.settings import Settings
 from src.core.tables import fold_rows, load_index, write_folds
 from src.data.augment import Augment
 from src.data.dataset import FlairDataset
@@ -80,8 +81,8 @@ def made(tmp_path_factory, synth_data_dir) -> dict:
     return {"data": data, "index": index, "probs": probs, "out": out, "ids": ids, "manifest": manifest}
 
 
-def cfg_of(made: dict, *extra: str) -> dict:
-    return load_config(None, [*TINY, f"data_dir={made['data']}", f"pseudo_dir={made['out']}", *extra])
+def cfg_of(made: dict, *extra: str) -> Settings:
+    return load_settings(None, [*TINY, f"data_dir={made['data']}", f"pseudo_dir={made['out']}", *extra])
 
 
 # ------------------------------------------------------------------------------------------ the files
@@ -169,7 +170,7 @@ def test_threshold_ignores_exactly_the_pixels_below_it():
 @pytest.mark.parametrize("loss", ["ce", "ce_dice", "focal"])
 def test_ignored_pixels_add_nothing_and_weight_scales_a_pseudo_sample(loss):
     torch.manual_seed(0)
-    crit = Criterion(load_config(None, [f"loss={loss}"]))
+    crit = Criterion(load_settings(None, [f"loss={loss}"]))
     mask = torch.randint(0, 12, (2, 16, 16))
     low = torch.rand(2, 16, 16) < 0.4
     mask_u8 = mask.masked_fill(low, IGNORE_U8)  # as the dataset ships it (uint8 255, long on the device)
@@ -224,7 +225,7 @@ def test_pseudo_rows_join_training_only_and_samples_carry_weights(made):
     assert len(rows) == len(train_df) + 3 and rows["pseudo"].sum() == 3
     assert set(rows.loc[rows["pseudo"], "id"]) == set(made["ids"])
     assert not set(made["ids"]) & set(val_df["id"]) and "added 3 pseudo-labelled patches" in lines[0]
-    assert add_pseudo_rows(load_config(None, TINY), "0", train_df, val_df) is train_df  # no pseudo_dir
+    assert add_pseudo_rows(load_settings(None, TINY), "0", train_df, val_df) is train_df  # no pseudo_dir
     ds = FlairDataset(rows, cfg, train=True)
     k = int(np.flatnonzero(rows["pseudo"].to_numpy())[0])
     sample = ds[k]
@@ -235,17 +236,17 @@ def test_pseudo_rows_join_training_only_and_samples_carry_weights(made):
     assert batch["weight"].tolist() == [1.0, 0.5] and batch["mask"].dtype == torch.uint8
     assert "weight" not in FlairDataset(val_df, cfg, train=False)[0]
     lines.clear()  # pseudo_only: the pseudo-labelled patches alone (the 2nd place's fine-tune)
-    alone = add_pseudo_rows({**cfg, "pseudo_only": True}, "0", train_df, val_df, lines.append)
+    alone = add_pseudo_rows(cfg.with_values(pseudo_only=True), "0", train_df, val_df, lines.append)
     assert len(alone) == 3 and alone["pseudo"].all() and "alone" in lines[0]
     with pytest.raises(ConfigError, match="pseudo_only=true needs pseudo_dir"):
-        add_pseudo_rows(load_config(None, [*TINY, "pseudo_only=true"]), "0", train_df, val_df)
+        add_pseudo_rows(load_settings(None, [*TINY, "pseudo_only=true"]), "0", train_df, val_df)
 
 
 def test_refused_pseudo_folders_name_the_file(made, tmp_path):
     train_df, val_df = fold_rows(made["data"], "0")
     folder = tmp_path / "p"
     shutil.copytree(made["out"], folder)
-    cfg = {**cfg_of(made), "pseudo_dir": str(folder)}
+    cfg = cfg_of(made).with_values(pseudo_dir=str(folder))
     m = json.loads((folder / PSEUDO_MANIFEST).read_text())
     train_ids = load_index(made["data"] / "index_train.csv")
     (folder / PSEUDO_MANIFEST).write_text(json.dumps({**m, "ids": [train_ids["id"].iloc[0]],
@@ -296,8 +297,9 @@ def test_training_with_pseudo_dir_end_to_end(made, tmp_path, capsys, monkeypatch
 
 
 def test_finetune_preset_is_a_config():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pseudo_finetune.yaml")
-    assert cfg["pseudo_dir"] == "data/pseudo" and "fold{fold}" in cfg["init_from"] and cfg["epochs"] == 2
+    cfg = load_settings(Path(__file__).resolve().parents[1] / "configs" / "pseudo_finetune.yaml")
+    assert cfg.pseudo_dir == "data/pseudo" and "fold{fold}" in cfg.init_from and cfg.epochs == 2
     from src.data.pseudo_labels import pseudo_folder
 
-    assert pseudo_folder({**cfg, "pseudo_dir": "data/pseudo_fold{fold}"}, "3") == Path("data/pseudo_fold3")
+    assert pseudo_folder(cfg.with_values(pseudo_dir="data/pseudo_fold{fold}"),
+                         "3") == Path("data/pseudo_fold3")

@@ -67,10 +67,10 @@ def soak(tmp_path_factory):
     from src.core.tables import write_index
     from src.folds import make_folds
     from src.prep.index_scan import build_index
-    from src.prep.synth_write import make_dataset
+    from src.prep.synth_write import SynthSpec, make_dataset
 
     base = tmp_path_factory.mktemp("soak")
-    root = make_dataset(base / "raw", train_domains=3, test_domains=2, zones=2, patches=5, seed=1)
+    root = make_dataset(base / "raw", SynthSpec(train_domains=3, test_domains=2, zones=2, patches=5, seed=1))
     data = base / "data"
     data.mkdir()
     frames = build_index(root)
@@ -235,11 +235,11 @@ def _dataset_row(synth_index, tmp_path, kind: str):
 def test_wrong_shapes_are_caught_with_the_file_named(synth_index, tmp_path, kind, message):
     """Label values outside 1..19: tests/test_dataset.py::test_labels_outside_1_19_raise_naming_the_file;
     the same shapes before training: tests/test_index.py::test_check_finds_bad_shapes_and_s2_mismatch."""
-    from src.core.config import load_config
+    from src.core.config import load_settings
     from src.data.dataset import FlairDataset
 
     df, bad = _dataset_row(synth_index, tmp_path, kind)
-    cfg = load_config(None, {"use_s2": kind.startswith("s2"), "workers": 0})
+    cfg = load_settings(None, {"use_s2": kind.startswith("s2"), "workers": 0})
     with pytest.raises(DataError) as info:
         FlairDataset(df, cfg, train=False)[0]
     assert bad.name in str(info.value) and message in str(info.value)
@@ -250,9 +250,10 @@ def test_wrong_size_or_bands_caught_by_index_check(tmp_path):
     (the dataset checks the band count; the submission validator rejects a non-512x512 PRED file)."""
     from src.core.files import write_tif
     from src.prep.index_scan import scan
-    from src.prep.synth_write import make_dataset
+    from src.prep.synth_write import SynthSpec, make_dataset
 
-    root = make_dataset(tmp_path / "raw", train_domains=1, test_domains=1, zones=1, patches=2, seed=3)
+    root = make_dataset(tmp_path / "raw", SynthSpec(train_domains=1, test_domains=1, zones=1, patches=2,
+                                                    seed=3))
     small, bands = sorted(root.glob("flair_2_aerial_test/**/IMG_*.tif"))
     write_tif(small, np.zeros((5, 256, 256), np.uint8))
     write_tif(bands, np.zeros((3, 512, 512), np.uint8))
@@ -341,13 +342,14 @@ def fake_ckpt(tmp_path_factory) -> Path:
     import torch
 
     from src.core.checkpoint import save_checkpoint
-    from src.core.config import load_config
+    from src.core.config import load_settings
     from src.models.flair_model import build_model
 
-    cfg = load_config(None, {"encoder": "tu-test_resnet", "encoder_weights": "none", "workers": 0})
+    cfg = load_settings(None, {"encoder": "tu-test_resnet", "encoder_weights": "none", "workers": 0})
     torch.manual_seed(0)
     runs = tmp_path_factory.mktemp("fake_runs")
-    return save_checkpoint(runs / "fold0" / "best.pt", {"model": build_model(cfg).state_dict(), "config": cfg,
+    return save_checkpoint(runs / "fold0" / "best.pt", {"model": build_model(cfg).state_dict(),
+                                                        "config": cfg.to_dict(),
                                                         "epoch": 1, "step": 1, "best_miou": 0.0})
 
 

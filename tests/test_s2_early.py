@@ -1,4 +1,5 @@
-"""Early S2 fusion (src/models/s2_features.py, `s2_early`): the monthly features of a real synthetic sample equal
+"""Early S2 fusion (src/models/s2_features.py, `s2_early`): the monthly features of a real synthetic sample
+equal
 a hand computation, turn with the D4 augmentation, and the model builds, trains, keeps pretrained kernels
 and survives a checkpoint round trip."""
 from __future__ import annotations
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from src.core.checkpoint import save_checkpoint
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.errors import ConfigError
+from src.core.settings import Settings, check_job
 from src.core.tables import load_index
 from src.data.augment import AUG_LEN, Slot
 from src.data.dataset import FlairDataset
@@ -24,7 +26,6 @@ from src.models.s2_features import (
     early_channels,
     early_features,
     first_conv_with,
-    model_reads_s2,
 )
 
 TINY = {"encoder": "tu-test_resnet", "encoder_weights": "none", "utae_widths": [16, 16, 32, 32],
@@ -34,7 +35,7 @@ TINY = {"encoder": "tu-test_resnet", "encoder_weights": "none", "utae_widths": [
 @pytest.fixture(scope="module")
 def sample(synth_data_dir) -> dict:
     """One real synthetic training patch with its S2 series (monthly composites, no augmentation)."""
-    cfg = load_config(None, {"use_s2": True, "data_dir": str(synth_data_dir), "workers": 0})
+    cfg = load_settings(None, {"use_s2": True, "data_dir": str(synth_data_dir), "workers": 0})
     return FlairDataset(load_index(synth_data_dir / "index_train.csv"), cfg, train=False)[0]
 
 
@@ -100,7 +101,7 @@ def test_padded_dates_are_ignored_and_no_date_gives_zeros(sample):
 def test_early_features_turn_with_the_d4_augmentation(sample, synth_data_dir):
     """The augmented batch (device D4 on image and S2 crop) gives the features of the raw sample turned
     the same way as its image: computed in the model after augmentation, they stay aligned."""
-    cfg = load_config(None, {"use_s2": True, "data_dir": str(synth_data_dir), "augment": "light"})
+    cfg = load_settings(None, {"use_s2": True, "data_dir": str(synth_data_dir), "augment": "light"})
     samples = []
     for k in range(8):
         aug = torch.zeros(AUG_LEN)
@@ -119,7 +120,7 @@ def test_early_features_turn_with_the_d4_augmentation(sample, synth_data_dir):
 @pytest.mark.parametrize("fusion", ["none", "utt"])
 def test_model_with_early_channels_trains(fusion):
     torch.manual_seed(0)
-    cfg = load_config(None, {**TINY, "use_s2": True, "fusion": fusion, "s2_early": "ndvi"})
+    cfg = load_settings(None, {**TINY, "use_s2": True, "fusion": fusion, "s2_early": "ndvi"})
     model = build_model(cfg).train()
     s2 = torch.rand(2, 3, 10, 16, 16)
     days = torch.tensor([[100, 30, -60], [90, 0, 0]])
@@ -136,18 +137,18 @@ def test_model_with_early_channels_trains(fusion):
 
 
 def test_pretrained_kernels_are_kept_and_new_ones_start_at_zero(tmp_path):
-    rgb = build_model(load_config(None, {**TINY, "bands": ["R", "G", "B"]}))
+    rgb = build_model(load_settings(None, {**TINY, "bands": ["R", "G", "B"]}))
     conv = next(m for m in rgb.net.encoder.modules() if isinstance(m, torch.nn.Conv2d))
     path = tmp_path / "encoder.pt"
     torch.save(rgb.net.encoder.state_dict(), path)
-    model = build_model(load_config(None, {**TINY, "encoder_weights": str(path), "use_s2": True,
+    model = build_model(load_settings(None, {**TINY, "encoder_weights": str(path), "use_s2": True,
                                            "s2_early": "ndvi", "bands": ["NIR", "R", "G", "B", "E"]}))
     stem = next(m for m in model.net.encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert stem.weight.shape[1] == 5 + 12
     assert torch.equal(stem.weight[:, 1:4], conv.weight)  # R, G, B where they sit in `bands`
     assert not stem.weight[:, 5:].any()
     # the same, directly on an encoder: the band kernels bit for bit, the new ones zero
-    enc = build_model(load_config(None, TINY)).net.encoder
+    enc = build_model(load_settings(None, TINY)).net.encoder
     before = next(m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)).weight.detach().clone()
     add_input_channels(enc, 5, 12, pretrained=True)
     after = next(m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)).weight
@@ -155,27 +156,24 @@ def test_pretrained_kernels_are_kept_and_new_ones_start_at_zero(tmp_path):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    cfg = load_config(None, {**TINY, "use_s2": True, "fusion": "utt", "s2_early": "ndvi"})
+    cfg = load_settings(None, {**TINY, "use_s2": True, "fusion": "utt", "s2_early": "ndvi"})
     model = build_model(cfg).eval()
-    path = save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": cfg})
+    path = save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict()})
     loaded, saved = load_for_inference(path)
-    assert saved["s2_early"] == "ndvi"
+    assert saved.s2_early == "ndvi"
     args = (torch.randn(1, 5, 64, 64), torch.rand(1, 2, 10, 16, 16), torch.tensor([[50, -50]]))
     with torch.no_grad():
         torch.testing.assert_close(loaded(*args)["logits"], model(*args)["logits"])
 
 
 def test_settings_need_s2_for_early_fusion_and_allow_it_alone():
-    from src.train import check_settings
-
-    check_settings(load_config(None, {"use_s2": True, "fusion": "none", "s2_early": "ndvi"}))
+    assert load_settings(None, {"use_s2": True, "fusion": "none", "s2_early": "ndvi"}).reads_s2
     # use_s2=false is the one switch for S2 inputs: any preset's aerial-only model (fusion=none use_s2=false)
-    aerial = load_config(None, {**TINY, "use_s2": False, "fusion": "none", "s2_early": "ndvi"})
-    check_settings(aerial)
-    assert first_conv_with(build_model(aerial).net.encoder, 5) is not None and not model_reads_s2(aerial)
+    aerial = load_settings(None, {**TINY, "use_s2": False, "fusion": "none", "s2_early": "ndvi"})
+    assert first_conv_with(build_model(aerial).net.encoder, 5) is not None and not aerial.reads_s2
+    assert aerial.early_s2 == "none" and early_channels(aerial.early_s2) == 0
     with pytest.raises(ConfigError, match="does nothing"):
-        check_settings(load_config(None, {"use_s2": True, "fusion": "none"}))
-    with pytest.raises(ValueError, match="s2_early must be one of"):
-        early_channels("rgb")
-    assert model_reads_s2({"use_s2": True, "fusion": "none", "s2_early": "ndvi"})
-    assert not model_reads_s2({"use_s2": False, "fusion": "none", "s2_early": "none"})
+        check_job(load_settings(None, {"use_s2": True, "fusion": "none"}), "train")
+    with pytest.raises(ConfigError, match="s2_early: expected one of none, ndvi, bands"):
+        load_settings(None, {"s2_early": "rgb"})
+    assert not Settings(use_s2=False, fusion="none", s2_early="none").reads_s2

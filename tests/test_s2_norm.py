@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from src.core.config import load_config
-from src.core.errors import ConfigError, PredictError
+from src.core.config import load_settings
+from src.core.errors import ConfigError
 from src.core.flair import BAND_MEAN, BAND_STD
 from src.data.dataset import FlairDataset
 from src.data.device_augment import device_batch
@@ -26,7 +26,7 @@ TRAIN = dict(zip(("R", "G", "B", "NIR", "E"), zip(BAND_MEAN.tolist(), BAND_STD.t
 
 
 def cfg_of(**kw) -> dict:
-    return load_config(None, {"norm": "s2_stats", "workers": 0, **kw})
+    return load_settings(None, {"norm": "s2_stats", "workers": 0, **kw})
 
 
 def by_hand(row, bands=("R", "G", "B", "NIR", "E")) -> np.ndarray | None:
@@ -109,9 +109,9 @@ def test_device_normalisation_is_x_minus_m_over_s(synth_index):
     with pytest.raises(ValueError, match="norm_stats"):
         device_batch({"image": batch["image"]}, cfg, CPU)
     # no S2 at all (an ONNX export): normalize's fallback is exactly norm=mean_std
-    plain = normalize(batch["image"], {**cfg, "norm": "mean_std"})
+    plain = normalize(batch["image"], cfg.with_values(norm="mean_std"))
     assert torch.equal(normalize(batch["image"], cfg), plain)
-    mean, std = norm_stats(cfg)
+    mean, std = norm_stats(cfg.bands, cfg.norm)
     np.testing.assert_array_equal(mean, BAND_MEAN[[0, 1, 2, 4]])
     np.testing.assert_array_equal(std, BAND_STD[[0, 1, 2, 4]])
 
@@ -157,10 +157,10 @@ def test_statistics_are_cheap_to_read(synth_index):
 
 
 def test_tiny_train_predict_and_the_orthophoto_refusal(synth_folds_dir, tmp_path):
+    from src import predict as P
     from src import train as T
-    from src.export import export_checkpoint
-    from src.infer import load_models
-    from src.predict import predict
+    from src.deploy.export import export_checkpoint
+    from src.prediction.ensemble import load_ensemble
 
     runs = tmp_path / "runs"
     T.main(["--fold", "0", "--resume", "0", "encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64",
@@ -171,14 +171,14 @@ def test_tiny_train_predict_and_the_orthophoto_refusal(synth_folds_dir, tmp_path
     assert best.is_file()
     index = tmp_path / "index_test.csv"  # 3 test patches keep the test short
     pd.read_csv(synth_folds_dir / "index_test.csv", dtype={"id": str}).head(3).to_csv(index, index=False)
-    report = predict([best], tmp_path / "pred", split="test", index=index, tta="none", device="cpu",
-                     overrides={"batch_size": 2, "workers": 0}, log=lambda s: None)
-    assert report["n_written"] == 3 == len(list((tmp_path / "pred").glob("PRED_*.tif")))
+    P.main(["--runs", str(best), "--split", "test", "--index", str(index), "--out", str(tmp_path / "pred"),
+            "--tta", "none", "--device", "cpu", "batch_size=2", "workers=0"])
+    assert len(list((tmp_path / "pred").glob("PRED_*.tif"))) == 3
     # whole orthophotos have no S2: refused in one line, unless the train statistics are forced
-    with pytest.raises(PredictError, match="norm=s2_stats"):
-        load_models([best], None, CPU, {}, lambda s: None)
-    models, cfgs, _, _ = load_models([best], None, CPU, {"norm": "mean_std"}, lambda s: None)
-    assert cfgs[0]["norm"] == "mean_std"
+    with pytest.raises(ConfigError, match="norm=s2_stats"):
+        load_ensemble([best], CPU, job="infer", log=lambda s: None)
+    ens = load_ensemble([best], CPU, overrides={"norm": "mean_std"}, job="infer", log=lambda s: None)
+    assert ens.cfg.norm == "mean_std"
     # the slim export checks its logits with normalize's fallback (no S2 in an exported model)
     rep = export_checkpoint(best, onnx=False, size=64, log=lambda s: None)
     assert Path(rep["slim"]).is_file() and np.isfinite(rep["slim_max_diff"])

@@ -1,19 +1,21 @@
 """norm=s2_stats with use_s2: the statistics and the series come from one read of the S2 window
-(src.data.normalize.series_and_stats), bit-identical to the two separate computations and to the formula written
+(src.data.normalize.series_and_stats), bit-identical to the two separate computations and to the formula
+written
 out on the whole .npy arrays, windows and boxes leaving the super-area included."""
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.flair import BAND_NAMES
 from src.data.dataset import S2_SCALE, FlairDataset
 from src.data.normalize import s2_box_stats, s2_patch_stats, series_and_stats
-from src.data.sentinel import read_products, s2_series
+from src.data.sentinel import BASELINE, read_products, s2_series
 
 S2_OF = (0, 1, 2, 6)  # B2, B3, B4, B8: the counterparts of B, G, R, NIR
 
@@ -76,12 +78,12 @@ def test_one_read_equals_the_two_computations_and_the_formula(tmp_path, kw):
         for got, want in zip(alone or (), ref or ()):
             np.testing.assert_array_equal(got, want)
         try:
-            want_x, want_days = s2_series(mdata, mmasks, products, centroid, **kw)
+            want_x, want_days = s2_series(mdata, mmasks, products, centroid, replace(BASELINE, **kw))
         except ValueError:  # the window lies outside the super-area: the same error
             with pytest.raises(ValueError, match="lies outside the super-area"):
-                series_and_stats(mdata, mmasks, products, centroid, **kw)
+                series_and_stats(mdata, mmasks, products, centroid, replace(BASELINE, **kw))
             continue
-        x, days, found = series_and_stats(mdata, mmasks, products, centroid, **kw)
+        x, days, found = series_and_stats(mdata, mmasks, products, centroid, replace(BASELINE, **kw))
         np.testing.assert_array_equal(x, want_x)
         np.testing.assert_array_equal(days, want_days)
         assert (found is None) == (ref is None)
@@ -104,10 +106,10 @@ class Counted:
 
 def test_sample_reads_its_window_once_and_matches_the_npy_files(synth_index):
     df = synth_index["train"]
-    cfg = load_config(None, {"norm": "s2_stats", "use_s2": True, "bands": ["NIR", "R", "G", "E"],
+    cfg = load_settings(None, {"norm": "s2_stats", "use_s2": True, "bands": ["NIR", "R", "G", "E"],
                              "workers": 0})
     ds = FlairDataset(df, cfg, train=False)
-    alone = FlairDataset(df, {**cfg, "use_s2": False}, train=False)
+    alone = FlairDataset(df, cfg.with_values(use_s2=False), train=False)
     bands = [BAND_NAMES[j] for j in ds.band_idx]
     ds[0]  # opens the zone's memmaps
     for i in range(len(df)):

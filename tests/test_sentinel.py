@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from src.core.errors import DataError
 from src.data import sentinel
 from src.data.sentinel import (
+    BASELINE,
     FALLBACK_TOL,
     cloud_cover,
     encode_days,
@@ -89,7 +91,7 @@ def test_matches_baseline_inside_one_year(seed, monthly):
     got_keep = select_dates(dates, cloud_cover(win, 60), 0.5)
     assert got_keep.tolist() == keep
 
-    x, days = s2_series(data, masks, products, centroid, monthly=monthly)
+    x, days = s2_series(data, masks, products, centroid, replace(BASELINE, monthly=monthly))
     assert x.dtype == np.float32 and days.dtype == np.int64
     assert x.shape == ref_x.shape == (len(ref_days), 10, 40, 40)
     np.testing.assert_array_equal(days, ref_days)
@@ -106,7 +108,7 @@ def test_memmap_input_and_other_sizes(tmp_path):
     mdata, mmasks = np.load(tmp_path / "d.npy", mmap_mode="r"), np.load(tmp_path / "m.npy", mmap_mode="r")
     for size in (16, 24, 48):
         keep, ref_x, ref_days = baseline_series(data, masks, products, (40, 41), size=size)
-        x, days = s2_series(mdata, mmasks, products, (40, 41), size=size)
+        x, days = s2_series(mdata, mmasks, products, (40, 41), replace(BASELINE, size=size))
         np.testing.assert_array_equal(x, ref_x)
         np.testing.assert_array_equal(days, ref_days)
 
@@ -116,8 +118,8 @@ def test_no_filter_keeps_everything():
     dates = random_dates(rng, 12, dt.date(2021, 1, 1))
     data, masks = super_area(rng, 12)
     masks[:] = 100  # fully cloudy: the filter would drop every date
-    x, days = s2_series(data, masks, [product_name(d) for d in dates], (48, 41), filter_clouds=False,
-                        monthly=False)
+    x, days = s2_series(data, masks, [product_name(d) for d in dates], (48, 41),
+                        replace(BASELINE, filter_clouds=False, monthly=False))
     assert x.shape[0] == 12
     np.testing.assert_array_equal(x, data[:, :, 28:68, 21:61].astype(np.float32))
     np.testing.assert_array_equal(days, [(dt.date(2021, 5, 15) - d).days for d in dates])
@@ -135,13 +137,13 @@ def test_fallback_when_no_date_survives():
     for t, cov in enumerate(covers):
         rows = int(round(cov * 40))
         masks[t, 1, 10:10 + rows, 10:50] = 100
-    x, days = s2_series(data, masks, products, (30, 30), monthly=False)
+    x, days = s2_series(data, masks, products, (30, 30), replace(BASELINE, monthly=False))
     expect = [t for t, cov in enumerate(covers) if cov <= 0.65 + FALLBACK_TOL]
     assert expect == [1, 2, 8]
     np.testing.assert_array_equal(x, data[expect, :, 10:50, 10:50].astype(np.float32))
     np.testing.assert_array_equal(days, [(dt.date(2021, 5, 15) - dates[t]).days for t in expect])
     # same through the monthly path: one composite per month of the kept dates
-    xm, daysm = s2_series(data, masks, products, (30, 30), monthly=True)
+    xm, daysm = s2_series(data, masks, products, (30, 30), replace(BASELINE, monthly=True))
     assert len(daysm) == len({dates[t].month for t in expect}) and xm.shape[0] == len(daysm)
 
 
@@ -153,7 +155,8 @@ def test_snow_and_cloud_are_summed():
     masks[0, 1, 25:] = 61   # cloud 37.5 % -> 75 %: dropped
     masks[1, 0, :15] = 59   # below prob_min: clear
     masks[1, 1, :19] = 100  # 47.5 %: kept
-    x, days = s2_series(data, masks, [product_name(d) for d in dates], (20, 20), monthly=False)
+    x, days = s2_series(data, masks, [product_name(d) for d in dates], (20, 20), replace(BASELINE,
+                                                                                         monthly=False))
     np.testing.assert_array_equal(days, [(dt.date(2021, 5, 15) - dates[1]).days])
 
 
@@ -175,13 +178,13 @@ def test_window_outside_is_nan_padded():
                  for t in range(n)]
         keep = [t for t in range(n) if cover[t] < 0.5] or [
             t for t in range(n) if cover[t] <= min(cover) + FALLBACK_TOL]
-        x, days = s2_series(data, masks, products, centroid, monthly=False)
+        x, days = s2_series(data, masks, products, centroid, replace(BASELINE, monthly=False))
         assert x.shape == (len(keep), 10, 40, 40)
         np.testing.assert_array_equal(x, sub[keep])  # NaN where the window leaves the super-area
         nan_rows = np.isnan(x[0, 0]).all(axis=1)
         assert nan_rows.sum() == max(0, 20 - r) + max(0, r + 20 - 50)
         np.testing.assert_array_equal(days, [(dt.date(2021, 5, 15) - dates[t]).days for t in keep])
-        xm, _ = s2_series(data, masks, products, centroid, monthly=True)
+        xm, _ = s2_series(data, masks, products, centroid, replace(BASELINE, monthly=True))
         np.testing.assert_array_equal(np.isnan(xm[0]), np.isnan(x[0]))  # pads stay NaN in composites
 
 
@@ -202,7 +205,7 @@ def test_series_across_new_year_is_ordered_by_true_date():
     data, masks = super_area(rng, len(dates))
     masks[:] = 0
     x, days = s2_series(data[perm], masks[perm], [product_name(d) for d in shuffled], (48, 41),
-                        monthly=False)
+                        replace(BASELINE, monthly=False))
     ref_year = sentinel.reference_year(dates)
     true_days = [(dt.date(ref_year, 5, 15) - d).days for d in dates]  # no leap day in this span
     np.testing.assert_array_equal(days, true_days)

@@ -15,9 +15,10 @@ import tifffile
 from src import synth
 from src.core.files import read_image, read_label
 from src.prep.synth_scene import TEST_DOMAINS, ZoneTruth, plan_dataset
-from src.prep.synth_write import make_dataset
+from src.prep.synth_write import SynthSpec, make_dataset
 
-# The session fixture synth_root is make_dataset(tmp, 3, 2, 2, 3, seed=0): the same arguments give the truth.
+# The session fixture synth_root is make_dataset(tmp, SynthSpec(3, 2, 2, 3, seed=0)): the same arguments give
+# the truth.
 FIXTURE_ARGS = dict(train_domains=3, test_domains=2, zones=2, patches=3, seed=0)
 META_KEYS = {"domain", "zone", "camera", "date", "time", "patch_centroid_x", "patch_centroid_y",
              "patch_centroid_z"}
@@ -201,9 +202,9 @@ def test_rare_classes_reach_the_labels(synth_root):
 
 
 def test_toy_layout_interleaved_same_content(tmp_path):
-    a = make_dataset(tmp_path / "official", 1, 1, 1, 2, seed=3)
-    b = make_dataset(tmp_path / "toy", 1, 1, 1, 2, seed=3, layout="toy", interleave="contig",
-                           test_labels=False)
+    a = make_dataset(tmp_path / "official", SynthSpec(1, 1, 1, 2, seed=3))
+    b = make_dataset(tmp_path / "toy", SynthSpec(1, 1, 1, 2, seed=3, layout="toy", interleave="contig",
+                                                 test_labels=False))
     toy = b / "flair_2_toy_dataset"
     assert (toy / "flair-2_centroids_sp_to_patch.json").is_file()
     dirs = sorted(p.name for p in toy.iterdir() if p.is_dir())
@@ -220,7 +221,7 @@ def test_toy_layout_interleaved_same_content(tmp_path):
 
 
 def test_mixed_interleave_and_seeds(tmp_path):
-    root = make_dataset(tmp_path / "m", 1, 0, 1, 2, seed=1, interleave="mixed")
+    root = make_dataset(tmp_path / "m", SynthSpec(1, 0, 1, 2, seed=1, interleave="mixed"))
     configs = set()
     for path in root.rglob("IMG_*.tif"):
         with tifffile.TiffFile(path) as tif:
@@ -236,9 +237,9 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     assert "1 patches" in capsys.readouterr().out
     assert len(list((tmp_path / "cli").rglob("IMG_*.tif"))) == 1
     with pytest.raises(ValueError, match="layout"):
-        make_dataset(tmp_path / "x", layout="hf")
+        make_dataset(tmp_path / "x", SynthSpec(layout="hf"))
     with pytest.raises(ValueError, match="interleave"):
-        make_dataset(tmp_path / "x", interleave="bsq")
+        make_dataset(tmp_path / "x", SynthSpec(interleave="bsq"))
 
 
 def test_many_patches_fit_in_grown_super_area():
@@ -252,8 +253,8 @@ def test_many_patches_fit_in_grown_super_area():
 
 
 def test_parallel_workers_write_the_same_bytes(tmp_path):
-    serial = make_dataset(tmp_path / "s", 1, 0, 2, 1, seed=9)
-    parallel = make_dataset(tmp_path / "p", 1, 0, 2, 1, seed=9, workers=2)
+    serial = make_dataset(tmp_path / "s", SynthSpec(1, 0, 2, 1, seed=9))
+    parallel = make_dataset(tmp_path / "p", SynthSpec(1, 0, 2, 1, seed=9), workers=2)
     files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
     assert len(files) == 2 * 5 + 2
     assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())

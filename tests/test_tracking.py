@@ -1,4 +1,5 @@
-"""src.training.records: TensorBoard events written into a real run folder and read back with TensorBoard's own
+"""src.training.records: TensorBoard events written into a real run folder and read back with TensorBoard's
+own
 reader; a resumed run replaces the interrupted epoch's events; validation pictures in the official colours;
 extra loggers only on request (never contacted here)."""
 from __future__ import annotations
@@ -12,25 +13,23 @@ import pytest
 import torch
 from PIL import Image
 
-from src.core.config import DEFAULTS
 from src.core.errors import ConfigError
 from src.core.flair import PALETTE
+from src.core.settings import Settings, check_job
 from src.data.normalize import normalize
 from src.scoring.metrics import miou_from_confusion
 from src.training.records import (
     IOU_COLS,
     Tracker,
-    check_settings,
     display_rgb,
     epoch_scalars,
-    logger_names,
     sample_grid,
     set_aside_previous_run,
 )
 
 EventAccumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator").EventAccumulator
-CFG = {**DEFAULTS, "name": "t", "bands": ["R", "G", "B", "NIR", "E"], "norm": "mean_std"}
+CFG = Settings(name="t", norm="mean_std")
 
 
 def read_events(run_dir) -> EventAccumulator:
@@ -120,7 +119,7 @@ def test_fresh_start_sets_old_events_aside(tmp_path):
 
 def test_disabled_tracker_writes_nothing(tmp_path):
     for tracker in (Tracker.open(tmp_path, CFG, enabled=False),  # not rank 0
-                    Tracker.open(tmp_path, {**CFG, "tensorboard": False, "loggers": ""})):
+                    Tracker.open(tmp_path, CFG.with_values(tensorboard=False, loggers=""))):
         tracker.step(1, loss=1.0)
         tracker.epoch(history_row(1, 1, validated=True), samples=samples()[0])
         tracker.close()
@@ -129,12 +128,12 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("norm", ["mean_std", "scale"])
 def test_pictures_undo_the_normalisation(norm):
-    cfg = {**CFG, "norm": norm}
+    cfg = CFG.with_values(norm=norm)
     batch, raw = samples()
     rgb = display_rgb(normalize(torch.as_tensor(raw), cfg)[0], cfg)
     np.testing.assert_allclose(rgb.astype(int), np.moveaxis(raw[0, :3], 0, -1).astype(int), atol=1)
     np.testing.assert_array_equal(display_rgb(torch.as_tensor(raw[0]), cfg), np.moveaxis(raw[0, :3], 0, -1))
-    no_rgb = {**cfg, "bands": ["NIR", "E"]}  # no R, G, B: the first band in grey
+    no_rgb = cfg.with_values(bands=["NIR", "E"])  # no R, G, B: the first band in grey
     grey = display_rgb(torch.as_tensor(raw[0, 3:]), no_rgb)
     assert (grey[..., 0] == raw[0, 3]).all() and (grey[..., 1] == grey[..., 2]).all()
 
@@ -159,14 +158,14 @@ def test_epoch_scalars_skip_nan_and_name_domains():
 
 
 def test_extra_loggers_only_on_request():
-    assert logger_names({"loggers": ""}) == [] and logger_names({}) == []
-    assert logger_names({"loggers": "MLflow, wandb,mlflow"}) == ["mlflow", "wandb"]
+    assert Settings(loggers="").logger_names == [] and Settings().logger_names == []
+    assert Settings(loggers="MLflow, wandb,mlflow").logger_names == ["mlflow", "wandb"]
     with pytest.raises(ConfigError, match="loggers: unknown logger 'comet'"):
-        logger_names({"loggers": "wandb,comet"})
-    check_settings({"tensorboard": True, "loggers": ""})
-    with pytest.raises(ConfigError, match="tb_images: expected a number of patches >= 0, got -1"):
-        check_settings({"tb_images": -1})
+        Settings(loggers="wandb,comet")
+    check_job(Settings(tensorboard=True, loggers=""), "train")
+    with pytest.raises(ConfigError, match="tb_images: expected a value >= 0, got -1"):
+        Settings(tb_images=-1)
     for name in ("wandb", "mlflow"):
         if importlib.util.find_spec(name) is None:  # the usual case: not a requirement of the kit
             with pytest.raises(ConfigError, match=f"loggers={name} needs the {name} package: pip install"):
-                check_settings({"tensorboard": False, "loggers": name})
+                check_job(Settings(tensorboard=False, loggers=name), "train")

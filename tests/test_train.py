@@ -20,7 +20,8 @@ import torch
 
 from src import train as T
 from src.core.checkpoint import load_checkpoint
-from src.core.config import load_config
+from src.core.config import load_settings
+from src.core.settings import Settings
 from src.core.tables import fold_rows
 from src.data.device_augment import device_batch
 from src.models.flair_model import load_for_inference
@@ -28,7 +29,7 @@ from src.models.losses import Criterion
 from src.scoring.metrics import IOU_COLS, confusion_torch, miou_from_confusion
 from src.training.records import CSV_COLS
 from src.training.state import lr_at
-from src.training.validation import validate
+from src.training.validation import Domains, validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
@@ -123,23 +124,24 @@ def test_fold_run_outputs_checkpoints_and_metric(data_dir, tmp_path):
     last = load_checkpoint(run / "last.pt")
     assert CONTRACT_KEYS <= set(last) and last["epoch"] == 2 and last["fold"] == "0"
     assert set(last["rng"]) >= {"python", "numpy", "torch"}
-    assert load_config(run / "config.yaml") == last["config"]
+    assert load_settings(run / "config.yaml").to_dict() == last["config"]
     # best.pt holds the EMA weights of the best epoch; re-scoring them on the whole fold reproduces it
     best = load_checkpoint(run / "best.pt")
     assert best["best_miou"] == pytest.approx(max(float(r["miou"]) for r in rows))
     model, cfg = load_for_inference(run / "best.pt")
-    assert cfg == best["config"]
+    assert cfg.to_dict() == best["config"]
     assert all(torch.equal(v, best["ema"]["module"][k]) for k, v in best["model"].items())
-    train_df, val_df = fold_rows(cfg["data_dir"], "0")
+    train_df, val_df = fold_rows(cfg.data_dir, "0")
     assert set(val_df["domain"]) == {val_df["domain"].iloc[0]} and not set(val_df["id"]) & set(train_df["id"])
     from src.data.dataset import FlairDataset
     from src.data.loader import collate
 
     # same batches as the trainer's validation, so multi-threaded conv kernels sum in the same order
     loader = torch.utils.data.DataLoader(FlairDataset(val_df, cfg, train=False),
-                                         batch_size=cfg["batch_size"], collate_fn=collate)
-    domains = {str(i): 0 for i in val_df["id"]}
-    res = validate(model, loader, Criterion(cfg), torch.device("cpu"), None, False, domains, 1, cfg=cfg)
+                                         batch_size=cfg.batch_size, collate_fn=collate)
+    domains = Domains(["all"], {str(i): 0 for i in val_df["id"]})
+    res = validate(model, loader, Criterion(cfg), cfg.with_values(precision="fp32", channels_last=False),
+                   torch.device("cpu"), domains)
     assert res["confusion"].sum() == len(val_df) * 512 * 512 and res["skipped"] == 0  # every pixel, once
     assert res["miou"] == pytest.approx(best["best_miou"], abs=1e-9)
     assert result["best_miou"] == best["best_miou"]
@@ -260,7 +262,7 @@ def test_unreadable_validation_patch_is_skipped_not_scored_twice(data_dir, tmp_p
 
     model, cfg = load_for_inference(run / "best.pt")
     good = val_df[val_df["id"] != bad_id]
-    loader = torch.utils.data.DataLoader(FlairDataset(good, cfg, train=False), batch_size=cfg["batch_size"],
+    loader = torch.utils.data.DataLoader(FlairDataset(good, cfg, train=False), batch_size=cfg.batch_size,
                                          collate_fn=collate)
     conf = torch.zeros(13, 13, dtype=torch.int64)
     with torch.no_grad():
@@ -297,7 +299,7 @@ def test_loader_workers_run_opencv_single_threaded():
     """The training and validation loaders come from build_loader: one OpenCV thread per worker."""
     from src.data.loader import build_loader
 
-    loader = build_loader(_OpenCVThreads(), {"workers": 2, "batch_size": 1}, train=False, collate_fn=list)
+    loader = build_loader(_OpenCVThreads(), Settings(workers=2, batch_size=1), train=False, collate_fn=list)
     assert [n for batch in loader for n in batch] == [1, 1, 1, 1]
 
 
@@ -329,9 +331,10 @@ def test_demo_fusion_beats_aerial_only_on_s2_only_classes(tmp_path):
     from src.core.tables import write_index
     from src.folds import make_folds
     from src.prep.index_scan import build_index
-    from src.prep.synth_write import make_dataset
+    from src.prep.synth_write import SynthSpec, make_dataset
 
-    root = make_dataset(tmp_path / "raw", train_domains=8, test_domains=2, zones=2, patches=2, seed=0)
+    root = make_dataset(tmp_path / "raw", SynthSpec(train_domains=8, test_domains=2, zones=2, patches=2,
+                                                    seed=0))
     data = tmp_path / "data"
     data.mkdir()
     write_index(build_index(root), data)

@@ -11,7 +11,7 @@ import torch
 
 from src import train as T
 from src.core.checkpoint import save_checkpoint
-from src.core.config import load_config
+from src.core.config import load_settings
 from src.core.errors import ConfigError
 from src.models.flair_model import build_model
 from src.models.weights import apply_init_from, group_counts, init_source, warm_start
@@ -24,7 +24,7 @@ UTT = {"fusion": "utt", "use_s2": True, "utae_widths": [8, 8, 16, 16], "utae_dec
 
 
 def tiny(seed: int = 0, **kw) -> tuple[torch.nn.Module, dict]:
-    cfg = load_config(None, {**TINY, **kw})
+    cfg = load_settings(None, {**TINY, **kw})
     torch.manual_seed(seed)
     return build_model(cfg), cfg
 
@@ -159,7 +159,7 @@ def test_fold_placeholder_picks_the_same_fold(tmp_path):
     ref, _ = tiny(11)
     assert same(model.state_dict(), ref.state_dict(), report.loaded)
     assert init_source("{runs_dir}/s1/fold{fold}/best.pt", "all", "R") == "R/s1/foldall/best.pt"
-    assert apply_init_from(model, load_config(None, TINY), "0", lines.append) is None  # init_from unset
+    assert apply_init_from(model, load_settings(None, TINY), "0", lines.append) is None  # init_from unset
 
 
 # ----------------------------------------------------------------------------- Hugging Face hub (offline)
@@ -206,10 +206,10 @@ def test_hf_files_come_from_the_cache_offline(hf_cache):
         assert len(report.loaded) == len(sd)
     # encoder_weights=hf: goes through the local-file loader; the trainer's call prints its report
     torch.manual_seed(3)
-    model = build_model(load_config(None, {**TINY, "encoder_weights": "hf:kit/stage1"}))
+    model = build_model(load_settings(None, {**TINY, "encoder_weights": "hf:kit/stage1"}))
     assert same(model.state_dict(), sd, sd)
     lines: list[str] = []
-    apply_init_from(model, load_config(None, TINY), "0", lines.append)
+    apply_init_from(model, load_settings(None, TINY), "0", lines.append)
     assert len(lines) == 1 and lines[0].startswith("encoder_weights hf:kit/stage1: loaded")
     assert "decoder/head tensors; skipped 0" in lines[0]
 
@@ -221,7 +221,7 @@ def test_hf_missing_offline_is_a_clear_error(hf_cache):
         warm_start(model, "hf:nobody/nothing")
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"hf:kit/x:w.pt: could not get w.pt from kit/x"):
-        build_model({**cfg, "encoder_weights": "hf:kit/x:w.pt"})
+        build_model(cfg.with_values(encoder_weights="hf:kit/x:w.pt"))
     with pytest.raises(ValueError, match="expected hf:<owner>/<name>"):
         warm_start(model, "hf:no-owner")
 
@@ -232,13 +232,13 @@ def test_first_place_presets_chain(tmp_path, encoder):
     """Stage 1 (aerial U-Net) -> stage 2 (U-T&T) through the presets' own init_from: with a tiny encoder, and
     with the recipe's MiT-B2 (slow: two 28 M-parameter models)."""
     over = {"encoder": encoder, "encoder_weights": "none", "runs_dir": str(tmp_path)}
-    cfg1 = load_config(CONFIGS / "first_place_stage1.yaml", over)
+    cfg1 = load_settings(CONFIGS / "first_place_stage1.yaml", over)
     torch.manual_seed(0)
     stage1 = build_model(cfg1)
     state = {"model": stage1.state_dict(), "config": cfg1}
-    save_checkpoint(tmp_path / cfg1["name"] / "fold2" / "best.pt", state)
-    cfg2 = load_config(CONFIGS / "first_place_stage2.yaml", over)
-    assert (cfg2["fusion"], cfg2["loss"], cfg2["epochs"], cfg1["epochs"]) == ("utt", "focal", 6, 6)
+    save_checkpoint(tmp_path / cfg1.name / "fold2" / "best.pt", state)
+    cfg2 = load_settings(CONFIGS / "first_place_stage2.yaml", over)
+    assert (cfg2.fusion, cfg2.loss, cfg2.epochs, cfg1.epochs) == ("utt", "focal", 6, 6)
     stage2 = build_model(cfg2).eval()
     report = apply_init_from(stage2, cfg2, "2", lambda line: None)
     assert set(report.loaded) == set(stage1.state_dict()) and not report.other_shape

@@ -9,6 +9,7 @@ from src.analysis.classes import band_shift, domain_divergence, percent_table, s
 from src.analysis.common import MONTHS
 from src.analysis.meta import inside_france, nearest_train_domain
 from src.core.flair import BAND_MEAN, BAND_NAMES
+from src.data.sentinel import BASELINE
 
 
 def _pct(v: float) -> str:
@@ -94,7 +95,8 @@ def conclude_images(stats: pd.DataFrame) -> str:
     ])
 
 
-def conclude_s2(survey: dict[str, pd.DataFrame], row: pd.Series, cover_max: float = 0.5) -> str:
+def conclude_s2(survey: dict[str, pd.DataFrame], row: pd.Series,
+                cover_max: float = BASELINE.cover_max) -> str:
     """Markdown summary of cloud/snow cover and series lengths."""
     cov, lengths = survey["cover"], survey["lengths"]
     mine = lengths[lengths["id"] == row["id"]].iloc[0]

@@ -14,6 +14,7 @@ import datetime as dt
 import functools
 import os
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from src.core.flair import (
     remap,
 )
 from src.data.sentinel import (
+    BASELINE,
     REF_DAY,
     REF_MONTH,
     cloud_cover,
@@ -64,11 +66,12 @@ def open_s2(row: pd.Series) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def window_cover(masks: np.ndarray, products: list[str], centroid: tuple[int, int], size: int = S2_WINDOW,
-                 prob_min: int = 60, cover_max: float = 0.5) -> pd.DataFrame:
+                 prob_min: int = BASELINE.prob_min, cover_max: float = BASELINE.cover_max) -> pd.DataFrame:
     """Cloud/snow cover of every date of a patch window (the baseline filter), in time-axis order.
 
     Columns: date, snow, cloud (fraction of window pixels with probability >= prob_min), cover (their sum,
-    src.data.sentinel.cloud_cover), kept (src.data.sentinel.select_dates: what s2_series keeps, fallback included).
+    src.data.sentinel.cloud_cover), kept (src.data.sentinel.select_dates: what s2_series keeps, fallback
+    included).
     The window is clipped to the super-area like s2_series does (cover over the valid pixels).
     """
     window = np.asarray(window_in_bounds(masks, centroid, size)[:, :2])
@@ -80,8 +83,8 @@ def window_cover(masks: np.ndarray, products: list[str], centroid: tuple[int, in
                          "cloud": cloud_cover(window[:, 1:2], prob_min), "cover": cover, "kept": kept})
 
 
-def patch_cover(row: pd.Series, size: int = S2_WINDOW, prob_min: int = 60,
-                cover_max: float = 0.5) -> pd.DataFrame:
+def patch_cover(row: pd.Series, size: int = S2_WINDOW, prob_min: int = BASELINE.prob_min,
+                cover_max: float = BASELINE.cover_max) -> pd.DataFrame:
     """`window_cover` of one index row."""
     _, masks, products = open_s2(row)
     return window_cover(masks, products, (int(row["s2_row"]), int(row["s2_col"])), size, prob_min, cover_max)
@@ -91,8 +94,8 @@ def patch_series(row: pd.Series, monthly: bool = True, filter_clouds: bool = Tru
                  size: int = S2_WINDOW) -> tuple[np.ndarray, list[dt.date]]:
     """src.data.sentinel.s2_series of an index row, with the dates of the returned steps decoded."""
     data, masks, products = open_s2(row)
-    x, days = s2_series(data, masks, products, (int(row["s2_row"]), int(row["s2_col"])), size=size,
-                        filter_clouds=filter_clouds, monthly=monthly)
+    opts = replace(BASELINE, size=size, filter_clouds=filter_clouds, monthly=monthly)
+    x, days = s2_series(data, masks, products, (int(row["s2_row"]), int(row["s2_col"])), opts)
     return x, days_to_dates(days, reference_year([product_date(p) for p in products]))
 
 
@@ -160,8 +163,9 @@ class _NdviSums:
         return pd.DataFrame(records, columns=["class", "name", "month", "mean", "std", "pixels", "patches"])
 
 
-def s2_survey(rows: pd.DataFrame, purity: float = 0.8, size: int = S2_WINDOW, prob_min: int = 60,
-              cover_max: float = 0.5) -> dict[str, pd.DataFrame]:
+def s2_survey(rows: pd.DataFrame, purity: float = 0.8, size: int = S2_WINDOW,
+              prob_min: int = BASELINE.prob_min,
+              cover_max: float = BASELINE.cover_max) -> dict[str, pd.DataFrame]:
     """One pass over the sampled patches' S2 series (each window read once).
 
     Returns {"cover": one row per (patch, date): id, domain, split, date, snow, cloud, cover, kept;
@@ -178,8 +182,9 @@ def s2_survey(rows: pd.DataFrame, purity: float = 0.8, size: int = S2_WINDOW, pr
         centroid = (int(r["s2_row"]), int(r["s2_col"]))
         cov = window_cover(masks, products, centroid, size, prob_min, cover_max)
         covers.append(cov.assign(id=r["id"], domain=r["domain"], split=r["split"]))
-        x, days = s2_series(data, masks, products, centroid, size=size, filter_clouds=True,
-                            cover_max=cover_max, prob_min=prob_min, monthly=True)
+        opts = replace(BASELINE, size=size, filter_clouds=True, cover_max=cover_max, prob_min=prob_min,
+                       monthly=True)
+        x, days = s2_series(data, masks, products, centroid, opts)
         lengths.append({"id": r["id"], "domain": r["domain"], "split": r["split"], "raw": len(cov),
                         "filtered": int(cov["kept"].sum()), "monthly": len(days)})
         if not str(r["msk_path"]):
@@ -227,7 +232,7 @@ def _footprint(ax, size: int) -> None:
     ax.add_patch(Rectangle((lo, lo), side, side, fill=False, edgecolor="w", linewidth=0.6))
 
 
-def plot_s2_thumbnails(row: pd.Series, path: str | os.PathLike, cover_max: float = 0.5,
+def plot_s2_thumbnails(row: pd.Series, path: str | os.PathLike, cover_max: float = BASELINE.cover_max,
                        max_dates: int = 60, cols: int = 10) -> Path:
     """True-colour thumbnails (B4, B3, B2) of every date of a patch's 40x40 window, with the cover; dates the
     cloud/snow filter drops are framed in red. The white square is the aerial patch's footprint."""
@@ -262,7 +267,7 @@ def plot_s2_thumbnails(row: pd.Series, path: str | os.PathLike, cover_max: float
 
 
 def plot_s2_cover(row: pd.Series, survey: dict[str, pd.DataFrame], path: str | os.PathLike,
-                  cover_max: float = 0.5) -> Path:
+                  cover_max: float = BASELINE.cover_max) -> Path:
     """Snow + cloud cover per date of one patch with the filter threshold; cover of every sampled
     (patch, date); series lengths raw / filtered / monthly over the sampled patches."""
     plt = pyplot()

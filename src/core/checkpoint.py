@@ -13,6 +13,7 @@ import torch
 
 from src.core.errors import CheckpointError
 from src.core.files import atomic_write, remove_stale_temps
+from src.core.settings import Settings
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -22,6 +23,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     that the next save removes), never a truncated file under the final name.
     """
     path = Path(path)
+    if isinstance(state.get("config"), Settings):  # plain values only: a checkpoint must not need this class
+        state = {**state, "config": state["config"].to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)  # left by an earlier killed write
     with atomic_write(path) as tmp:
@@ -32,15 +35,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict, naming the file when it is missing or corrupt."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+                    ) -> dict[str, Any]:
+    """Load a checkpoint dict, naming the file when it is missing or corrupt. `mmap`: tensors are mapped, not
+    read (cheap when only the settings are wanted)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         # our checkpoints hold numpy RNG state and python objects, so the full unpickler is needed;
         # only load checkpoints you trust (the ones this kit wrote).
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as err:  # truncated zip, bad pickle, ...
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

@@ -1,29 +1,27 @@
-"""How the kit uses an accelerator: the precision policy and device choices (worker counts: src.core.workers).
+"""How the kit uses an accelerator and its processes: the precision policy, devices, seeds and RNG states,
+and the torchrun glue (worker counts and other torch-free policies: src.core.workers).
 
 One place for each of these decisions, so training, validation, prediction and the benchmarks cannot
-disagree (docs/architecture.md, "Runtime policies").
-
-Seeds and RNG states: everything random in a training epoch is a function of (seed, epoch, rank), so a
-resumed run replays an epoch bit for bit on CPU.
-
-Multi-GPU / multi-node glue for runs launched by torchrun: which process this is, sums over processes,
-waiting for each other, and teardown. On a single process every helper is a no-op, so the training loop
-has no `if world > 1` branches."""
+disagree (docs/architecture.md, "Runtime policies"):
+- everything random in a training epoch is a function of (seed, epoch, rank), so a resumed run replays an
+  epoch bit for bit on CPU;
+- under torchrun (multi-GPU / multi-node) `setup_distributed` places the process; sums over processes,
+  barriers and teardown are no-ops on a single process, so the loops have no `if world > 1` branches."""
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from src.core.errors import ConfigError
+from src.core.workers import cpu_count, process_env
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # the `precision` setting's words
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -31,8 +29,6 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
     `auto` is bf16 on a CUDA device that supports it and fp32 elsewhere (CPU autocast is slower than
     fp32 for convolutions); an explicit bf16/fp16 is honoured on any device."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return _DTYPES[precision]
@@ -105,18 +101,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs: its rank among the torchrun processes, their number, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that logs and writes the shared files."""
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Placement:
+    """This process's place. `auto` is its local GPU (cuda:LOCAL_RANK) when there is one, else the CPU; under
+    torchrun the process group is initialised (NCCL on GPUs, gloo on CPUs)."""
+    rank, world, local = process_env()
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu") if device == "auto" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, device
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Placement(dist.get_rank() if dist.is_initialized() else rank, world, dev)
+
+
+def share_cores(placement: Placement) -> None:
+    """CPU processes of one machine share its cores (torch would give each all of them)."""
+    if placement.device.type == "cpu" and placement.world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", placement.world))
+        torch.set_num_threads(max(1, cpu_count() // local))
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-from src.core.errors import ConfigError
-
 
 def cpu_count() -> int:
     """Cores this process may use (the affinity mask, not the machine's total)."""
@@ -22,16 +20,18 @@ def default_workers(limit: int = 16) -> int:
 
 
 def loader_workers(setting: int | str) -> int:
-    """DataLoader workers for the `workers` setting: a number as given, `auto` = the cores this process
-    may use, shared between the local DDP processes, minus one for the main process."""
-    if isinstance(setting, str):
-        if setting != "auto":
-            raise ConfigError(f"workers: expected a number or auto, got {setting!r}")
+    """DataLoader workers for the `workers` setting (checked by src.core.settings): a number as given, `auto`
+    = the cores this process may use, shared between the local DDP processes, minus one for the main one."""
+    if setting == "auto":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         return max(0, cpu_count() // max(1, local) - 1)
-    if setting < 0:
-        raise ConfigError(f"workers: expected >= 0 or auto, got {setting}")
     return int(setting)
+
+
+def process_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process under torchrun; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def single_thread_opencv() -> None:

@@ -7,7 +7,7 @@ date dropout -- and draws the parameters of the rest into a small float32 vector
 src.data.device_augment applies `aug` to the whole batch on the device: the D4 element (flips and quarter
 turns, jointly on image, mask, S2 crop and its validity) and the photometric transforms of `heavy`.
 
-Presets (`cfg["augment"]`, train only; validation and test get the identity at full size):
+Presets (`cfg.augment`, train only; validation and test get the identity at full size):
 - `none`: no augmentation; only the random training crop to `crop_size` (when < 512).
 - `light`: D4 (a random element of the 8 flips/rotations by 90 degrees) + the random crop.
 - `heavy`: D4, with p=0.75 a random scale/rotate crop (zoom 0.75..1.33 log-uniform, limited so the source
@@ -29,7 +29,7 @@ moves/zooms/rotates the S2 crop by the same linear part and by the aerial transl
 (bilinear resampling of S2; pixels that come from outside the crop or from NaN pads are marked invalid in
 `s2_valid`). Mask pixels that come from outside the patch (rotation corners) are filled with 12 ("other",
 weight 0 under the default class weights). S2 date dropout: each date is dropped with probability
-`cfg["s2_date_dropout"]`, at least one is kept.
+`cfg.s2_date_dropout`, at least one is kept.
 
 Randomness: the caller passes a numpy Generator per sample, seeded from (seed, epoch, sample index)
 (src.data.dataset), so a sample's augmentation does not depend on the worker that loads it.
@@ -42,7 +42,8 @@ transform or Compose; it runs in the DataLoader workers on each training sample'
 `bands` order, after the crop/zoom), before the device half of the augmentation.
 
 Only pixel-level transforms (albumentations' ImageOnlyTransform) are accepted: a geometric one would move
-the image away from its mask and its S2 crop, which the kit keeps aligned itself (src/data/augment.py), so it is
+the image away from its mask and its S2 crop, which the kit keeps aligned itself (src/data/augment.py), so it
+is
 refused with the transform's name. The transform is tried once on a blank image of the right band count
 when the dataset is built, so a transform that cannot take 5 bands (e.g. ToGray) fails there, in one line,
 not in a worker. Randomness: each sample re-seeds the transform from its own generator, so the draws are
@@ -60,8 +61,8 @@ import numpy as np
 
 from src.core.errors import ConfigError
 from src.core.flair import AERIAL_PER_S2, BAND_NAMES
+from src.core.settings import AUGMENTS, Settings
 
-PRESETS = ("none", "light", "heavy")
 MASK_FILL = 12        # label of pixels that come from outside the patch ("other")
 MAX_BANDS = len(BAND_NAMES)
 MAX_HOLES = 6
@@ -203,8 +204,8 @@ class Augment:
 
     def __init__(self, preset: str = "none", crop_size: int | None = None, date_dropout: float = 0.0,
                  extra: ExtraTransform | None = None):
-        if preset not in PRESETS:
-            raise ValueError(f"augment preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        if preset not in AUGMENTS:
+            raise ValueError(f"augment preset {preset!r}: expected one of {', '.join(AUGMENTS)}")
         self.preset = preset
         self.crop_size = crop_size
         self.use_d4 = preset in ("light", "heavy")
@@ -272,15 +273,13 @@ class Augment:
         return {"image": image, "mask": mask, "s2": s2, "s2_valid": s2_valid, "s2_days": s2_days, "aug": aug}
 
 
-def build_augment(cfg: dict, train: bool) -> Augment:
-    """The training preset of `cfg["augment"]` (with crop and date dropout), or the identity for eval."""
+def build_augment(cfg: Settings, train: bool) -> Augment:
+    """The training preset of `cfg.augment` (with crop and date dropout), or the identity for eval."""
     if not train:
         return Augment("none")
-    crop = int(cfg.get("crop_size") or 0) or None
-    spec = str(cfg.get("augment_extra") or "")
-    extra = ExtraTransform(spec, len(cfg.get("bands", BAND_NAMES))) if spec else None
-    return Augment(cfg.get("augment", "none"), crop_size=crop,
-                   date_dropout=float(cfg.get("s2_date_dropout", 0.0)), extra=extra)
+    extra = ExtraTransform(cfg.augment_extra, len(cfg.bands)) if cfg.augment_extra else None
+    return Augment(cfg.augment, crop_size=cfg.crop_size or None, date_dropout=cfg.s2_date_dropout,
+                   extra=extra)
 
 
 def _load_builder(spec: str) -> Any:

@@ -3,16 +3,19 @@
 Sample keys (docs/data-format.md, "Samples and batches"): "image" uint8 (C,H,W) of cfg's bands; "mask" uint8
 (H,W) 0..12 (only for rows with a label when `labels`); with `use_s2`: "s2" float16 (T,10,S,S)
 reflectance/10000, "s2_days" int64 (T,), "s2_pad" bool (T,) (all False for one sample, True on padded dates
-after src.data.loader.collate), "s2_valid" bool (S,S) (False where the S2 window left the super-area, or, after a
+after src.data.loader.collate), "s2_valid" bool (S,S) (False where the S2 window left the super-area, or,
+after a
 crop or rotation, where S2 pixels came from outside the crop); with `use_metadata`: "meta" float32
 (META_DIM,) (src.data.dataset); with `norm=s2_stats`: "norm_stats" float32 (C,2), the per-patch (mean, std) of
-each band in grey levels from the patch's own S2 (src.data.normalize; read even when `use_s2` is false, derived
+each band in grey levels from the patch's own S2 (src.data.normalize; read even when `use_s2` is false,
+derived
 from the series' own read of the window when it is true); in training with `light`/`heavy`: "aug" float32
 (src.data.augment.AUG_LEN,), the parameters of the device half of the augmentation; in training with
 pseudo-labelled rows (src.data.pseudo_labels): "weight" float32 () on every sample (pseudo_weight or 1), and a
 pseudo row's "mask" holds 255 where its confidence is below pseudo_threshold; "id" str. S2 pixels outside
 the super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss through
-"s2_valid" (src.models.losses.Criterion). Batching is src.data.loader's job; normalisation, D4 and the photometric
+"s2_valid" (src.models.losses.Criterion). Batching is src.data.loader's job; normalisation, D4 and the
+photometric
 transforms happen on the device, on the batch (src.data.device_augment).
 
 Why it is fast: a worker does little more than read. TIFFs through src.core.files (libtiff, no rasterio);
@@ -50,10 +53,11 @@ from torch.utils.data import Dataset
 from src.core.errors import ConfigError, DataError, one_line
 from src.core.files import read_image, read_label
 from src.core.flair import BAND_NAMES, band_indices, invalid_label_values, remap
+from src.core.settings import Settings
 from src.data.augment import build_augment
 from src.data.normalize import norm_stats_of, patch_norm_stats, series_and_stats
 from src.data.pseudo_labels import PseudoSource
-from src.data.sentinel import open_zone, s2_series
+from src.data.sentinel import SeriesOptions, open_zone, s2_series
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +79,10 @@ def _text(value: Any) -> str:
 class FlairDataset(Dataset):
     """Torch dataset over index rows (src.index schema); see the module docstring for the sample keys.
 
-    `train` selects the training augmentation (cfg["augment"], crop_size, s2_date_dropout); otherwise the
+    `train` selects the training augmentation (cfg.augment, crop_size, s2_date_dropout); otherwise the
     identity at full size. `labels=False` never reads masks (test-time inference). An item is an index,
     or (index, epoch) from src.data.loader.EpochSampler (a plain index uses `self.epoch`).
-    With cfg["skip_bad"], a sample whose files raise DataError is logged (logging + one line appended to
+    With cfg.skip_bad, a sample whose files raise DataError is logged (logging + one line appended to
     `bad_log` when given) and counted in `bad_count` (per process). In training it is replaced by the next
     readable index (wrapping around): an epoch keeps its size. Otherwise it becomes the marker
     {"id": id, "bad": one-line error}, which src.data.loader.collate lists in batch["bad"], so that validation
@@ -87,7 +91,7 @@ class FlairDataset(Dataset):
     measured with `clock` (wall time by default; the benchmark uses per-thread CPU time).
     """
 
-    def __init__(self, index_df: pd.DataFrame, cfg: dict, train: bool, labels: bool = True,
+    def __init__(self, index_df: pd.DataFrame, cfg: Settings, train: bool, labels: bool = True,
                  bad_log: str | os.PathLike | None = None):
         missing = [c for c in ("id", "img_path", "msk_path") if c not in index_df.columns]
         if missing:
@@ -108,27 +112,23 @@ class FlairDataset(Dataset):
             values = index_df[c] if c in index_df.columns else pd.Series(np.nan, index=index_df.index)
             self.cols[c] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
         self.train, self.labels = train, labels
-        self.band_idx = band_indices(cfg["bands"])
+        self.band_idx = band_indices(cfg.bands)
         self.band_names = [BAND_NAMES[j] for j in self.band_idx]
         self.all_bands = self.band_idx == list(range(len(BAND_NAMES)))  # the decoded array as it is
-        self.use_s2 = bool(cfg.get("use_s2", False))
-        self.s2_kw = dict(size=int(cfg.get("s2_size", 40)),
-                          filter_clouds=bool(cfg.get("s2_filter_clouds", True)),
-                          cover_max=float(cfg.get("s2_cover_max", 0.5)),
-                          prob_min=int(cfg.get("s2_prob_min", 60)),
-                          monthly=bool(cfg.get("s2_monthly", True)))
-        self.use_metadata = bool(cfg.get("use_metadata", False))
-        self.norm_s2 = cfg.get("norm", "mean_std") == "s2_stats"
+        self.use_s2 = cfg.use_s2
+        self.s2_opts = SeriesOptions.of(cfg)
+        self.use_metadata = cfg.use_metadata
+        self.norm_s2 = cfg.norm == "s2_stats"
         self.s2_fallbacks = 0  # norm=s2_stats patches normalised with the train statistics (per process)
         if self.norm_s2 and not {*_S2_COLS, "s2_row", "s2_col"} <= set(index_df.columns):
             raise ConfigError("norm=s2_stats needs the S2 columns of the index (s2_data, s2_masks, "
                               "s2_products, s2_row, s2_col): rebuild it with make index")
         self.pseudo = PseudoSource.of(index_df, cfg) if train else None  # pseudo-labelled rows (make pseudo)
-        self.skip_bad = bool(cfg.get("skip_bad", False))
+        self.skip_bad = cfg.skip_bad
         self.bad_log = Path(bad_log) if bad_log else None
         self.bad_count = 0
         self.augment = build_augment(cfg, train)
-        self.seed, self.epoch = int(cfg.get("seed", 0)), 0
+        self.seed, self.epoch = cfg.seed, 0
         self.timings: dict[str, float] | None = None
         self.clock = time.perf_counter
         self._bad: dict[int, str] = {}  # row -> its one-line error (per process)
@@ -248,9 +248,9 @@ class FlairDataset(Dataset):
         found = None
         try:
             if self.norm_s2:
-                s2, s2_days, found = series_and_stats(data, masks, products, centroid, **self.s2_kw)
+                s2, s2_days, found = series_and_stats(data, masks, products, centroid, self.s2_opts)
             else:
-                s2, s2_days = s2_series(data, masks, products, centroid, **self.s2_kw)
+                s2, s2_days = s2_series(data, masks, products, centroid, self.s2_opts)
         except ValueError as err:
             raise DataError(f"{self.zone_paths[self.zone_code[i]][0]}: patch {self.text('id', i)}: "
                             f"{err}") from None
@@ -263,14 +263,15 @@ class FlairDataset(Dataset):
         return s2, s2_valid, s2_days, norm
 
     def read_norm_stats(self, i: int) -> torch.Tensor:
-        """norm=s2_stats: (C, 2) float32 (mean, std) of row i from its S2 (src.data.normalize); a row without S2
+        """norm=s2_stats: (C, 2) float32 (mean, std) of row i from its S2 (src.data.normalize); a row without
+        S2
         files or centroid, or without a clear date, gets the train mean/std (counted in s2_fallbacks)."""
         data = masks = None
         centroid = self._centroid(i) if all(self.zone_paths[self.zone_code[i]]) else None
         if centroid is not None:
             data, masks, _ = self._zone(i)
         return self._norm_tensor(i, *patch_norm_stats(self.band_names, data, masks, centroid,
-                                                      self.s2_kw["size"]))
+                                                      self.s2_opts.size))
 
     def _norm_tensor(self, i: int, stats: np.ndarray, used: bool) -> torch.Tensor:
         """The norm_stats of row i as a tensor; a fallback to the train mean/std is counted and logged."""

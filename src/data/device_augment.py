@@ -8,7 +8,8 @@ batches") and the parameters they drew (src.data.augment, `aug`); `device_batch`
 2. in training, applies `heavy`'s photometric transforms (per-band brightness/contrast/gamma lookup
    table on spectral bands only, Gaussian noise, blur, coarse dropout; each result rounded and clipped to
    0..255 as on uint8 images) and each sample's D4 element jointly to image, mask, S2 crop and S2
-   validity (one gather per tensor through 8 cached index tables built from the reference `src.data.augment.d4`:
+   validity (one gather per tensor through 8 cached index tables built from the reference
+   `src.data.augment.d4`:
    no host synchronisation, no per-group loop);
 3. normalises the image through src.data.normalize (the one definition) in the model's dtype, and turns
    the mask into int64 class indices and S2 into float32.
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.core.flair import BAND_NAMES
 from src.core.runtime import derive_seed
+from src.core.settings import Settings
 from src.data.augment import MAX_HOLES, Slot, d4
 from src.data.normalize import normalize
 
@@ -50,9 +51,9 @@ def d4_batch(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, index[:, None, :].expand(b, flat.shape[1], h * w)).view(x.shape)
 
 
-def spectral_bands(cfg: dict) -> tuple[bool, ...]:
+def spectral_bands(cfg: Settings) -> tuple[bool, ...]:
     """Which of cfg's bands the photometric jitter may change: all but the elevation band E."""
-    return tuple(str(b).upper() != "E" for b in cfg.get("bands", BAND_NAMES))
+    return tuple(str(b).upper() != "E" for b in cfg.bands)
 
 
 @functools.lru_cache(maxsize=16)
@@ -142,7 +143,8 @@ def photometric(image: torch.Tensor, p: torch.Tensor, host: torch.Tensor, spectr
     return dropout(x, p) if drawn[3] else x
 
 
-def augment_batch(batch: dict[str, torch.Tensor], host: torch.Tensor, cfg: dict) -> dict[str, torch.Tensor]:
+def augment_batch(batch: dict[str, torch.Tensor], host: torch.Tensor, cfg: Settings) -> dict[str,
+                                                                                             torch.Tensor]:
     """The device half of the training augmentation on a batch already on the device (`host`: its "aug"
     parameters on the CPU): photometric transforms, then each sample's D4 element on every gridded key."""
     p = host.to(batch["image"].device, non_blocking=True)
@@ -155,7 +157,8 @@ def augment_batch(batch: dict[str, torch.Tensor], host: torch.Tensor, cfg: dict)
     return out
 
 
-def device_batch(batch: dict[str, Any], cfg: dict, device: torch.device, *, dtype: torch.dtype | None = None,
+def device_batch(batch: dict[str, Any], cfg: Settings, device: torch.device, *,
+                 dtype: torch.dtype | None = None,
                  channels_last: bool = False, augment: bool = False) -> dict[str, torch.Tensor]:
     """A collated batch -> tensors on `device`: "image" normalised (cfg's `norm`) in `dtype` (float32 when
     None; with norm=s2_stats through each sample's "norm_stats", which is consumed), "mask" int64, "s2"
@@ -167,7 +170,7 @@ def device_batch(batch: dict[str, Any], cfg: dict, device: torch.device, *, dtyp
     if augment and isinstance(batch.get("aug"), torch.Tensor):
         out = augment_batch(out, batch["aug"], cfg)
     stats = out.pop("norm_stats", None)  # norm=s2_stats: each sample's (mean, std), consumed here
-    if stats is None and cfg.get("norm") == "s2_stats":
+    if stats is None and cfg.norm == "s2_stats":
         raise ValueError("norm=s2_stats: the batch has no 'norm_stats' (the per-patch S2 statistics that "
                          "src.data.dataset.FlairDataset adds to each sample)")
     image = normalize(out["image"], cfg, dtype or torch.float32, stats)

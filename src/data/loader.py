@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from src.core.errors import DataError, one_line
 from src.core.runtime import seed_worker
+from src.core.settings import Settings
 from src.core.workers import loader_workers, single_thread_opencv
 
 
@@ -98,7 +99,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def build_loader(ds: Dataset, cfg: dict, *, train: bool, sampler: Any = None,
+def build_loader(ds: Dataset, cfg: Settings, *, train: bool, sampler: Any = None,
                  generator: torch.Generator | None = None, collate_fn: Callable = collate,
                  batch_size: int | None = None, persistent: bool = False) -> DataLoader:
     """The kit's DataLoader: cfg `workers` (a number or auto), OpenCV single-threaded before the workers
@@ -109,10 +110,10 @@ def build_loader(ds: Dataset, cfg: dict, *, train: bool, sampler: Any = None,
     is no more than one batch (tiny demos would otherwise get empty epochs). `generator` seeds the worker
     seeds and the shuffle; `persistent` keeps the workers (and their open S2 zones) across epochs.
     """
-    workers = loader_workers(cfg.get("workers", 0))
+    workers = loader_workers(cfg.workers)
     if workers > 0:
         single_thread_opencv()
-    bs = int(batch_size or cfg.get("batch_size", 8))
+    bs = int(batch_size or cfg.batch_size)
     n = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
     return DataLoader(ds, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
@@ -126,8 +127,8 @@ DATA_KEYS = ("bands", "norm", "use_s2", "s2_size", "s2_filter_clouds", "s2_cover
              "s2_monthly", "use_metadata")
 
 
-def input_signature(cfg: dict[str, Any]) -> str:
-    return json.dumps({k: cfg.get(k) for k in DATA_KEYS}, sort_keys=True, default=str)
+def input_signature(cfg: Settings) -> str:
+    return json.dumps({k: getattr(cfg, k) for k in DATA_KEYS}, sort_keys=True, default=str)
 
 
 class MultiInput(Dataset):
@@ -163,20 +164,20 @@ def collate_multi(samples: list[Any]) -> dict[str, Any]:
     return {"batches": batches, "bad": bad}
 
 
-def input_groups(model_cfgs: Sequence[dict[str, Any]]) -> list[int]:
+def input_groups(model_cfgs: Sequence[Settings]) -> list[int]:
     """Input index of each model: models with the same input setting share one (in order of first use)."""
     sigs = [input_signature(mcfg) for mcfg in model_cfgs]
     first = list(dict.fromkeys(sigs))
     return [first.index(s) for s in sigs]
 
 
-def group_configs(model_cfgs: Sequence[dict[str, Any]], group_of: Sequence[int]) -> list[dict[str, Any]]:
-    """The config of each input group (its first model's): what that group's samples are read and
+def group_configs(model_cfgs: Sequence[Settings], group_of: Sequence[int]) -> list[Settings]:
+    """The settings of each input group (its first model's): what that group's samples are read and
     normalised with."""
     return [model_cfgs[group_of.index(g)] for g in range(max(group_of) + 1)]
 
 
-def prediction_loader(index_df: pd.DataFrame, model_cfgs: Sequence[dict[str, Any]], cfg: dict[str, Any]
+def prediction_loader(index_df: pd.DataFrame, model_cfgs: Sequence[Settings], cfg: Settings
                       ) -> tuple[DataLoader, list[int]]:
     """(loader of collate_multi dicts, input index of each model). One dataset per distinct input setting;
     the kit's loader settings (workers, single-threaded OpenCV in them, pinning) with cfg's batch size."""
@@ -184,8 +185,8 @@ def prediction_loader(index_df: pd.DataFrame, model_cfgs: Sequence[dict[str, Any
 
     group_of = input_groups(model_cfgs)
     df = index_df.reset_index(drop=True)
-    datasets: list[Dataset] = [FlairDataset(df, {**gcfg, "skip_bad": False}, train=False, labels=False)
+    datasets: list[Dataset] = [FlairDataset(df, gcfg.with_values(skip_bad=False), train=False, labels=False)
                                for gcfg in group_configs(model_cfgs, group_of)]
-    ds = MultiInput(datasets, df["id"].tolist(), bool(cfg.get("skip_bad")))
-    loader = build_loader(ds, cfg, train=False, collate_fn=collate_multi, batch_size=int(cfg["batch_size"]))
+    ds = MultiInput(datasets, df["id"].tolist(), cfg.skip_bad)
+    loader = build_loader(ds, cfg, train=False, collate_fn=collate_multi, batch_size=cfg.batch_size)
     return loader, group_of

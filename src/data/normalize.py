@@ -47,9 +47,17 @@ from src.core.flair import (
     band_indices,
     centred_s2_box,
 )
-from src.data.sentinel import Span, cloud_cover, plan_series, series_of_crop, window_spans
+from src.core.settings import NORMS, Settings
+from src.data.sentinel import (
+    BASELINE,
+    SeriesOptions,
+    Span,
+    cloud_cover,
+    plan_series,
+    series_of_crop,
+    window_spans,
+)
 
-NORMS = ("mean_std", "scale", "s2_stats")
 # Aerial band -> index of the matching Sentinel-2 band (order B2 B3 B4 B5 B6 B7 B8 B8A B11 B12). E has none.
 S2_BAND_OF = {"R": 2, "G": 1, "B": 0, "NIR": 6}
 # Stored S2 value (reflectance x 10000) -> aerial grey level: 2000 (reflectance 0.2) -> 255, as the 2nd
@@ -60,11 +68,10 @@ S2_TO_DN = 255.0 / 2000.0
 S2_STD_MIN = 1.0
 
 
-def norm_stats(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) float32 per selected band, on the 0..255 scale, for cfg bands and norm. For s2_stats
+def norm_stats(bands: Sequence[str], norm: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float32 per band of `bands`, on the 0..255 scale, for a `norm` setting. For s2_stats
     these are the fallback numbers (train mean/std): the per-patch ones travel with each sample."""
-    idx = band_indices(cfg.get("bands", BAND_NAMES))
-    norm = cfg.get("norm", "mean_std")
+    idx = band_indices(bands)
     if norm in ("mean_std", "s2_stats"):
         return BAND_MEAN[idx].copy(), BAND_STD[idx].copy()
     if norm == "scale":
@@ -94,26 +101,26 @@ def s2_patch_stats(bands: list[str] | tuple[str, ...], s2_mean: np.ndarray | Non
 def _stats_on(bands: tuple[str, ...], norm: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) as (1, C, 1, 1) float32 on `device`, copied there once: a copy per batch would make
     the host wait for the device."""
-    mean, std = norm_stats({"bands": list(bands), "norm": norm})
+    mean, std = norm_stats(bands, norm)
     return (torch.as_tensor(mean, device=device).view(1, -1, 1, 1),
             torch.as_tensor(std, device=device).view(1, -1, 1, 1))
 
 
-def normalize(image: torch.Tensor, cfg: dict, dtype: torch.dtype = torch.float32,
+def normalize(image: torch.Tensor, cfg: Settings, dtype: torch.dtype = torch.float32,
               stats: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, H, W) raw band values (uint8 or float, 0..255) of cfg's bands -> normalised `dtype`
     ((x - mean) / std computed in float32, then cast).
 
     With norm=s2_stats, `stats` (B, C, 2) holds each sample's (mean, std) ("norm_stats", src.data.normalize);
     without it (no S2 at all: an ONNX export) every sample gets the fallback, the train mean/std."""
-    norm = str(cfg.get("norm", "mean_std"))
+    norm = cfg.norm
     if norm == "s2_stats" and stats is not None:
         s = stats.to(image.device, torch.float32)
         if s.shape != (image.shape[0], image.shape[1], 2):
             raise ValueError(f"norm=s2_stats: norm_stats of shape {tuple(s.shape)} for an image batch of "
                              f"shape {tuple(image.shape)} (expected (B, C, 2))")
         return ((image.float() - s[..., 0, None, None]) / s[..., 1, None, None]).to(dtype)
-    bands = tuple(str(b) for b in cfg.get("bands", BAND_NAMES))
+    bands = tuple(str(b) for b in cfg.bands)
     m, s = _stats_on(bands, norm, image.device)
     return ((image.float() - m) / s).to(dtype)
 
@@ -178,20 +185,18 @@ def s2_box_stats(data: np.ndarray, masks: np.ndarray, centroid: tuple[int, int],
 
 
 def series_and_stats(data: np.ndarray, masks: np.ndarray, products: list[str], centroid: tuple[int, int],
-                     size: int = S2_WINDOW, filter_clouds: bool = True, cover_max: float = 0.5,
-                     prob_min: int = 60, monthly: bool = True) -> tuple[np.ndarray, np.ndarray, Stats | None]:
+                     opts: SeriesOptions = BASELINE) -> tuple[np.ndarray, np.ndarray, Stats | None]:
     """(x, days) of `sentinel.s2_series` and the `s2_box_stats` of one patch (use_s2 with norm=s2_stats),
     from one read of its window: the masks of every date, then the data of the dates either keeps (the
     clear dates are among the series' with the default filter, so nothing more is read). Bit-identical
     to the two calls; the same ValueErrors as s2_series."""
-    plan = plan_series(data, masks, products, centroid, size, filter_clouds, cover_max, prob_min)
+    plan = plan_series(data, masks, products, centroid, opts)
     (r0, r1, _, _), (c0, c1, _, _) = plan.spans
     clear = clear_dates(plan.window_masks)
     need = np.union1d(plan.keep, clear)
     crop = np.asarray(data[need, :, r0:r1, c0:c1])
-    x, days = series_of_crop(crop[np.searchsorted(need, plan.keep)], plan.dates, plan.keep, plan.spans, size,
-                             monthly)
-    return x, days, window_stats(crop, np.searchsorted(need, clear), plan.spans, size)
+    x, days = series_of_crop(crop[np.searchsorted(need, plan.keep)], plan.dates, plan.keep, plan.spans, opts)
+    return x, days, window_stats(crop, np.searchsorted(need, clear), plan.spans, opts.size)
 
 
 def norm_stats_of(aerial_bands: Sequence[str], found: Stats | None) -> tuple[np.ndarray, bool]:

@@ -5,7 +5,8 @@
 Why this shape: the 2nd place's biggest single gain (62.4 -> 63.3 mIoU) came from training on the test
 patches labelled by an ensemble. A pseudo file keeps the class *and* the confidence of every pixel, so the
 threshold is a training setting, not a property of the files: trying another threshold re-reads the same
-files. Low-confidence pixels become IGNORE_U8 in the uint8 mask; the loss skips them (src.models.losses), and the
+files. Low-confidence pixels become IGNORE_U8 in the uint8 mask; the loss skips them (src.models.losses), and
+the
 D4 and warp augmentations move them like any label value. Pseudo rows only ever join the training rows:
 ids of the training index and domains of the validation fold are refused."""
 from __future__ import annotations
@@ -23,13 +24,15 @@ import pandas as pd
 from src.core.errors import ConfigError, DataError
 from src.core.files import read_tif, write_tif
 from src.core.flair import NUM_CLASSES
+from src.core.settings import Settings
 from src.core.tables import load_index, train_index
 
 PSEUDO_MANIFEST = "pseudo.json"
 PSEUDO_REPORT = "pseudo_report.csv"
 PSEUDO_FORMAT = ("PSEUDO_<id>.tif: uint8 (2,H,W) planar LZW TIFF; band 0 = class 0..12 (argmax of the "
                  "saved probabilities), band 1 = confidence = round(max softmax * 255)")
-IGNORE_U8 = 255                   # uint8 mask value of a pixel no loss sees (src.models.losses maps it to IGNORE)
+# uint8 mask value of a pixel no loss sees (src.models.losses maps it to IGNORE)
+IGNORE_U8 = 255
 THRESHOLDS = (0.5, 0.7, 0.9)      # the report's and the manifest's summary thresholds
 
 
@@ -111,36 +114,30 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ training
-def pseudo_folder(cfg: dict, fold: str) -> Path | None:
+def pseudo_folder(cfg: Settings, fold: str) -> Path | None:
     """cfg's `pseudo_dir` with `{fold}` and `{runs_dir}` filled in (a fold-specific teacher), or None."""
-    spec = str(cfg.get("pseudo_dir") or "")
-    if not spec:
+    if not cfg.pseudo_dir:
         return None
-    return Path(spec.replace("{fold}", str(fold)).replace("{runs_dir}", str(cfg.get("runs_dir", "runs"))))
+    return Path(cfg.pseudo_dir.replace("{fold}", str(fold)).replace("{runs_dir}", cfg.runs_dir))
 
 
-def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None
+def pseudo_rows(cfg: Settings, fold: str, val_df: pd.DataFrame | None
                 ) -> tuple[pd.DataFrame, Path, dict[str, Any]] | None:
     """(the index rows of the pseudo-labelled patches with `msk_path` = their PSEUDO file, the folder, its
     manifest), None without `pseudo_dir`. Refused, naming the file: ids of the training index, domains of
     the validation fold, missing pseudo files, ids the manifest's index lacks."""
     folder = pseudo_folder(cfg, fold)
     if folder is None:
-        if cfg.get("pseudo_only"):
-            raise ConfigError("pseudo_only=true needs pseudo_dir (the folder make pseudo wrote)")
         return None
-    check_threshold(cfg["pseudo_threshold"])
-    if cfg["pseudo_weight"] < 0:
-        raise ConfigError(f"pseudo_weight: expected a number >= 0, got {cfg['pseudo_weight']}")
     manifest = read_manifest(folder)
     where = folder / PSEUDO_MANIFEST
     ids = [str(i) for i in manifest["ids"]]
     wanted = set(ids)
-    training = set(train_index(cfg["data_dir"])["id"].astype(str))
+    training = set(train_index(cfg.data_dir)["id"].astype(str))
     clash = [i for i in ids if i in training]
     if clash:
         raise DataError(f"{where}: {len(clash)} pseudo-labelled ids are training patches of "
-                        f"{Path(cfg['data_dir']) / 'index_train.csv'} (e.g. {clash[0]}); pseudo-labels are "
+                        f"{Path(cfg.data_dir) / 'index_train.csv'} (e.g. {clash[0]}); pseudo-labels are "
                         "for unlabelled patches only")
     index = load_index(manifest["index"])
     rows = index[index["id"].astype(str).isin(wanted)].copy()
@@ -160,7 +157,7 @@ def pseudo_rows(cfg: dict, fold: str, val_df: pd.DataFrame | None
     return rows.sort_values("id").reset_index(drop=True), folder, manifest
 
 
-def add_pseudo_rows(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | None,
+def add_pseudo_rows(cfg: Settings, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame | None,
                     log: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Training rows plus the pseudo-labelled ones (column `pseudo` marks them), or those alone with
     `pseudo_only` (the 2nd place fine-tuned on the test set's pseudo-labels only); unchanged without
@@ -175,10 +172,10 @@ def add_pseudo_rows(cfg: dict, fold: str, train_df: pd.DataFrame, val_df: pd.Dat
     kept = ""
     if manifest.get("levels"):
         levels = np.asarray(manifest["levels"], dtype=np.int64)
-        share = kept_counts(levels, cfg["pseudo_threshold"]).sum() / max(int(levels.sum()), 1)
+        share = kept_counts(levels, cfg.pseudo_threshold).sum() / max(int(levels.sum()), 1)
         kept = f", {share:.1%} of their pixels at or above the threshold"
-    settings = f"threshold {cfg['pseudo_threshold']}{kept}; weight {cfg['pseudo_weight']}"
-    if cfg.get("pseudo_only"):
+    settings = f"threshold {cfg.pseudo_threshold}{kept}; weight {cfg.pseudo_weight}"
+    if cfg.pseudo_only:
         log(f"pseudo: training on the {len(rows)} pseudo-labelled patches of {folder} alone ({settings}; "
             f"pseudo_only=true leaves out the {len(train_df)} labelled training patches)")
         return rows.assign(pseudo=True).reset_index(drop=True)
@@ -197,12 +194,12 @@ class PseudoSource:
     weight: float       # pseudo_weight
 
     @classmethod
-    def of(cls, index_df: pd.DataFrame, cfg: dict) -> PseudoSource | None:
+    def of(cls, index_df: pd.DataFrame, cfg: Settings) -> PseudoSource | None:
         """None when the rows hold no pseudo-labelled patch (then samples carry no "weight")."""
         if "pseudo" not in index_df.columns or not index_df["pseudo"].astype(bool).any():
             return None
-        return cls(index_df["pseudo"].astype(bool).to_numpy(), min_level(cfg["pseudo_threshold"]),
-                   float(cfg["pseudo_weight"]))
+        return cls(index_df["pseudo"].astype(bool).to_numpy(), min_level(cfg.pseudo_threshold),
+                   cfg.pseudo_weight)
 
     def mask(self, path: str, shape: tuple[int, ...], img_path: str) -> np.ndarray:
         """The uint8 training mask of a pseudo row (IGNORE_U8 below the threshold)."""

@@ -15,12 +15,14 @@ import datetime as dt
 import functools
 import os
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from src.core.errors import DataError
+from src.core.settings import Settings
 
 # Reference day of the baseline date encoding: days are counted before 15 May.
 REF_MONTH, REF_DAY = 5, 15
@@ -110,7 +112,8 @@ Span = tuple[int, int, int, int]  # (src_start, src_stop, dst_start, dst_stop) a
 
 def window_span(centre: int, size: int, extent: int) -> Span:
     """(src_start, src_stop, dst_start, dst_stop) of a `size` window starting at centre - size//2, clipped
-    to [0, extent): which S2 pixels lie around a patch (src.data.normalize takes the box under it from here)."""
+    to [0, extent): which S2 pixels lie around a patch (src.data.normalize takes the box under it from
+    here)."""
     start = int(centre) - size // 2
     lo, hi = max(start, 0), min(start + size, extent)
     if hi <= lo:
@@ -136,7 +139,26 @@ def window_in_bounds(masks: np.ndarray, centroid: tuple[int, int], size: int = 4
     return masks[..., rows[0]:rows[1], cols[0]:cols[1]]
 
 
-def cloud_cover(window_masks: np.ndarray, prob_min: int = 60) -> np.ndarray:
+@dataclass(frozen=True)
+class SeriesOptions:
+    """How a patch's series is made: the settings s2_size, s2_filter_clouds, s2_cover_max, s2_prob_min and
+    s2_monthly (src.core.settings; `BASELINE` holds their defaults, the official processing)."""
+
+    size: int
+    filter_clouds: bool
+    cover_max: float
+    prob_min: int
+    monthly: bool
+
+    @classmethod
+    def of(cls, cfg: Settings) -> SeriesOptions:
+        return cls(cfg.s2_size, cfg.s2_filter_clouds, cfg.s2_cover_max, cfg.s2_prob_min, cfg.s2_monthly)
+
+
+BASELINE = SeriesOptions.of(Settings())
+
+
+def cloud_cover(window_masks: np.ndarray, prob_min: int) -> np.ndarray:
     """Per-date cover of a (T, 2, h, w) snow/cloud window: (count(snow >= p) + count(cloud >= p)) / (h*w).
 
     float64 (T,), as the baseline computes it; `h*w` are the valid (in-bounds) pixels of the window.
@@ -146,7 +168,7 @@ def cloud_cover(window_masks: np.ndarray, prob_min: int = 60) -> np.ndarray:
     return counts / float(m.shape[2] * m.shape[3])
 
 
-def select_dates(dates: list[dt.date], cover: np.ndarray | None, cover_max: float = 0.5) -> np.ndarray:
+def select_dates(dates: list[dt.date], cover: np.ndarray | None, cover_max: float) -> np.ndarray:
     """Indices of the dates kept, ordered by true date (stable).
 
     `cover` None keeps every date; otherwise dates with `cover < cover_max`, or, when none passes,
@@ -163,8 +185,7 @@ def select_dates(dates: list[dt.date], cover: np.ndarray | None, cover_max: floa
 
 
 def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid: tuple[int, int],
-              size: int = 40, filter_clouds: bool = True, cover_max: float = 0.5, prob_min: int = 60,
-              monthly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+              opts: SeriesOptions = BASELINE) -> tuple[np.ndarray, np.ndarray]:
     """S2 series of one patch: `x` float32 (T',10,size,size) in stored reflectance units, `days` int64 (T',).
 
     `data` (T,10,H,W) and `masks` (T,2,H,W, channel 0 snow, 1 cloud, 0..100) may be memmaps: only the
@@ -196,10 +217,10 @@ def s2_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid
       single-year series of any year, leap years included, and monotonic across New Year, where the
       baseline's forced 2021 would fold December before January.
     """
-    plan = plan_series(data, masks, products, centroid, size, filter_clouds, cover_max, prob_min)
+    plan = plan_series(data, masks, products, centroid, opts)
     (r0, r1, _, _), (c0, c1, _, _) = plan.spans
     crop = np.asarray(data[plan.keep, :, r0:r1, c0:c1])  # only the kept dates of the window are read
-    return series_of_crop(crop, plan.dates, plan.keep, plan.spans, size, monthly)
+    return series_of_crop(crop, plan.dates, plan.keep, plan.spans, opts)
 
 
 class SeriesPlan(NamedTuple):
@@ -211,19 +232,18 @@ class SeriesPlan(NamedTuple):
 
 
 def plan_series(data: np.ndarray, masks: np.ndarray, products: list[str], centroid: tuple[int, int],
-                size: int = 40, filter_clouds: bool = True, cover_max: float = 0.5, prob_min: int = 60
-                ) -> SeriesPlan:
+                opts: SeriesOptions) -> SeriesPlan:
     """Steps 1-2 of `s2_series` (its checks, window and date selection; the same ValueErrors), shared with
-    src.data.normalize.series_and_stats, which reads the same window once for the series and its statistics."""
-    check_series_args(data, masks, products, size)
-    spans = window_spans(centroid, size, data.shape[-2:])  # raises when entirely outside
+    src.data.normalize.series_and_stats, which reads the same window once for the series and its
+    statistics."""
+    check_series_args(data, masks, products, opts.size)
+    spans = window_spans(centroid, opts.size, data.shape[-2:])  # raises when entirely outside
     (r0, r1, _, _), (c0, c1, _, _) = spans
     window_masks = masks[:, :, r0:r1, c0:c1]
-    if filter_clouds:  # the cloud filter reads the window's masks anyway: read them once, for the caller too
+    if opts.filter_clouds:  # the cloud filter reads the window's masks anyway: read them once, for the caller
         window_masks = np.asarray(window_masks)
     dates = [product_date(p) for p in products]
-    return SeriesPlan(spans, window_masks, dates,
-                      series_dates(dates, window_masks, filter_clouds, cover_max, prob_min))
+    return SeriesPlan(spans, window_masks, dates, series_dates(dates, window_masks, opts))
 
 
 def check_series_args(data: np.ndarray, masks: np.ndarray, products: list[str], size: int) -> None:
@@ -241,23 +261,22 @@ def check_series_args(data: np.ndarray, masks: np.ndarray, products: list[str], 
         raise ValueError(f"S2 crop size must be positive, got {size}")
 
 
-def series_dates(dates: list[dt.date], window_masks: np.ndarray, filter_clouds: bool = True,
-                 cover_max: float = 0.5, prob_min: int = 60) -> np.ndarray:
+def series_dates(dates: list[dt.date], window_masks: np.ndarray, opts: SeriesOptions) -> np.ndarray:
     """Indices of the dates `s2_series` keeps (step 2), in date order, from the (T, 2, h, w) masks of the
     window."""
-    cover = cloud_cover(window_masks[:, :2], prob_min) if filter_clouds else None
-    return select_dates(dates, cover, cover_max)
+    cover = cloud_cover(window_masks[:, :2], opts.prob_min) if opts.filter_clouds else None
+    return select_dates(dates, cover, opts.cover_max)
 
 
 def series_of_crop(crop: np.ndarray, dates: list[dt.date], keep: np.ndarray, spans: tuple[Span, Span],
-                   size: int, monthly: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   opts: SeriesOptions) -> tuple[np.ndarray, np.ndarray]:
     """Steps 3-4 of `s2_series` and its NaN pads, from `crop`: the in-bounds window (`window_spans`) of the
     data on the dates `keep` of `dates` (all of the super-area's dates), in that order."""
     (_, _, dr0, dr1), (_, _, dc0, dc1) = spans
     kept_dates = [dates[i] for i in keep]
     ref_year = reference_year(dates)
-
-    if monthly:
+    size = opts.size
+    if opts.monthly:
         month_key = np.array([d.year * 12 + d.month - 1 for d in kept_dates])
         starts = np.flatnonzero(np.r_[True, month_key[1:] != month_key[:-1]])
         counts = np.diff(np.r_[starts, month_key.size]).astype(np.float32)
@@ -284,15 +303,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masks", required=True)
     parser.add_argument("--products", required=True)
     parser.add_argument("--centroid", type=int, nargs=2, required=True, metavar=("ROW", "COL"))
-    parser.add_argument("--size", type=int, default=40)
+    parser.add_argument("--size", type=int, default=BASELINE.size)
     parser.add_argument("--no-filter", action="store_true")
     parser.add_argument("--no-monthly", action="store_true")
     args = parser.parse_args(argv)
     data = np.load(args.data, mmap_mode="r")
     masks = np.load(args.masks, mmap_mode="r")
     products = read_products(args.products)
-    x, days = s2_series(data, masks, products, tuple(args.centroid), size=args.size,
-                        filter_clouds=not args.no_filter, monthly=not args.no_monthly)
+    opts = replace(BASELINE, size=args.size, filter_clouds=not args.no_filter, monthly=not args.no_monthly)
+    x, days = s2_series(data, masks, products, tuple(args.centroid), opts)
     print(f"{len(products)} dates -> {x.shape[0]} kept, x {x.shape} {x.dtype}")
     for t, d in enumerate(days):
         valid = x[t][~np.isnan(x[t])]

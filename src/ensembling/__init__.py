@@ -1,0 +1,1 @@
+"""Out-of-fold stores, the ensemble search on them and the recipe that predict applies."""

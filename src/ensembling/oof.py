@@ -12,7 +12,8 @@ and 2nd places of FLAIR #2 ensembled this way; `python -m src.blend`). Docs: doc
 - Atomic per file (probstore.save_prob) and resumable: a valid PROB file is kept, unless the manifest says
   other weights made it (a fresh run in the same folder), in which case the store is emptied first.
 - The prediction path is predict's: the same loader (src.data.loader), device_batch normalisation and
-  src.prediction.ensemble.predict_batch with its TTA views. Under DDP each rank writes its own ids (rows r, r+W, ...)."""
+  src.prediction.ensemble.predict_batch with its TTA views. Under DDP each rank writes its own ids (rows r,
+  r+W, ...)."""
 from __future__ import annotations
 
 import json
@@ -20,26 +21,23 @@ import re
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from torch import nn
 
 from src.core.files import write_json
 from src.core.progress import progress
-from src.core.runtime import amp_dtype, barrier
-from src.data.device_augment import device_batch
+from src.core.runtime import Placement, barrier
+from src.core.settings import TTA_LEVELS, Settings
 from src.data.loader import prediction_loader
-from src.prediction import tta as T
-from src.prediction.ensemble import predict_batch, quantise
+from src.prediction.ensemble import Ensemble, quantise
 from src.prediction.stores import PROBS_FORMAT, prob_ok, prob_path, save_prob
 
 STORE_MANIFEST = "oof.json"
-CHECKPOINTS = ("last", "best")
-TTA_LEVELS = T.LEVELS
-_STORE = re.compile(r"^oof(?:_(flip|d4|none))?(_best)?$")
+_STORE = re.compile(rf"^oof(?:_({'|'.join(TTA_LEVELS)}))?(_best)?$")
 FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 
@@ -96,85 +94,87 @@ def _clean_if_stale(store: Path, identity: dict[str, Any], log: Callable[[str], 
         log(f"oof: {store} held probabilities of other weights or settings: removed")
 
 
-def _predict_rows(model: nn.Module, cfg: dict[str, Any], rows: pd.DataFrame, store: Path, tta: str,
-                  device: torch.device, show: bool) -> list[tuple[str, str]]:
-    """Predict `rows` with predict's loader and batch maths, saving each patch's uint8 probabilities
-    in background threads; returns the unreadable patches (skip_bad) as (id, error)."""
-    loader, _ = prediction_loader(rows, [cfg], cfg)
-    dtype = amp_dtype(cfg["precision"], device)
+@dataclass(frozen=True)
+class Store:
+    """One OOF store: its folder and what fills it (which fold, at which TTA level, with which weights)."""
+
+    path: Path
+    fold: str
+    tta: str = "none"
+    checkpoint: str = "last"          # last.pt or best.pt (the store's name says which)
+    weights_file: Path | None = None  # the checkpoint holding the model's weights
+
+
+def _predict_rows(ens: Ensemble, rows: pd.DataFrame, store: Store, show: bool) -> list[tuple[str, str]]:
+    """Predict `rows` with predict's loader and engine, saving each patch's uint8 probabilities in
+    background threads; returns the unreadable patches (skip_bad) as (id, error)."""
+    loader, _ = prediction_loader(rows, ens.settings, ens.cfg)
     bad: list[tuple[str, str]] = []
     pending: deque = deque()
-    model.eval()
-    with ThreadPoolExecutor(2) as pool, progress(total=len(rows), desc=f"oof {store.name}", unit="patch",
+    for m in ens.models:
+        m.eval()
+    with ThreadPoolExecutor(2) as pool, progress(total=len(rows), desc=f"oof {store.path.name}", unit="patch",
                                                  disable=not show) as bar:
         for item in loader:
             bad += item["bad"]
             bar.update(len(item["bad"]))
             if item["batches"] is None:
                 continue
-            raw = item["batches"][0]
-            x = device_batch(raw, cfg, device, dtype=dtype)
-            probs = predict_batch([model], None, x, tta=tta, precision=cfg["precision"],
-                                  channels_last=bool(cfg.get("channels_last")))
-            q = quantise(probs).cpu().numpy()
-            for j, pid in enumerate(raw["id"]):
-                pending.append(pool.submit(save_prob, prob_path(store, str(pid)), q[j]))
+            q = quantise(ens.predict(ens.feed(item["batches"]), store.tta)).cpu().numpy()
+            ids = item["batches"][0]["id"]
+            for j, pid in enumerate(ids):
+                pending.append(pool.submit(save_prob, prob_path(store.path, str(pid)), q[j]))
             while len(pending) > 64:
                 pending.popleft().result()
-            bar.update(len(raw["id"]))
+            bar.update(len(ids))
         for fut in pending:
             fut.result()
     return bad
 
 
-def write_fold_oof(cfg: dict[str, Any], fold: str, val_df: pd.DataFrame | None, model: nn.Module,
-                   run_dir: Path, rank: int, world: int, device: torch.device,
-                   log: Callable[[str], None]) -> dict[str, Any] | None:
+def write_fold_oof(cfg: Settings, fold: str, val_df: pd.DataFrame | None, model: nn.Module, run_dir: Path,
+                   place: Placement, log: Callable[[str], None]) -> dict[str, Any] | None:
     """The end of a fold run (src.train): its held-out fold's probabilities with the final weights (the
     EMA when on, as saved in last.pt) into fold<k>/oof/; nothing for fold "all" or with oof=false."""
-    if not cfg.get("oof", True) or val_df is None:
+    if not cfg.oof or val_df is None:
         return None
-    return write_oof(model, cfg, val_df, Path(run_dir) / store_name(), fold=fold,
-                     weights_file=Path(run_dir) / "last.pt", rank=rank, world=world, device=device, log=log)
+    store = Store(Path(run_dir) / store_name(), fold, weights_file=Path(run_dir) / "last.pt")
+    return write_oof(Ensemble([model], [cfg], [1.0]), val_df, store, place, log)
 
 
-def write_oof(model: nn.Module, cfg: dict[str, Any], val_df: pd.DataFrame, store: str | Path, *,
-              fold: str | int, tta: str = "none", checkpoint: str = "last", weights_file: Path | None = None,
-              rank: int = 0, world: int = 1, device: torch.device | None = None,
+def write_oof(ens: Ensemble, val_df: pd.DataFrame, store: Store, place: Placement,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Save the probabilities of every held-out patch (`val_df`) that the store lacks; returns the manifest.
 
     Called by every rank: rank r predicts rows r, r+world, ...; rank 0 empties a stale store first and
-    writes `oof.json` at the end (run, fold, tta, checkpoint, weights, ids, missing, complete).
-    `weights_file` is the checkpoint holding `model`'s weights (last.pt at the end of training)."""
-    store = Path(store)
-    device = device or next(model.parameters()).device
-    identity = {"run": Path(cfg["runs_dir"], cfg["name"]).name, "fold": str(fold), "tta": tta,
-                "checkpoint": checkpoint,
+    writes `oof.json` at the end (run, fold, tta, checkpoint, weights, ids, missing, complete)."""
+    cfg, path, rank, weights_file = ens.cfg, store.path, place.rank, store.weights_file
+    identity = {"run": Path(cfg.runs_dir, cfg.name).name, "fold": str(store.fold), "tta": store.tta,
+                "checkpoint": store.checkpoint,
                 "weights": weights_identity(weights_file) if weights_file and rank == 0 else None}
     about = {"weights_path": str(weights_file.resolve()) if weights_file else None,
-             "data_dir": str(cfg["data_dir"]), "ids": len(val_df)}
+             "data_dir": cfg.data_dir, "ids": len(val_df)}
     if rank == 0:
-        store.mkdir(parents=True, exist_ok=True)
-        _clean_if_stale(store, identity, log)
-        write_json(store / STORE_MANIFEST, {"format": PROBS_FORMAT, **identity, **about, "complete": False})
+        path.mkdir(parents=True, exist_ok=True)
+        _clean_if_stale(path, identity, log)
+        write_json(path / STORE_MANIFEST, {"format": PROBS_FORMAT, **identity, **about, "complete": False})
     barrier()
-    rows = val_df.iloc[rank::world].reset_index(drop=True)
-    todo = rows[[not prob_ok(prob_path(store, str(i))) for i in rows["id"]]].reset_index(drop=True)
+    rows = val_df.iloc[rank::place.world].reset_index(drop=True)
+    todo = rows[[not prob_ok(prob_path(path, str(i))) for i in rows["id"]]].reset_index(drop=True)
     if rank == 0:
         kept = len(rows) - len(todo)
-        log(f"oof: fold {fold}: {len(val_df)} held-out patches -> {store} (tta {tta}, {checkpoint} weights)"
-            + (f"; {kept} already there" if kept else ""))
-    bad = _predict_rows(model, cfg, todo, store, tta, device, rank == 0) if len(todo) else []
+        log(f"oof: fold {store.fold}: {len(val_df)} held-out patches -> {path} (tta {store.tta}, "
+            f"{store.checkpoint} weights)" + (f"; {kept} already there" if kept else ""))
+    bad = _predict_rows(ens, todo, store, rank == 0) if len(todo) else []
     for pid, err in bad:
         log(f"oof: skipped unreadable patch {pid}: {err}")
     barrier()
     manifest: dict[str, Any] = {}
     if rank == 0:
-        missing = sorted(str(i) for i in val_df["id"] if not prob_ok(prob_path(store, str(i))))
+        missing = sorted(str(i) for i in val_df["id"] if not prob_ok(prob_path(path, str(i))))
         manifest = {"format": PROBS_FORMAT, **identity, **about, "missing": missing, "complete": True}
-        write_json(store / STORE_MANIFEST, manifest)
-        log(f"oof: {len(val_df) - len(missing)} PROB files in {store}"
+        write_json(path / STORE_MANIFEST, manifest)
+        log(f"oof: {len(val_df) - len(missing)} PROB files in {path}"
             + (f"; {len(missing)} unreadable patches have none (in {STORE_MANIFEST})" if missing else ""))
     barrier()
     return manifest

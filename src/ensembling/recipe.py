@@ -26,6 +26,7 @@ import numpy as np
 from src.core.errors import PredictError
 from src.core.files import write_json
 from src.core.flair import NUM_CLASSES
+from src.core.settings import OOF_CHECKPOINTS, TTA_LEVELS
 from src.ensembling.oof import fold_dirs
 from src.prediction.ensemble import Mix
 
@@ -66,7 +67,7 @@ def check_recipe(recipe: Any, where: str) -> dict[str, Any]:
     if (not isinstance(b, list) or len(b) != NUM_CLASSES
             or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in b)):
         raise bad(f"'biases' must be {NUM_CLASSES} finite numbers")
-    if recipe.get("tta") not in ("none", "flip", "d4") or recipe.get("checkpoint") not in ("last", "best"):
+    if recipe.get("tta") not in TTA_LEVELS or recipe.get("checkpoint") not in OOF_CHECKPOINTS:
         raise bad("'tta' must be none, flip or d4 and 'checkpoint' last or best")
     folds = recipe.get("folds")
     if folds is not None and (not isinstance(folds, list) or not folds or len(set(folds)) != len(folds) or not

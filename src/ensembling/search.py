@@ -15,7 +15,8 @@ mIoU (one dataset-level confusion matrix, classes 0..11; docs/data-format.md, "M
 it is fitted on.
 
 The combined score of class c is sum_m W[m, c] * p_m[c] * exp(b[c]) (b: a bias on the log-probabilities,
-applied as a factor, exactly as src.prediction.ensemble.Mix does at test time), with W[:, c] the run weights, or the
+applied as a factor, exactly as src.prediction.ensemble.Mix does at test time), with W[:, c] the run weights,
+or the
 one-hot of one run when the search chose that run alone for class c (2nd place's recipe); the prediction
 is the argmax. Only one class column changes in a choice or bias step, so a candidate is scored from the
 best and second-best of the other columns (two passes over N pixels, not a new N x 13 argmax), which keeps
@@ -215,7 +216,8 @@ def scores(probs: Sequence[np.ndarray], matrix: np.ndarray, biases: np.ndarray) 
 def mix_predict(probs: Sequence[np.ndarray], matrix: np.ndarray, biases: np.ndarray) -> np.ndarray:
     """Argmax of the scores of a recipe ((M, 13) class weights, (13,) biases), class by class (no N x 13
     array: the weight search calls it often). The one numpy definition: the search and the full-pixel
-    scoring (src.ensembling.search.stream_confusions) both call it; src.prediction.ensemble.Mix is its torch twin."""
+    scoring (src.ensembling.search.stream_confusions) both call it; src.prediction.ensemble.Mix is its torch
+    twin."""
     best = column(probs, matrix[:, 0], 0, biases[0])
     pred = np.zeros(len(best), dtype=np.uint8)
     for c in range(1, NUM_CLASSES):

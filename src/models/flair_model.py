@@ -61,13 +61,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.core.checkpoint import load_checkpoint
+from src.core.config import from_saved
 from src.core.errors import CheckpointError
 from src.core.flair import BAND_NAMES, band_indices
+from src.core.settings import Settings, check_job
 from src.models.s2_features import (
     add_input_channels,
     early_channels,
     early_features,
-    early_mode,
     sample_footprint,
 )
 from src.models.utae import S2_CHANNELS, UTAE
@@ -76,8 +77,6 @@ from src.models.weights import is_weights_ref, load_state_file
 log = logging.getLogger(__name__)
 
 RGB = {"R": 0, "G": 1, "B": 2}  # channel order of ImageNet-pretrained first convolutions
-EXTRA_INIT = ("mean", "copy", "random")
-FUSIONS = ("none", "utt")
 HIDDEN = 64          # width of the pooled-S2 and metadata MLPs
 
 
@@ -171,28 +170,23 @@ def _load_weights_file(net: nn.Module, path: str, bands: list[str], mode: str, c
             f"model or another shape{', e.g. ' + ', '.join(skipped[:3]) if skipped else ''})")
 
 
-def build_aerial(cfg: dict[str, Any]) -> nn.Module:
+def build_aerial(cfg: Settings) -> nn.Module:
     """The plain smp model for cfg's arch/encoder/bands/weights (input len(bands) channels)."""
-    bands = [BAND_NAMES[i] for i in band_indices(cfg["bands"])]  # validated, canonical upper case
-    mode, copy_band = cfg["extra_init"], cfg["extra_copy_band"]
-    if mode not in EXTRA_INIT:
-        raise ValueError(f"extra_init must be one of {list(EXTRA_INIT)}, got {mode!r}")
-    if mode == "copy" and copy_band not in RGB:
-        raise ValueError(f"extra_copy_band must be one of R, G, B (a pretrained kernel), got {copy_band!r}")
-    weights = cfg["encoder_weights"]
-    weights = None if weights in (None, "", "none", "None", "null") else str(weights)
+    bands = [BAND_NAMES[i] for i in band_indices(cfg.bands)]  # canonical upper case
+    mode, copy_band = cfg.extra_init, cfg.extra_copy_band
+    weights = cfg.pretrained
     local = weights is not None and is_weights_ref(weights)
     try:
-        net = smp.create_model(cfg["arch"], encoder_name=cfg["encoder"],
+        net = smp.create_model(cfg.arch, encoder_name=cfg.encoder,
                                encoder_weights=None if local else weights, in_channels=3,
-                               classes=int(cfg["num_classes"]))
+                               classes=cfg.num_classes)
     except KeyError as err:
-        raise ValueError(f"arch {cfg['arch']!r} / encoder {cfg['encoder']!r}: {err.args[0]}") from None
+        raise ValueError(f"arch {cfg.arch!r} / encoder {cfg.encoder!r}: {err.args[0]}") from None
     except (OSError, RuntimeError, ConnectionError) as err:
         if weights is None or local:
             raise
         why = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(f"could not get {weights!r} weights for encoder {cfg['encoder']!r} "
+        raise ValueError(f"could not get {weights!r} weights for encoder {cfg.encoder!r} "
                          f"({type(err).__name__}: {why}); without network use encoder_weights=none "
                          "or a local file") from None
     if local:  # the report is printed by the trainer (src.models.weights)
@@ -247,35 +241,30 @@ class S2Fusion(nn.Module):
 class FlairModel(nn.Module):
     """smp model + optional U-TAE fusion and metadata; forward returns {"logits", ["s2_logits"]}."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: Settings):
         super().__init__()
-        fusion = cfg["fusion"]
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {fusion!r}")
-        if not 0.0 <= float(cfg["modality_dropout"]) <= 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1], got {cfg['modality_dropout']}")
+        fusion = cfg.fusion
         self.net = build_aerial(cfg)
-        self.in_channels = len(cfg["bands"])
+        self.in_channels = len(cfg.bands)
         self.fusion = fusion
-        self.use_metadata = bool(cfg["use_metadata"])
-        self.modality_dropout = float(cfg["modality_dropout"])
+        self.use_metadata = cfg.use_metadata
+        self.modality_dropout = cfg.modality_dropout
         self.multiple = size_multiple(self.net)
-        self.s2_early = early_mode(cfg)  # early fusion (src.models.s2_features); "none" when use_s2 is false
+        self.s2_early = cfg.early_s2  # early fusion (src.models.s2_features); "none" when use_s2 is false
         self.early_channels = early_channels(self.s2_early)
-        weights = cfg["encoder_weights"]
         add_input_channels(self.net.encoder, self.in_channels, self.early_channels,
-                           pretrained=weights not in (None, "", "none", "None", "null"))
+                           pretrained=cfg.pretrained is not None)
         custom_forward = type(self.net).forward is not smp.base.SegmentationModel.forward
         if (fusion != "none" or self.use_metadata) and custom_forward:
-            raise ValueError(f"arch {cfg['arch']}: fusion/metadata need a plain encoder->decoder->head model")
+            raise ValueError(f"arch {cfg.arch}: fusion/metadata need a plain encoder->decoder->head model")
         channels = list(self.net.encoder.out_channels)
         stages = {i: c for i, c in enumerate(channels) if i > 0 and c > 0}  # [0] is the input itself
         if fusion == "utt":
-            self.utae = UTAE(S2_CHANNELS, cfg["utae_widths"], cfg["utae_decoder_widths"], cfg["ltae_heads"],
-                             cfg["ltae_d_model"], cfg["ltae_d_k"], int(cfg["num_classes"]))
+            self.utae = UTAE(S2_CHANNELS, cfg.utae_widths, cfg.utae_decoder_widths, cfg.ltae_heads,
+                             cfg.ltae_d_model, cfg.ltae_d_k, cfg.num_classes)
             self.s2_fusion = S2Fusion(self.utae.out_channels, stages)
         if self.use_metadata:
-            self.meta_dim = int(cfg["meta_dim"])
+            self.meta_dim = cfg.meta_dim
             self.meta_mlp = nn.Sequential(nn.Linear(self.meta_dim, HIDDEN), nn.ReLU(inplace=True),
                                           nn.Linear(HIDDEN, channels[-1]))
 
@@ -344,27 +333,30 @@ class FlairModel(nn.Module):
         return out
 
 
-def build_model(cfg: dict[str, Any]) -> nn.Module:
-    """The model for a resolved config (src.core.config): the only entry point trainer/predictor use."""
+def build_model(cfg: Settings) -> nn.Module:
+    """The model of a run's settings: the only entry point trainer and predictors use."""
     return FlairModel(cfg)
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"
-                       ) -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode on `device`, resolved training config) from a checkpoint.
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu",
+                       overrides: dict[str, Any] | None = None, job: str = "") -> tuple[nn.Module, Settings]:
+    """(model in eval mode on `device`, its settings) from a checkpoint: the settings saved at training time
+    (src.core.config.from_saved) with `overrides` on top, checked against what `job` needs before the model
+    is built (src.core.settings.check_job).
 
     The model is built without pretrained weights (they are overwritten anyway and would need the
-    network); the returned config is the one saved at training time, untouched. CheckpointError names the
-    file when it is unreadable or its weights do not fit the model its config builds.
-    """
+    network). CheckpointError names the file when it is unreadable or its weights do not fit the model its
+    settings build."""
     state = load_checkpoint(path, map_location="cpu")
-    cfg = dict(state["config"])
-    model = build_model({**cfg, "encoder_weights": "none"})
+    cfg = from_saved(state["config"], str(path), overrides)
+    check_job(cfg, job, str(path))
+    model = build_model(cfg.with_values(encoder_weights="none"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match the model its config builds ({first})") from None
+        raise CheckpointError(f"{path}: weights do not match the model its settings build "
+                              f"({first})") from None
     return model.to(device).eval(), cfg
 
 

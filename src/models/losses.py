@@ -27,28 +27,20 @@ from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 
 from src.core.errors import ConfigError
 from src.core.flair import NUM_CLASSES, OTHER, centred_s2_box
+from src.core.settings import Settings
 from src.data.pseudo_labels import IGNORE_U8
 
 PLOWED = 11  # plowed land: weight 0 in the S2 head by default (IGN baseline)
-LOSSES = ("ce", "ce_dice", "focal")
 IGNORE = -100  # target value of pixels that take no part in a loss
-# class_weights words that src.training.data resolves into numbers from the training masks: word -> power p of
-# w_c = 1 / f_c ** p (f_c: class c's share of the training pixels)
-FREQ_WEIGHTS = {"inverse": 1.0, "inverse_sqrt": 0.5}
 
 
-def from_data(spec: object) -> bool:
-    """Is a class_weights value a word whose numbers come from the training split (FREQ_WEIGHTS)?"""
-    return isinstance(spec, str) and spec in FREQ_WEIGHTS
-
-
-def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
-    """cfg["class_weights"] -> (13,) float tensor; "default" zeroes "other" (and plowed land for S2).
+def class_weights(cfg: Settings, s2_head: bool = False) -> torch.Tensor:
+    """cfg.class_weights -> (13,) float tensor; "default" zeroes "other" (and plowed land for S2).
 
     A list (also what inverse | inverse_sqrt resolve to, src.training.data) weighs both heads the same.
     """
-    spec = cfg["class_weights"]
-    n = int(cfg.get("num_classes", NUM_CLASSES))
+    spec = cfg.class_weights
+    n = cfg.num_classes
     if spec == "default":
         w = torch.ones(n)
         if n > OTHER:
@@ -58,18 +50,11 @@ def class_weights(cfg: dict, s2_head: bool = False) -> torch.Tensor:
         return w
     if spec == "none":
         return torch.ones(n)
-    if from_data(spec):  # the numbers depend on the training split: train.prepare resolves them first
+    if cfg.class_weights_from_data:  # the numbers depend on the training split: train.prepare resolves them
         raise ConfigError(f"class_weights={spec} is computed from the training split's class histograms "
-                          "before training (src.training.data.resolve_knobs); elsewhere pass the 13 numbers")
-    if isinstance(spec, (list, tuple)):
-        if len(spec) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-            raise ConfigError(f"class_weights: expected {n} numbers, got {spec!r}")
-        w = torch.tensor([float(v) for v in spec])
-        if (w < 0).any() or w.sum() <= 0:
-            raise ConfigError("class_weights: weights must be >= 0 with a positive sum")
-        return w
-    raise ConfigError(f"class_weights: expected default | none | inverse | inverse_sqrt | a list of {n} "
-                      f"numbers, got {spec!r}")
+                          "before training (src.training.prepare.resolve_knobs); elsewhere pass the 13 "
+                          "numbers")
+    return torch.tensor(spec)  # numbers, checked by src.core.settings
 
 
 def s2_label_window(s2_map: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
@@ -153,16 +138,11 @@ class Criterion(torch.nn.Module):
     diverged step.
     """
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: Settings):
         super().__init__()
-        kind = cfg["loss"]
-        if kind not in LOSSES:
-            raise ConfigError(f"loss: expected one of {', '.join(LOSSES)}, got {kind!r}")
-        self.kind = kind
-        self.smoothing = float(cfg["label_smoothing"])
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ConfigError(f"label_smoothing: expected 0 <= value < 1, got {self.smoothing}")
-        self.s2_weight = float(cfg.get("s2_aux_weight", 0.0))
+        kind = self.kind = cfg.loss
+        self.smoothing = cfg.label_smoothing
+        self.s2_weight = cfg.s2_aux_weight
         self.register_buffer("w", class_weights(cfg))
         self.register_buffer("w_s2", class_weights(cfg, s2_head=True))
         scored = [k for k in range(len(self.w)) if self.w[k] > 0]

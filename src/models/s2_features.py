@@ -1,6 +1,7 @@
 """Early S2 fusion: per-calendar-month Sentinel-2 features as extra input channels of the aerial encoder.
 
-Why: the U-T&T branch (src.models.flair_model, src.models.utae) must learn to read the series from a few hundred steps of
+Why: the U-T&T branch (src.models.flair_model, src.models.utae) must learn to read the series from a few
+hundred steps of
 an auxiliary loss, while a per-pixel random forest given the NDVI of each month (bench/s2_reference.py)
 separates the phenology classes at once. `s2_early` hands the aerial U-Net those same features:
 
@@ -11,7 +12,7 @@ separates the phenology classes at once. `s2_early` hands the aerial U-Net those
 Months without a date repeat the nearest month that has one (circularly, the earlier on a tie), so
 every channel always means "that month" whatever the series' length. A sample without any real date gets
 zeros, as does one whose S2 term `modality_dropout` drops. With `use_s2: false` there are no early channels
-(`early_mode`): use_s2 is the one switch for every S2 input. Calendar months come from `s2_days` (days
+(`Settings.early_s2`): use_s2 is the one switch for every S2 input. Calendar months come from `s2_days` (days
 before 15 May in a 365-day calendar, docs/data-format.md "Sentinel-2"), so the monthly composites and raw
 series give the same channels.
 
@@ -32,7 +33,6 @@ from torch import nn
 
 from src.core.flair import s2_pixels_under
 
-EARLY = ("none", "ndvi", "bands")
 MONTHS = 12
 S2_BANDS = 10
 RED, NIR = 2, 6  # B4 and B8 in the S2 band order B2 B3 B4 B5 B6 B7 B8 B8A B11 B12
@@ -42,26 +42,8 @@ MONTH_STARTS = (0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334)  # 0-base
 
 
 def early_channels(mode: str) -> int:
-    """Extra input channels for an `s2_early` mode (ValueError on an unknown one)."""
-    if mode not in EARLY:
-        raise ValueError(f"s2_early must be one of {list(EARLY)}, got {mode!r}")
+    """Extra input channels for an `s2_early` mode (one of src.core.settings.S2_EARLY)."""
     return {"none": 0, "ndvi": MONTHS, "bands": MONTHS * S2_BANDS}[mode]
-
-
-def early_mode(cfg: dict) -> str:
-    """The `s2_early` mode a model of `cfg` is built with: cfg's (validated), or "none" when use_s2 is
-    false. use_s2 is the one switch for S2 inputs, so `fusion=none use_s2=false` stays the aerial-only
-    model of any preset (the demo trains it beside the fusion one), early channels included."""
-    mode = str(cfg.get("s2_early", "none"))
-    early_channels(mode)
-    return mode if cfg.get("use_s2") else "none"
-
-
-def model_reads_s2(cfg: dict) -> bool:
-    """Does the model of `cfg` read an S2 series (U-T&T fusion or early channels)? Without one, an early
-    fusion model still runs (its S2 channels are zeros) but predicts as if every date were missing, so
-    tools that feed models (export, make infer) must ask this, not `fusion` alone."""
-    return bool(cfg.get("use_s2")) and (cfg.get("fusion", "none") != "none" or early_mode(cfg) != "none")
 
 
 def calendar_month(days: torch.Tensor) -> torch.Tensor:

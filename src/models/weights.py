@@ -1,10 +1,12 @@
 """Weights files: a local file or one on the Hugging Face hub -> a state dict (name -> tensor).
 
-Shared by `encoder_weights` (src.models.flair_model) and `init_from` (src.models.weights), so both read the same files
+Shared by `encoder_weights` (src.models.flair_model) and `init_from` (src.models.weights), so both read the
+same files
 the same way:
 - local: .safetensors, or anything torch.save wrote (.pt/.pth/.bin/.ckpt), read with the safe
   `weights_only` unpickler; NumPy arrays are allowed because a flair2-kit checkpoint holds NumPy's RNG
-  state (src.core.runtime). A state dict is taken from the file itself or from its "model" / "state_dict" entry.
+  state (src.core.runtime). A state dict is taken from the file itself or from its "model" / "state_dict"
+  entry.
 - `hf:<owner>/<name>[:<file>]`: downloaded once into the standard Hugging Face cache with
   `huggingface_hub.hf_hub_download` (HF_HOME / HF_HUB_CACHE choose where) and read from there afterwards,
   offline too (HF_HUB_OFFLINE=1). Without `<file>`: `model.safetensors`, then `pytorch_model.bin` (the
@@ -47,6 +49,7 @@ import torch
 from torch import nn
 
 from src.core.errors import ConfigError
+from src.core.settings import Settings
 
 HF_PREFIX = "hf:"
 HF_DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -322,11 +325,11 @@ def _widened(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
 
 def _about(info: dict[str, Any]) -> str:
     """A flair2-kit checkpoint's model in a few words (from its saved config)."""
-    cfg = info.get("config")
-    if not isinstance(cfg, dict):
+    saved = info.get("config")  # the file's own mapping (another version's, perhaps): read as it is
+    if not isinstance(saved, dict):
         return ""
-    words = [f"{cfg.get('arch')}/{cfg.get('encoder')}", f"fusion={cfg.get('fusion')}",
-             f"{cfg.get('num_classes')} classes"]
+    words = [f"{saved.get('arch')}/{saved.get('encoder')}", f"fusion={saved.get('fusion')}",
+             f"{saved.get('num_classes')} classes"]
     if "fold" in info:
         words.append(f"fold {info['fold']}")
     if "epoch" in info:
@@ -373,17 +376,17 @@ def weights_file_report(model: nn.Module) -> str:
     return next((str(m.weights_report) for m in model.modules() if hasattr(m, "weights_report")), "")
 
 
-def apply_init_from(model: nn.Module, cfg: dict[str, Any], fold: str | int,
+def apply_init_from(model: nn.Module, cfg: Settings, fold: str | int,
                     log: Callable[[str], None] = print) -> WarmStartReport | None:
     """The trainer's one call after build_model on a fresh (not resumed) run: print what an
-    encoder_weights file loaded, then warm-start from cfg["init_from"] when it is set."""
+    encoder_weights file loaded, then warm-start from cfg.init_from when it is set."""
     line = weights_file_report(model)
     if line:
         log(line)
-    spec = str(cfg.get("init_from") or "").strip()
+    spec = cfg.init_from.strip()
     if not spec:
         return None
-    report = warm_start(model, spec, fold, str(cfg.get("runs_dir", "runs")))
+    report = warm_start(model, spec, fold, cfg.runs_dir)
     for text in report.lines():
         log(text)
     return report

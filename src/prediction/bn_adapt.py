@@ -35,22 +35,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from src.core.errors import ConfigError, PredictError
 from src.core.runtime import amp_dtype, autocast
-from src.prediction.ensemble import INPUT_KEYS, model_device
-
-MODES = ("none", "domain")
-DEFAULT_PATCHES = 256  # per domain: statistics of 256 full patches are stable; the estimate stays cheap
-
-
-def check_settings(mode: Any, patches: Any) -> tuple[str, int]:
-    """(mode, cap) from the settings `bn_adapt` and `bn_adapt_patches`; one-line errors naming them."""
-    if mode not in MODES:
-        raise ConfigError(f"bn_adapt: expected one of {', '.join(MODES)}, got {mode!r}")
-    if isinstance(patches, bool) or not isinstance(patches, int) or patches < 0:
-        raise ConfigError(f"bn_adapt_patches: expected a whole number >= 0 (0: every patch of the domain), "
-                          f"got {patches!r}")
-    return str(mode), int(patches)
+from src.prediction.ensemble import Ensemble, model_device, model_inputs
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -88,13 +74,12 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, list[Any]]:
 
 
 def _forward(model: nn.Module, batch: dict[str, Any], precision: str, channels_last: bool) -> None:
+    """The identity view of prediction's forward pass (src.prediction.ensemble.predict_batch)."""
     dev = model_device(model)
-    if batch["image"].dtype == torch.uint8:
-        raise PredictError("bn_adapt: the image is raw uint8: normalise it first (device_batch)")
-    x = batch["image"].to(dev)
+    extra = model_inputs(batch, dev)
+    x = extra.pop("image")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    extra = {k: batch[k].to(dev) for k in INPUT_KEYS if isinstance(batch.get(k), torch.Tensor)}
     with autocast(dev, amp_dtype(precision, dev)):
         model(x, **extra)
 
@@ -117,6 +102,13 @@ def adapt_ensemble(models: Sequence[nn.Module], batches: Iterable[Sequence[dict[
             for h in p[1] if p is not None else ():
                 h.remove()
     return [m if p is None else p[0].eval() for m, p in zip(models, prepared)]
+
+
+def adapt(ens: Ensemble, batches: Iterable[Sequence[dict[str, Any]]]) -> Ensemble:
+    """The ensemble with its BatchNorm statistics re-estimated on `batches` (one fed batch per model, as
+    `Ensemble.feed` makes them), in its own precision and memory format."""
+    return ens.with_models(adapt_ensemble(ens.models, batches, precision=ens.cfg.precision,
+                                          channels_last=ens.cfg.channels_last))
 
 
 def adapt_batchnorm(model: nn.Module, batches: Iterable[dict[str, Any]], *, precision: str = "auto",

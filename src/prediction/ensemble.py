@@ -1,18 +1,21 @@
-"""Ensemble maths of prediction: the checkpoints and per-model weights, one batch through every model
-with its TTA views, the uint8 quantisation of saved probabilities, and the TTA level a time budget allows.
-Shared by `src.predict` (test patches) and `src.infer` (whole orthophotos).
+"""The one prediction engine of predict, oof, pseudo, infer and bn_adapt: where a prediction process runs,
+checkpoints loaded into an `Ensemble` (each model with its own settings, checked once, and its weight),
+one batch through every model with its TTA views, the uint8 quantisation of saved probabilities, and the
+TTA level a time budget allows.
 
 - Batches arrive on the device already normalised (src.data.device_augment.device_batch: uint8 travels to the
   device, normalisation happens there); TTA views of a batch are stacked (V*B rows) on the device and go
-  through the network in one call; the S2 crop is flipped/rotated with the aerial image (src/prediction/tta.py),
+  through the network in one call; the S2 crop is flipped/rotated with the aerial image
+  (src/prediction/tta.py),
   and outputs are mapped back before averaging.
 - `ensemble=probs` (default) averages softmax probabilities over views and models with the weights;
   `ensemble=logits` averages logits and takes one softmax at the end."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.core.checkpoint import find_checkpoints
+from src.core.checkpoint import find_checkpoints, load_checkpoint
+from src.core.config import from_saved
 from src.core.errors import PredictError
 from src.core.progress import fmt_duration as fmt_s
-from src.core.runtime import amp_dtype, autocast
+from src.core.runtime import (
+    Placement,
+    amp_dtype,
+    autocast,
+    precision_name,
+    setup_distributed,
+    share_cores,
+    tune_cuda,
+)
+from src.core.settings import TTA_LEVELS, Settings
+from src.data.device_augment import device_batch
+from src.data.loader import group_configs, input_groups
+from src.models.flair_model import load_for_inference
 from src.prediction import tta as T
 
 # Per-sample inputs a model takes besides the image (moved to its device with the image).
@@ -75,12 +91,24 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """A normalised batch's model inputs on `device`: "image" and those of INPUT_KEYS it holds."""
+    if batch["image"].dtype == torch.uint8:
+        raise PredictError("the image is raw uint8: normalise it first "
+                           "(src.data.device_augment.device_batch)")
+    nb = device.type == "cuda"
+    return {k: batch[k].to(device, non_blocking=nb) for k in ("image", *INPUT_KEYS)
+            if isinstance(batch.get(k), torch.Tensor)}
+
+
 @dataclass(frozen=True)
 class Mix:
-    """A blend recipe's combination (src.ensembling.recipe; docs/recipes.md, "Out-of-fold ensembling"), replacing the
+    """A blend recipe's combination (src.ensembling.recipe; docs/recipes.md, "Out-of-fold ensembling"),
+    replacing the
     per-model weights: class c's probability is sum_m class_weights[m][c] * p_m[c] (one model alone where
     the recipe chose one for c), times exp(biases[c]), renormalised over the classes. Its numpy twin, which
-    the search and its OOF figures use, is src.ensembling.search.mix_predict (tests/test_blend.py: same argmax)."""
+    the search and its OOF figures use, is src.ensembling.search.mix_predict (tests/test_blend.py: same
+    argmax)."""
 
     class_weights: tuple[tuple[float, ...], ...]  # (models, 13)
     biases: tuple[float, ...]                     # (13,)
@@ -123,14 +151,8 @@ def predict_batch(models: Sequence[nn.Module], weights: Sequence[float] | None,
     for k, (model, wi, b) in enumerate(zip(models, w, batches)):
         dev = model_device(model)
         dtype = amp_dtype(precision, dev)
-        nb = dev.type == "cuda"
-        if b["image"].dtype == torch.uint8:
-            raise PredictError("predict_batch: the image is raw uint8: normalise it first "
-                               "(src.data.device_augment.device_batch)")
-        image = b["image"].to(dev, non_blocking=nb)
-        inputs = {"image": image}
-        inputs.update({k: b[k].to(dev, non_blocking=nb) for k in INPUT_KEYS
-                       if isinstance(b.get(k), torch.Tensor)})
+        inputs = model_inputs(b, dev)
+        image = inputs["image"]
         acc: torch.Tensor | None = None
         for group in T.view_groups(vs, square=image.shape[-1] == image.shape[-2]):
             stacked = T.stack_views(inputs, group)
@@ -161,23 +183,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def choose_tta(models: Sequence[nn.Module], weights: Sequence[float], batches: list[dict[str, Any]],
-               cfg: dict[str, Any], n_total: int, budget_s: float, device: torch.device,
+def choose_tta(ens: Ensemble, batches: list[dict[str, Any]], n_total: int, budget_s: float,
                log: Callable[[str], None]) -> str:
     """Largest TTA level whose projected time for `n_total` patches fits `budget_s`.
 
     Each level runs the first batch once untimed (warm-up) and once timed; the projection is
     network time only (data loading runs in parallel workers). Larger levels are skipped once one
     does not fit; if even `none` does not fit it is used anyway, with a warning."""
-    n = len(batches[0]["image"])
+    n, device = len(batches[0]["image"]), ens.device
     choice = "none"
-    for level in T.LEVELS:
-        kw = dict(tta=level, ensemble=cfg["ensemble"], precision=cfg["precision"],
-                  channels_last=cfg["channels_last"])
-        predict_batch(models, weights, batches, **kw)
+    for level in TTA_LEVELS:
+        ens.predict(batches, level)
         _sync(device)
         t0 = time.perf_counter()
-        predict_batch(models, weights, batches, **kw)
+        ens.predict(batches, level)
         _sync(device)
         per = (time.perf_counter() - t0) / n
         proj = per * n_total
@@ -191,3 +210,99 @@ def choose_tta(models: Sequence[nn.Module], weights: Sequence[float], batches: l
         choice = level
     log(f"predict: time budget picks tta={choice}")
     return choice
+
+
+# ------------------------------------------------------------------------------------------ the engine
+@dataclass
+class Ensemble:
+    """The one prediction engine of predict, oof, infer and bn_adapt: models rebuilt from their checkpoints,
+    each with its own settings (its checkpoint's, with the command line's overrides), their weights, and
+    the call that sends a batch through every model and its TTA views.
+
+    The first model's settings are the prediction settings (tta, ensemble, precision, channels_last,
+    batch_size, workers, ...): overrides apply to every model alike, so they agree wherever it matters."""
+
+    models: list[nn.Module]
+    settings: list[Settings]
+    weights: list[float]              # one per model, summing to 1
+    paths: list[Path] = field(default_factory=list)
+    mix: Mix | None = None            # a blend recipe's per-class weights and biases (replaces `weights`)
+
+    def __post_init__(self) -> None:
+        # models fed the same input settings share one batch (src.data.loader.input_groups)
+        self.group_of = input_groups(self.settings)
+        self.group_settings = group_configs(self.settings, self.group_of)
+
+    @property
+    def cfg(self) -> Settings:
+        return self.settings[0]
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.models[0])
+
+    def with_models(self, models: list[nn.Module]) -> Ensemble:
+        """The same ensemble with other networks (bn_adapt's re-estimated copies)."""
+        return dataclasses.replace(self, models=models)
+
+    def feed(self, raw: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The batch each model is fed, from one raw batch per input group
+        (src.data.loader.prediction_loader):
+        copied to the device and normalised there in the autocast dtype, once per group."""
+        dtype = amp_dtype(self.cfg.precision, self.device)
+        ready = [device_batch(b, s, self.device, dtype=dtype) for b, s in zip(raw, self.group_settings)]
+        return [ready[g] for g in self.group_of]
+
+    def describe(self, tta: str) -> str:
+        """The ensemble as one log line: models, weights (or the recipe's), TTA views, ensembling, device."""
+        n = len(T.views(tta))
+        weights = ("a recipe's per-class weights" if self.mix is not None
+                   else "weights " + ", ".join(f"{x:.3g}" for x in self.weights))
+        return (f"{len(self.models)} model(s), {weights}, tta={tta} ({n} views, up to "
+                f"{n * self.cfg.batch_size} images per forward), ensemble={self.cfg.ensemble}, device "
+                f"{self.device}, precision {precision_name(amp_dtype(self.cfg.precision, self.device))}")
+
+    def predict(self, batches: dict[str, Any] | Sequence[dict[str, Any]], tta: str) -> torch.Tensor:
+        """Class probabilities (B, 13, H, W) of one batch (or one batch per model) at TTA level `tta`."""
+        c = self.cfg
+        return predict_batch(self.models, self.weights, batches, tta, c.ensemble, precision=c.precision,
+                             channels_last=c.channels_last, mix=self.mix)
+
+    def identity(self) -> dict[str, Any]:
+        """Which files made a prediction (the resume check of predict.json)."""
+        return {"models": [{"path": str(p.resolve()), "size": p.stat().st_size,
+                            "mtime_ns": p.stat().st_mtime_ns}
+                           for p in self.paths]}
+
+
+def load_ensemble(runs: Sequence[str | Path], device: torch.device, *, weights: Sequence[float] | None = None,
+                  overrides: dict[str, Any] | None = None, job: str = "predict", mix: Mix | None = None,
+                  on_first: Callable[[Settings], None] | None = None,
+                  log: Callable[[str], None] = print) -> Ensemble:
+    """Every checkpoint under `runs` (best.pt of each run folder, or the files given) as one Ensemble on
+    `device`. Each model's settings are its checkpoint's with `overrides` on top, checked against what `job`
+    needs before the model is built (src.models.flair_model.load_for_inference); `on_first` gets the first
+    model's settings before any model is built (a job's own checks, such as its index)."""
+    paths, w = resolve_checkpoints(runs, weights)
+    if on_first is not None:
+        on_first(from_saved(load_checkpoint(paths[0], map_location="cpu", mmap=True)["config"], str(paths[0]),
+                            overrides))
+    models, settings = [], []
+    for p in paths:
+        model, s = load_for_inference(p, device, overrides, job)
+        if (settings[0] if settings else s).channels_last:  # faster on GPU, and on CPU too (oneDNN, ~1.3x)
+            model = model.to(memory_format=torch.channels_last)
+        models.append(model)
+        settings.append(s)
+        log(f"{job}: loaded {p} (arch {s.arch}, encoder {s.encoder}, bands {','.join(s.bands)}, "
+            f"s2 {s.use_s2})")
+    return Ensemble(models, settings, normalise_weights(w, len(models)), paths, mix)
+
+
+def place_prediction(device: str = "auto") -> Placement:
+    """Where this prediction process runs: its local GPU under torchrun (or the device asked for), the
+    machine's cores shared between CPU processes, cuDNN tuned for the fixed input sizes."""
+    place = setup_distributed(device)
+    share_cores(place)
+    tune_cuda(place.device)
+    return place

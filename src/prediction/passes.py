@@ -7,7 +7,8 @@ pass can grow without the job growing. Why it is built this way:
   run never leaves a partial file, and a re-run with the same setup writes only the missing ones; a
   different setup is refused (predict.json).
 - The measured inference time (data loading, networks, writing) is summed over resumed runs.
-- `bn_adapt=domain` (src.prediction.bn_adapt): before predicting a test domain's patches, the BatchNorm statistics
+- `bn_adapt=domain` (src.prediction.bn_adapt): before predicting a test domain's patches, the BatchNorm
+statistics
   of each model are re-estimated on that domain's patches, on a copy; the estimate takes the domain's
   rows of the whole index (not only the missing ones), so where a run was killed never changes a result.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -36,14 +38,10 @@ from src.core.errors import ConfigError, PredictError
 from src.core.flair import N_TEST_PATCHES
 from src.core.progress import fmt_duration as fmt_s
 from src.core.progress import progress
-from src.core.runtime import amp_dtype, precision_name
-from src.core.workers import default_workers, loader_workers
-from src.data.device_augment import device_batch
-from src.data.loader import group_configs, input_groups, prediction_loader
-from src.prediction import tta as T
-from src.prediction.bn_adapt import DEFAULT_PATCHES, adapt_ensemble, estimate_rows, has_batchnorm
-from src.prediction.bn_adapt import check_settings as bn_settings
-from src.prediction.ensemble import Mix, choose_tta, model_device, normalise_weights, predict_batch, quantise
+from src.core.workers import default_workers
+from src.data.loader import prediction_loader
+from src.prediction.bn_adapt import adapt, estimate_rows, has_batchnorm
+from src.prediction.ensemble import Ensemble, choose_tta, normalise_weights, quantise
 from src.prediction.stores import (
     PROBS_MANIFEST,
     RunRecord,
@@ -58,67 +56,54 @@ from src.prediction.stores import (
 )
 
 
-# ------------------------------------------------------------------------------------------ settings
-def check_settings(cfg: dict[str, Any]) -> None:
-    """Prediction settings the config types cannot check; one-line errors before any model is loaded."""
-    if cfg["tta"] not in T.LEVELS:
-        raise ConfigError(f"tta: expected one of {', '.join(T.LEVELS)}, got {cfg['tta']!r}")
-    if cfg["ensemble"] not in ("probs", "logits"):
-        raise ConfigError(f"ensemble: expected probs or logits, got {cfg['ensemble']!r}")
-    amp_dtype(cfg["precision"], torch.device("cpu"))  # raises ConfigError for an unknown precision
-    loader_workers(cfg["workers"])  # likewise for workers
-    if cfg["batch_size"] < 1 or cfg["time_budget_s"] < 0:
-        raise ConfigError("need batch_size >= 1 and time_budget_s >= 0")
-    bn_settings(cfg.get("bn_adapt", "none"), cfg.get("bn_adapt_patches", DEFAULT_PATCHES))
+# ----------------------------------------------------------------------------------------- one split
+@dataclass(frozen=True)
+class Target:
+    """Where a prediction pass writes: the PRED folder, the probabilities folder (--save-probs) or None, and
+    whether this split's files there are deleted first (--overwrite)."""
+
+    out_dir: Path
+    probs_dir: Path | None = None
+    overwrite: bool = False
 
 
-def _bn_identity(cfg: dict[str, Any], index_df: pd.DataFrame, identity: dict[str, Any]) -> tuple[str, int]:
-    """bn_adapt and its cap go in the setup a resume must match (they change the predictions)."""
-    mode, cap = bn_settings(cfg.get("bn_adapt", "none"), cfg.get("bn_adapt_patches", DEFAULT_PATCHES))
-    identity["bn_adapt"] = mode
-    if mode == "domain":
-        identity["bn_adapt_patches"] = cap
+def _identity(ens: Ensemble, index_df: pd.DataFrame) -> dict[str, Any]:
+    """The setup a resume must match: the checkpoints, weights, ensembling, recipe and bn_adapt (they change
+    the predictions)."""
+    cfg = ens.cfg
+    identity = ens.identity() if ens.paths else {"models": [type(m).__name__ for m in ens.models]}
+    identity.update(weights=[round(x, 6) for x in ens.weights], ensemble=cfg.ensemble)
+    if ens.mix is not None:
+        identity["mix"] = [[round(x, 6) for x in row] for row in (*ens.mix.class_weights, ens.mix.biases)]
+    identity["bn_adapt"] = cfg.bn_adapt
+    if cfg.bn_adapt == "domain":
+        identity["bn_adapt_patches"] = cfg.bn_adapt_patches
         if "domain" not in index_df.columns:
             raise ConfigError("bn_adapt=domain needs the index's domain column (the index has none)")
-    return mode, cap
+    return identity
 
 
-# ----------------------------------------------------------------------------------------- one split
-def run_prediction(models: Sequence[nn.Module], model_cfgs: Sequence[dict[str, Any]],
-                   weights: Sequence[float] | None, index_df: pd.DataFrame, out_dir: str | Path,
-                   cfg: dict[str, Any], *, tta: str | None = None, probs_dir: str | Path | None = None,
-                   identity: dict[str, Any] | None = None, overwrite: bool = False,
-                   n_total: int | None = None, mix: Mix | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write PRED_<id>.tif for every row of `index_df` that lacks one; returns a report dict.
+def run_prediction(ens: Ensemble, index_df: pd.DataFrame, target: Target, *, tta: str | None = None,
+                   n_total: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write PRED_<id>.tif for every row of `index_df` that lacks one in `target`; returns a report dict.
 
-    `models` are ready nn.Modules (on their device, eval mode), `model_cfgs` their configs (input
-    settings), `cfg` the prediction settings (batch_size, workers, ensemble, precision, channels_last,
-    tta, time_budget_s, skip_bad, bn_adapt, bn_adapt_patches). `tta` given explicitly wins over `cfg`;
-    otherwise a positive time_budget_s picks the level. `identity` describes the setup for the resume check.
-    A `mix` (blend recipe: per-class weights and biases, src.ensembling.recipe) replaces `weights`. With
-    bn_adapt=domain each domain of `index_df` is predicted by copies re-estimated on its patches.
-    """
-    out_dir = Path(out_dir)
-    probs_dir = Path(probs_dir) if probs_dir else None
-    w = normalise_weights(weights, len(models))
-    identity = dict(identity or {"models": [type(m).__name__ for m in models]})
-    identity.update(weights=[round(x, 6) for x in w], ensemble=cfg["ensemble"])
-    if mix is not None:
-        identity["mix"] = [[round(x, 6) for x in row] for row in (*mix.class_weights, mix.biases)]
-    bn_mode, bn_cap = _bn_identity(cfg, index_df, identity)
-    budget = float(cfg.get("time_budget_s") or 0) if tta is None else 0.0
+    The prediction settings are the ensemble's (batch_size, workers, ensemble, precision, channels_last,
+    tta, time_budget_s, skip_bad, bn_adapt, bn_adapt_patches). `tta` given explicitly wins over them;
+    otherwise a positive time_budget_s picks the level (for `n_total` patches, the index's by default). With
+    bn_adapt=domain each domain of `index_df` is predicted by copies re-estimated on its patches."""
+    cfg, out_dir, probs_dir = ens.cfg, target.out_dir, target.probs_dir
+    identity = _identity(ens, index_df)
+    budget = cfg.time_budget_s if tta is None else 0.0
     if tta is None and budget <= 0:
-        tta = cfg["tta"]
+        tta = cfg.tta
     if tta is not None:
-        T.views(tta)  # validates the level before any work
         identity["tta"] = tta
-    prev = prepare_out(out_dir, identity, index_df, overwrite, probs_dir)
+    prev = prepare_out(out_dir, identity, index_df, target.overwrite, probs_dir)
     if tta is None and prev is not None and prev.get("tta"):
         tta = prev["tta"]
         log(f"predict: resuming with tta={tta} (chosen by the time budget on the first run)")
     ids = index_df["id"].astype(str).tolist()
-    done = set() if overwrite else scan_done(index_df, out_dir, probs_dir)
+    done = set() if target.overwrite else scan_done(index_df, out_dir, probs_dir)
     todo = index_df[~index_df["id"].astype(str).isin(done)].reset_index(drop=True)
     prev = prev or {}
     report: dict[str, Any] = {"out": str(out_dir), "n_ids": len(ids), "n_skipped_existing": len(done),
@@ -131,10 +116,10 @@ def run_prediction(models: Sequence[nn.Module], model_cfgs: Sequence[dict[str, A
         report["time_s"] = split_seconds({**prev, "split_ids": len(ids)})
         log(f"predict: all {len(ids)} predictions already present in {out_dir}")
         return report
-    run = _Run(models, w, cfg, out_dir, probs_dir, report, log)
-    run.mix, run.bn_cap, run.full_index = mix, bn_cap, index_df
-    run.bn_mode = bn_mode if bn_mode == "domain" and _has_bn(models, log) else "none"
-    return run.predict(todo, model_cfgs, identity, tta, budget, n_total or len(index_df))
+    run = _Run(ens, target, report, log)
+    run.full_index = index_df
+    run.bn_mode = "domain" if cfg.bn_adapt == "domain" and _has_bn(ens.models, log) else "none"
+    return run.predict(todo, identity, tta, budget, n_total or len(index_df))
 
 
 def _has_bn(models: Sequence[nn.Module], log: Callable[[str], None]) -> bool:
@@ -150,21 +135,17 @@ def _has_bn(models: Sequence[nn.Module], log: Callable[[str], None]) -> bool:
 class _Run:
     """One prediction pass over the missing patches: its loader, writer, manifest and measured time."""
 
-    mix: Mix | None = None
-    bn_mode, bn_cap, full_index = "none", DEFAULT_PATCHES, pd.DataFrame()
+    bn_mode, full_index = "none", pd.DataFrame()
 
-    def __init__(self, models: Sequence[nn.Module], weights: list[float], cfg: dict[str, Any], out_dir: Path,
-                 probs_dir: Path | None, report: dict[str, Any], log: Callable[[str], None]):
-        self.models, self.w, self.cfg, self.log = models, weights, cfg, log
-        self.out_dir, self.probs_dir, self.report = out_dir, probs_dir, report
-        self.device = model_device(models[0])
-        self.active = list(models)  # what predicts the current batch: the models, or adapted copies
+    def __init__(self, ens: Ensemble, target: Target, report: dict[str, Any], log: Callable[[str], None]):
+        self.ens, self.cfg, self.log = ens, ens.cfg, log
+        self.out_dir, self.probs_dir, self.report = target.out_dir, target.probs_dir, report
+        self.device = ens.device
+        self.active = ens  # what predicts the current batch: the ensemble, or its re-estimated copy
         self.bad: list[tuple[str, str]] = []
 
-    def predict(self, todo: pd.DataFrame, model_cfgs: Sequence[dict[str, Any]], identity: dict[str, Any],
-                tta: str | None, budget: float, n_total: int) -> dict[str, Any]:
-        self.model_cfgs, self.group_of = model_cfgs, input_groups(model_cfgs)
-        self.group_cfgs = group_configs(model_cfgs, self.group_of)
+    def predict(self, todo: pd.DataFrame, identity: dict[str, Any], tta: str | None, budget: float,
+                n_total: int) -> dict[str, Any]:
         t0 = time.perf_counter()  # the measured inference time: data loading, (estimates,) networks, writing
         batches = self._items(todo)
         first = self._first_readable(batches)
@@ -172,8 +153,7 @@ class _Run:
             tta = "none"
             if first is not None:
                 t_sel = time.perf_counter()
-                tta = choose_tta(self.active, self.w, self._inputs(first), self.cfg, n_total, budget,
-                                 self.device, self.log)
+                tta = choose_tta(self.active, self.active.feed(first["batches"]), n_total, budget, self.log)
                 t0 += time.perf_counter() - t_sel  # the trial runs are not inference of the split
         identity["tta"] = self.report["tta"] = tta
         record = RunRecord(self.out_dir, self.probs_dir, identity, {
@@ -181,12 +161,7 @@ class _Run:
             "n_timed": self.report["n_timed"], "complete": False,
             "probs_dir": str(self.probs_dir) if self.probs_dir else None})
         record.write()
-        n_views = len(T.views(tta))
-        self.log(f"predict: {len(self.models)} model(s), weights {', '.join(f'{x:.3g}' for x in self.w)}, "
-                 f"tta={tta} ({n_views} views, up to {n_views * int(self.cfg['batch_size'])} images per "
-                 f"forward), ensemble={self.cfg['ensemble']}, device {self.device}, precision "
-                 f"{precision_name(amp_dtype(self.cfg['precision'], self.device))}, bn_adapt={self.bn_mode}, "
-                 f"{len(todo)} patches to write")
+        self.log(f"predict: {self.ens.describe(tta)}, bn_adapt={self.bn_mode}, {len(todo)} patches to write")
         items = chain([first] if first is not None else [], batches)
         elapsed, written = self._write_all(items, todo, tta, record, t0)
         return self._finish(todo, written, elapsed, record)
@@ -196,35 +171,26 @@ class _Run:
         holds copies re-estimated on that domain's patches (batches are consumed one at a time, so no
         batch of one domain is predicted by another's copies)."""
         if self.bn_mode != "domain":
-            yield from prediction_loader(todo, self.model_cfgs, self.cfg)[0]
+            yield from prediction_loader(todo, self.ens.settings, self.cfg)[0]
             return
         for domain, rows in todo.groupby(todo["domain"].astype(str), sort=False):
-            self.active = list(self.models)  # the previous domain's copies are freed first
+            self.active = self.ens  # the previous domain's copies are freed first
             self.active = self._adapt(str(domain))
-            yield from prediction_loader(rows, self.model_cfgs, self.cfg)[0]
-        self.active = list(self.models)
+            yield from prediction_loader(rows, self.ens.settings, self.cfg)[0]
+        self.active = self.ens
 
-    def _adapt(self, domain: str) -> list[nn.Module]:
+    def _adapt(self, domain: str) -> Ensemble:
         """Copies of the models re-estimated on the domain's rows of the whole index (capped), never only
         on the rows still to write: where a run was killed does not change the statistics."""
         t = time.perf_counter()
         rows = self.full_index[self.full_index["domain"].astype(str) == domain]
-        sample = estimate_rows(rows, self.bn_cap)
-        loader = prediction_loader(sample, self.model_cfgs, self.cfg)[0]
-        inputs = (self._inputs(item) for item in loader if item["batches"] is not None)
-        adapted = adapt_ensemble(self.models, inputs, precision=self.cfg["precision"],
-                                 channels_last=bool(self.cfg["channels_last"]))
+        sample = estimate_rows(rows, self.cfg.bn_adapt_patches)
+        loader = prediction_loader(sample, self.ens.settings, self.cfg)[0]
+        adapted = adapt(self.ens, (self.ens.feed(item["batches"]) for item in loader
+                                   if item["batches"] is not None))
         self.log(f"predict: bn_adapt: domain {domain}: BatchNorm statistics re-estimated on {len(sample)} of "
                  f"its {len(rows)} patches ({time.perf_counter() - t:.1f} s)")
         return adapted
-
-    def _inputs(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        """The batch each model is fed: its input setting's raw batch, copied to the device and normalised
-        there in the autocast dtype (once per input setting, shared by the models that read it)."""
-        dtype = amp_dtype(self.cfg["precision"], self.device)
-        ready = [device_batch(b, c, self.device, dtype=dtype)
-                 for b, c in zip(item["batches"], self.group_cfgs)]
-        return [ready[g] for g in self.group_of]
 
     def _first_readable(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
         """The first batch holding a readable patch (skip_bad: a batch may hold only unreadable ones)."""
@@ -239,8 +205,6 @@ class _Run:
         """Predict and write every batch (then the fallback files); the manifest keeps the time either way."""
         writer = Writer(self.out_dir, self.probs_dir, threads=max(2, default_workers(8)))
         writer.n_left = len(todo)
-        kw = dict(tta=tta, ensemble=self.cfg["ensemble"], precision=self.cfg["precision"],
-                  channels_last=self.cfg["channels_last"], mix=self.mix)
         ok = False
         try:
             with progress(total=len(todo), desc="predict", unit="patch") as bar:
@@ -250,7 +214,7 @@ class _Run:
                         self.bad += item["bad"]
                         bar.update(len(item["bad"]))
                     if item["batches"] is not None:
-                        self._predict_one(item, kw, writer)
+                        self._predict_one(item, tta, writer)
                         bar.update(len(item["batches"][0]["id"]))
             writer.close()
             if self.bad:
@@ -270,9 +234,9 @@ class _Run:
                          "to resume")
         return elapsed, writer.written
 
-    def _predict_one(self, item: dict[str, Any], kw: dict[str, Any], writer: Writer) -> None:
+    def _predict_one(self, item: dict[str, Any], tta: str, writer: Writer) -> None:
         batch = item["batches"]
-        probs = predict_batch(self.active, self.w, self._inputs(item), **kw)
+        probs = self.active.predict(self.active.feed(batch), tta)
         pred = probs.max(1).indices.to(torch.uint8).cpu().numpy()  # max: 5x faster than argmax on CPU
         q = quantise(probs).cpu().numpy() if self.probs_dir is not None else None
         for j, pid in enumerate(batch[0]["id"]):

@@ -2,7 +2,8 @@
 are done, the predict.json manifest that makes a re-run resume instead of mixing two setups, the
 background writer, and the fallback file of an unreadable patch.
 
-Files are written only through `src.scoring.submission.write_pred` and `src.prediction.stores.save_prob` (both atomic),
+Files are written only through `src.scoring.submission.write_pred` and `src.prediction.stores.save_prob`
+(both atomic),
 so a killed run never leaves a partial file under a final name, and "done" can be read off the folder.
 
 Saved ensemble probabilities (docs/data-format.md, "Predictions and probabilities"): the PROB_<id>.npz

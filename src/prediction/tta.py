@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-LEVELS = ("none", "flip", "d4")
+from src.core.settings import TTA_LEVELS
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def views(level: str) -> list[View]:
         return [View(), View(0, True), View(2, True)]  # identity, hflip, vflip
     if level == "d4":
         return [View(k, f) for f in (False, True) for k in range(4)]
-    raise ValueError(f"unknown TTA level {level!r} (expected one of {', '.join(LEVELS)})")
+    raise ValueError(f"unknown TTA level {level!r} (expected one of {', '.join(TTA_LEVELS)})")
 
 
 # Batch keys that carry pixels (last two axes are space) and must turn with the image.

@@ -25,14 +25,14 @@ import shutil
 import urllib.parse
 import zipfile
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.core.errors import CorruptZipError, DownloadError
+from src.core.errors import CorruptZipError, DiskSpaceError, DownloadError
 from src.core.files import write_json
 from src.core.progress import progress as progress_bar
-from src.prep.download import Result, human, require_space
+from src.prep.download import Result, Transfer, fetch, human, require_space
 
 MARKERS = ".extracted"
 TMP_PREFIX = ".tmp-extract-"
@@ -272,4 +272,75 @@ def download_hf(subset: str = "all", out: str | os.PathLike = "data/raw", *, rep
     results = extract_tree(hf_dir, out, keep_zips=keep_zips, progress=progress, check_space=check_space)
     if all(r.status != "failed" for r in results):
         write_marker(out, f"hf-{subset}", {"zip": f"hf-{subset}", "dest": "hf", "entries": []}, indent=None)
+    return results
+
+
+# ------------------------------------------------------------------------------------ the whole download
+def space_needed(specs: Iterable[ZipSpec], out: Path, keep_zips: bool) -> tuple[int, int]:
+    """(bytes still to download, bytes still to extract) for the unfinished zips.
+
+    With keep_zips off each zip is deleted after its extraction, so the peak is all extractions plus
+    the largest single download rather than all downloads.
+    """
+    downloads, extracts = [], []
+    for z in specs:
+        if is_extracted(out, z.name):
+            continue
+        zip_path = out / z.name
+        part = zip_path.with_name(z.name + ".part")
+        have = zip_path.stat().st_size if zip_path.exists() else part.stat().st_size if part.exists() else 0
+        downloads.append(0 if zip_path.exists() else max(z.size - have, 0))
+        extracts.append(int(z.size * z.factor))
+    dl = sum(downloads) if keep_zips else max(downloads, default=0)
+    return dl, sum(extracts)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Where the zips come from: a base URL with the official file names, the zip table (None: the official
+    one) and md5 overrides by zip name (None or "" = do not check), so tests serve small synthetic zips."""
+
+    base_url: str = BASE_URL
+    table: Mapping[str, ZipSpec] | None = None
+    md5: Mapping[str, str | None] = field(default_factory=dict)
+
+
+def download(subset: str, out: str | os.PathLike, *, mirror: Mirror = Mirror(),
+             transfer: Transfer = Transfer(),
+             keep_zips: bool = True, check_space: bool = True) -> list[Result]:
+    """Fetch, verify and extract every zip of `subset` into `out`; finished zips cost no network.
+
+    Raises DiskSpaceError before anything is fetched when the estimate does not fit; per-file failures
+    are recorded in the results."""
+    out = Path(out)
+    specs = select(subset, mirror.table)
+    md5 = dict(mirror.md5)
+    results = [Result(z.name, size=z.size) for z in specs]
+    pending = []
+    for z, r in zip(specs, results):
+        if is_extracted(out, z.name):
+            r.status, r.extracted = "skipped", "already"
+        else:
+            pending.append((z, r))
+    if not pending:
+        print(f"{subset}: every zip is already extracted in {out}; nothing to do")
+        return results
+    if check_space:
+        dl, ex = space_needed([z for z, _ in pending], out, keep_zips)
+        require_space(out, dl + ex, f"subset {subset!r} ({human(dl)} to download + {human(ex)} to extract)")
+    out.mkdir(parents=True, exist_ok=True)
+    for z, res in pending:
+        zip_path = out / z.name
+        if zip_path.exists():  # renamed from .part only after verification, so it is a good one
+            res.size, res.md5 = zip_path.stat().st_size, "earlier"
+        else:
+            try:
+                fetch(zip_url(mirror.base_url, z.name), zip_path, md5.get(z.name, z.md5), transfer, res)
+            except DiskSpaceError:
+                raise
+            except DownloadError as err:
+                res.status, res.message = "failed", str(err)
+                print(f"error: {err}")
+                continue
+        extract_or_report(zip_path, out, out, z.name, res, keep_zips, transfer.progress, check_space)
     return results

@@ -70,8 +70,19 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return start, (int(total) if total.strip().isdigit() else None)
 
 
-def fetch(url: str, dest: Path, md5: str | None = None, *, retries: int = 5, backoff: float = 2.0,
-          timeout: float = 60.0, progress: bool = True, result: Result | None = None) -> Result:
+@dataclass(frozen=True)
+class Transfer:
+    """How files are fetched: retries after a network failure, the first retry delay in seconds (doubled
+    each time, at most 60 s), the socket timeout, and whether a progress bar is drawn."""
+
+    retries: int = 5
+    backoff: float = 2.0
+    timeout: float = 60.0
+    progress: bool = True
+
+
+def fetch(url: str, dest: Path, md5: str | None = None, transfer: Transfer = Transfer(),
+          result: Result | None = None) -> Result:
     """Download `url` to `dest` through `dest.part`, resuming, retrying and verifying.
 
     `dest` appears only once size and md5 are right; an md5 mismatch deletes the `.part` and raises
@@ -85,7 +96,7 @@ def fetch(url: str, dest: Path, md5: str | None = None, *, retries: int = 5, bac
     res.resumed_from = st.offset
     t0 = time.monotonic()
     try:
-        _fetch_with_retries(url, dest.name, st, res, retries, backoff, timeout, progress)
+        _fetch_with_retries(url, dest.name, st, res, transfer)
     finally:
         res.seconds += time.monotonic() - t0
     _verify(dest.name, st, md5, res)
@@ -95,14 +106,13 @@ def fetch(url: str, dest: Path, md5: str | None = None, *, retries: int = 5, bac
     return res
 
 
-def _fetch_with_retries(url: str, name: str, st: _Stream, res: Result, retries: int, backoff: float,
-                        timeout: float, progress: bool) -> None:
+def _fetch_with_retries(url: str, name: str, st: _Stream, res: Result, transfer: Transfer) -> None:
     """Attempts until the server has sent everything, sleeping backoff * 2^(failures-1) (<= 60 s) between."""
-    failures = 0
+    retries, failures = transfer.retries, 0
     while True:
         st.got = 0
         try:
-            _attempt(url, name, st, res, timeout, progress)
+            _attempt(url, name, st, res, transfer.timeout, transfer.progress)
             return
         except urllib.error.HTTPError as err:
             after = _after_http_error(err, url, name, st, failures, retries)
@@ -115,7 +125,7 @@ def _fetch_with_retries(url: str, name: str, st: _Stream, res: Result, retries: 
                 raise DownloadError(f"{name}: giving up after {retries} retries ({err}); the {st.offset} "
                                     f"bytes in {st.part.name} are kept, re-run to resume") from None
             last = f"{type(err).__name__}: {err}"
-        wait = min(backoff * 2 ** (failures - 1), 60.0)
+        wait = min(transfer.backoff * 2 ** (failures - 1), 60.0)
         print(f"{name}: {last}; retry {failures}/{retries} from byte {st.offset} in {wait:.0f} s")
         time.sleep(wait)
 

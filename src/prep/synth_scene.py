@@ -1,7 +1,8 @@
 """The ground truth of a synthetic FLAIR #2 dataset: domains, zones, their label fields and S2 dates.
 
 Each zone has one continuous label field (12 smooth class-score maps on the 10 m S2 pixel grid + rare-class
-disks); the 0.2 m aerial labels and the 10 m S2 super-area are both rendered from it (src.prep.synth_write), so
+disks); the 0.2 m aerial labels and the 10 m S2 super-area are both rendered from it (src.prep.synth_write),
+so
 the S2 pixels under a patch (at its centroid) agree with the patch's labels. Domains draw their own class
 frequencies and radiometry; classes have their own S2 phenology; S2 dates vary per zone (T 8..50 in the
 domain year) and super-areas vary in size and are not square. `plan_dataset` draws all of it without

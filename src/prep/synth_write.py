@@ -12,7 +12,8 @@ Write a synthetic FLAIR #2 tree in the exact on-disk layout and formats of the r
 "Metadata").
 
 Why: every later check (index, S2 cropping, training, fusion, submission) must run on a machine without
-the real 100 GB. The truth comes from src.prep.synth_scene, the pixels from src.prep.synth_write; the tree written
+the real 100 GB. The truth comes from src.prep.synth_scene, the pixels from src.prep.synth_write; the tree
+written
 here holds only what the real dataset holds. Zones are written independently (in parallel processes when
 asked) from generators seeded by (seed, zone) or (seed, id), so the bytes never depend on the order."""
 from __future__ import annotations
@@ -21,6 +22,7 @@ import datetime as dt
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -245,16 +247,32 @@ def _write_zone(zt: ZoneTruth, root: Path, layout: str, seed: int, interleave: s
     return centroids, metadata
 
 
-def make_dataset(out: str | os.PathLike, train_domains: int = 3, test_domains: int = 2, zones: int = 2,
-                 patches: int = 4, seed: int = 0, layout: str = "official", interleave: str = "planar",
-                 test_labels: bool = True, edge_rate: float = 0.05, workers: int = 1) -> Path:
-    """Write a synthetic FLAIR #2 tree under `out` (created) and return `out` as a Path.
+@dataclass(frozen=True)
+class SynthSpec:
+    """What a synthetic tree holds and how it is written: domains, zones per domain, patches per zone and the
+    seed of it all; the official layout or the toy zip's; "planar" (C,H,W pages), "contig"
+    (pixel-interleaved) or "mixed" (alternating per patch) aerial images, so readers are tested on both
+    storage orders; the test labels or not; the chance that a patch sits against the super-area border
+    (its 40x40 window needs padding)."""
 
-    interleave: "planar" (C,H,W pages), "contig" (pixel-interleaved) or "mixed" (alternating per patch),
-    so that readers are tested on both storage orders. test_labels=False leaves the test labels out.
-    edge_rate: chance that a patch sits against the super-area border (its 40x40 window needs padding).
-    workers > 1 writes zones in parallel processes (same output, byte for byte).
-    """
+    train_domains: int = 3
+    test_domains: int = 2
+    zones: int = 2
+    patches: int = 4
+    seed: int = 0
+    layout: str = "official"
+    interleave: str = "planar"
+    test_labels: bool = True
+    edge_rate: float = 0.05
+
+
+def make_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), workers: int = 1) -> Path:
+    """Write a synthetic FLAIR #2 tree under `out` (created) and return `out` as a Path; workers > 1 writes
+    zones in parallel processes (same output, byte for byte)."""
+    train_domains, test_domains, zones, patches, seed = (spec.train_domains, spec.test_domains, spec.zones,
+                                                          spec.patches, spec.seed)
+    layout, interleave = spec.layout, spec.interleave
+    test_labels, edge_rate = spec.test_labels, spec.edge_rate
     if layout not in ("official", "toy"):
         raise ValueError(f"layout must be 'official' or 'toy', got {layout!r}")
     if interleave not in ("planar", "contig", "mixed"):

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -236,14 +237,22 @@ def save_confusion_png(matrix, path: str | os.PathLike, names: list[str] | None 
     save_figure(fig, path, dpi=110)
 
 
-def score_and_write(pred: str | os.PathLike, truth, *, json_path: str | os.PathLike | None = None,
-                    png_path: str | os.PathLike | None = None, domains: str | None = None,
+@dataclass(frozen=True)
+class ScoreFiles:
+    """What a scoring writes: the scores JSON, the confusion picture and the per-domain report (PREFIX of
+    PREFIX.csv/.png; by default beside the JSON: X_scores.json -> X_domains); None writes none."""
+
+    json_path: str | os.PathLike | None = None
+    png_path: str | os.PathLike | None = None
+    domains: str | None = None
+
+
+def score_and_write(pred: str | os.PathLike, truth, files: ScoreFiles = ScoreFiles(), *,
                     workers: int | None = None, labels=None, backend: str = "thread",
                     log: Callable[[str], None] = print) -> dict:
     """`evaluate` `pred`, then what `make evaluate` and `predict --submit` both show and write: the class
-    table and each domain's mIoU (`log`), the scores JSON, the confusion picture and the per-domain report
-    (`domains` = PREFIX of PREFIX.csv/.png; by default beside the JSON: X_scores.json -> X_domains).
-    Returns `evaluate`'s result."""
+    table and each domain's mIoU (`log`), then `files`. Returns `evaluate`'s result."""
+    json_path, png_path, domains = files.json_path, files.png_path, files.domains
     start = time.perf_counter()
     result = evaluate(pred, truth, workers, labels=labels, backend=backend)
     matrix = np.asarray(result["confusion"], dtype=np.int64)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import csv
-import importlib.util
 import math
 import os
 import resource
@@ -32,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.core.errors import ConfigError
 from src.core.files import atomic_write, save_figure
-from src.core.flair import BAND_NAMES, CLASS_NAMES, band_indices, colorize
+from src.core.flair import BAND_NAMES, band_indices, colorize
+from src.core.settings import Settings
 from src.data.normalize import norm_stats
 from src.scoring.metrics import IOU_COLS, miou_from_confusion
 
@@ -43,10 +42,6 @@ CSV_COLS = ["epoch", "step", "lr", "train_loss", "train_s2_loss", "val_loss", "m
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "best.pt", "last.pt", "skipped.tsv", "domains.csv",
              "domains.png")
 TB_EVENTS = "events.out.tfevents.*"  # TensorBoard event files (src.training.records), set aside with the rest
-
-
-def run_dir_of(cfg: dict[str, Any], fold: str) -> Path:
-    return Path(cfg["runs_dir"]) / cfg["name"] / f"fold{fold}"
 
 
 def set_aside_previous_run(run_dir: Path, log: Callable[[str], None] = print) -> None:
@@ -108,7 +103,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-EXTRA_LOGGERS = ("wandb", "mlflow")
 # history row key -> tag (the remaining row keys: iou_* -> iou/<k>_<name>; others are not scalars)
 EPOCH_TAGS = {"train_loss": "loss/train", "train_s2_loss": "loss/train_s2", "val_loss": "loss/val",
               "miou": "val/miou", "val_skipped": "val/skipped_patches",
@@ -117,45 +111,22 @@ EPOCH_TAGS = {"train_loss": "loss/train", "train_s2_loss": "loss/train_s2", "val
 SAMPLE_SIDE = 256  # validation pictures are shown at most this wide per panel (small event files)
 
 
-def logger_names(cfg: Mapping[str, Any]) -> list[str]:
-    """The extra loggers a config asks for (`loggers: wandb,mlflow`), checked: ConfigError otherwise."""
-    value = cfg.get("loggers", "") or ""
-    names = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    names = [str(n).strip().lower() for n in names if str(n).strip()]
-    for n in names:
-        if n not in EXTRA_LOGGERS:
-            raise ConfigError(f"loggers: unknown logger {n!r} (a comma list of: {', '.join(EXTRA_LOGGERS)})")
-    return list(dict.fromkeys(names))
-
-
-def check_settings(cfg: Mapping[str, Any]) -> None:
-    """Tracking settings that would fail later, as one line before any work (a missing package)."""
-    if int(cfg.get("tb_images", 4)) < 0:
-        raise ConfigError(f"tb_images: expected a number of patches >= 0, got {cfg['tb_images']}")
-    wanted = (["tensorboard"] if cfg.get("tensorboard", True) else []) + logger_names(cfg)
-    for name in wanted:
-        if importlib.util.find_spec(name) is None:
-            fix = "tensorboard=false" if name == "tensorboard" else f"drop {name} from loggers"
-            raise ConfigError(f"{'tensorboard=true' if name == 'tensorboard' else 'loggers=' + name} needs "
-                              f"the {name} package: pip install {name} (or {fix})")
-
-
 # ----------------------------------------------------------------------------- validation pictures
-def display_rgb(image: Any, cfg: Mapping[str, Any]) -> np.ndarray:
+def display_rgb(image: Any, cfg: Settings) -> np.ndarray:
     """(C, H, W) model input -> (H, W, 3) uint8: raw uint8 band values as they are, float inputs
     de-normalised with cfg's statistics (src.data.normalize); without R, G and B the first band in grey."""
     img = torch.as_tensor(image).detach().cpu()
     if img.dtype == torch.uint8:
         values = img.numpy().astype(np.float32)
     else:
-        mean, std = norm_stats(dict(cfg))
+        mean, std = norm_stats(cfg.bands, cfg.norm)
         values = img.float().numpy() * std[:, None, None] + mean[:, None, None]
-    names = [BAND_NAMES[i] for i in band_indices(cfg.get("bands", BAND_NAMES))]
+    names = [BAND_NAMES[i] for i in band_indices(cfg.bands)]
     rgb = [names.index(b) for b in ("R", "G", "B")] if {"R", "G", "B"} <= set(names) else [0, 0, 0]
     return np.ascontiguousarray(np.clip(np.moveaxis(values[rgb], 0, -1), 0, 255).astype(np.uint8))
 
 
-def sample_grid(samples: Mapping[str, Any], cfg: Mapping[str, Any], max_n: int = 4,
+def sample_grid(samples: Mapping[str, Any], cfg: Settings, max_n: int = 4,
                 side: int = SAMPLE_SIDE) -> np.ndarray | None:
     """One (H, W, 3) uint8 picture: a row per patch, RGB | truth | prediction in the official colours.
 
@@ -211,12 +182,12 @@ def epoch_scalars(row: Mapping[str, Any], domains: Sequence[str] = (),
 class _Wandb:
     """Weights & Biases (WANDB_PROJECT, default flair2-kit): one W&B run per training process."""
 
-    def __init__(self, run_dir: Path, cfg: Mapping[str, Any], title: str):
+    def __init__(self, run_dir: Path, cfg: Settings, title: str):
         import wandb
 
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "flair2-kit"), name=title,
-                              config=dict(cfg), dir=str(run_dir))
+                              config=cfg.to_dict(), dir=str(run_dir))
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -231,12 +202,12 @@ class _Wandb:
 class _Mlflow:
     """MLflow (MLFLOW_TRACKING_URI, default ./mlruns): settings as params, scalars as metrics."""
 
-    def __init__(self, run_dir: Path, cfg: Mapping[str, Any], title: str):
+    def __init__(self, run_dir: Path, cfg: Settings, title: str):
         import mlflow
 
         self.mlflow = mlflow
         mlflow.start_run(run_name=title)
-        mlflow.log_params({k: str(v)[:250] for k, v in cfg.items()})
+        mlflow.log_params({k: str(v)[:250] for k, v in cfg.to_dict().items()})
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(values, step=step)
@@ -263,35 +234,35 @@ def wait_for_a_new_second(run_dir: Path) -> None:
 class Tracker:
     """TensorBoard (+ extra loggers) for one training run; every method is a no-op when disabled."""
 
-    def __init__(self, writer: Any = None, extras: Sequence[Any] = (), cfg: Mapping[str, Any] | None = None,
+    def __init__(self, writer: Any = None, extras: Sequence[Any] = (), cfg: Settings | None = None,
                  device: torch.device | None = None):
         self.writer, self.extras = writer, list(extras)
-        self.cfg, self.device = dict(cfg or {}), device
+        self.cfg, self.device = cfg, device
         self.enabled = writer is not None or bool(self.extras)
 
     @classmethod
-    def open(cls, run_dir: str | Path, cfg: Mapping[str, Any], enabled: bool = True,
+    def open(cls, run_dir: str | Path, cfg: Settings, enabled: bool = True,
              resume_step: int | None = None, device: torch.device | None = None) -> Tracker:
         """Start tracking into `run_dir` (event files beside metrics.csv). `resume_step`: the optimizer
         step last.pt holds when resuming; the interrupted process's events after it are dropped (and on
         a fresh start, any orphaned ones). Closed at exit if the caller does not get to `close`."""
         if not enabled:
             return cls()
-        check_settings(cfg)
         run_dir = Path(run_dir)
         writer = None
-        if cfg.get("tensorboard", True):
+        if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             first = 0 if resume_step is None else resume_step + 1
             wait_for_a_new_second(run_dir)
             writer = SummaryWriter(log_dir=str(run_dir), purge_step=first, flush_secs=30)
             if resume_step is None:
-                text = "\n".join(f"    {k}: {v}" for k, v in cfg.items())  # indented: markdown code block
+                text = "\n".join(f"    {k}: {v}" for k,
+                                 v in cfg.to_dict().items())  # indented: markdown code block
                 writer.add_text("config", text, 0)
-        title = f"{cfg.get('name', 'run')}/{run_dir.name}"
+        title = f"{cfg.name}/{run_dir.name}"
         makers = {"wandb": _Wandb, "mlflow": _Mlflow}
-        extras = [makers[n](run_dir, cfg, title) for n in logger_names(cfg)]
+        extras = [makers[n](run_dir, cfg, title) for n in cfg.logger_names]
         tracker = cls(writer, extras, cfg, device)
         atexit.register(tracker.close)  # an error that ends the run still flushes its last events
         return tracker
@@ -329,7 +300,7 @@ class Tracker:
         self.scalars({**epoch_scalars(row, domains, per_domain), **memory_scalars(self.device)}, step)
         if samples:
             self.image("val/rgb_truth_prediction", sample_grid(samples, self.cfg,
-                                                               int(self.cfg.get("tb_images", 4))), step)
+                                                               self.cfg.tb_images), step)
         if self.writer is not None:
             self.writer.flush()  # an epoch's values are visible at once, not after flush_secs
 

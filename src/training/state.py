@@ -45,6 +45,7 @@ import torch.distributed as dist
 from src.core.checkpoint import save_checkpoint
 from src.core.errors import ConfigError
 from src.core.runtime import needs_grad_scaler, rng_state, set_rng_state
+from src.core.settings import Settings
 from src.models.losses import Criterion
 
 
@@ -79,21 +80,22 @@ class Progress:
     nan_steps: int = 0
 
 
-def build_nets(cfg: dict, model: torch.nn.Module, device: torch.device) -> Nets:
+def build_nets(cfg: Settings, model: torch.nn.Module, device: torch.device) -> Nets:
     """EMA, loss, AdamW (+ GradScaler for fp16) and the epoch average around a built model; `wrap` adds
-    SyncBatchNorm and DDP after resuming. The encoder's groups get lr * encoder_lr_ratio (src.training.state)."""
-    if cfg["channels_last"]:
+    SyncBatchNorm and DDP after resuming. The encoder's groups get lr * encoder_lr_ratio
+    (src.training.state)."""
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     criterion = Criterion(cfg).to(device)
-    groups = param_groups(model, cfg["weight_decay"], cfg.get("encoder_lr_ratio", 1.0))
-    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(cfg["precision"], device))
-    avg = WeightAverage(cfg["epochs"], cfg["avg_last"]) if cfg.get("avg_last", 0) > 0 else None
+    groups = param_groups(model, cfg.weight_decay, cfg.encoder_lr_ratio)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(cfg.precision, device))
+    avg = WeightAverage(cfg.epochs, cfg.avg_last) if cfg.avg_last > 0 else None
     return Nets(model, ema, criterion, optimizer, scaler, train_model=model, avg=avg)
 
 
-def sync_batchnorm(nets: Nets, cfg: dict, world: int, device: torch.device) -> bool:
+def sync_batchnorm(nets: Nets, cfg: Settings, world: int, device: torch.device) -> bool:
     """sync_bn=true: BatchNorm -> SyncBatchNorm (statistics over the global batch), only with several
     processes on CUDA: SyncBatchNorm has no CPU (gloo) kernels, so elsewhere the setting is ignored with a
     one-line note and BatchNorm stays per process. True when converted.
@@ -101,7 +103,7 @@ def sync_batchnorm(nets: Nets, cfg: dict, world: int, device: torch.device) -> b
     The conversion keeps the same parameter and buffer tensors, so the optimizer, the EMA and the
     checkpoints (same state_dict keys, plain BatchNorm at inference) are unaffected.
     """
-    if not cfg.get("sync_bn", False):
+    if not cfg.sync_bn:
         return False
     if world > 1 and device.type == "cuda":
         nets.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(nets.model)
@@ -113,7 +115,7 @@ def sync_batchnorm(nets: Nets, cfg: dict, world: int, device: torch.device) -> b
     return False
 
 
-def wrap(nets: Nets, cfg: dict, world: int, device: torch.device) -> None:
+def wrap(nets: Nets, cfg: Settings, world: int, device: torch.device) -> None:
     """SyncBatchNorm (sync_bn), DDP (after resuming: it broadcasts rank 0's weights) and torch.compile
     around the model."""
     sync_batchnorm(nets, cfg, world, device)
@@ -121,7 +123,7 @@ def wrap(nets: Nets, cfg: dict, world: int, device: torch.device) -> None:
         nets.ddp = torch.nn.parallel.DistributedDataParallel(
             nets.model, device_ids=[device.index] if device.type == "cuda" else None)
         nets.train_model = nets.ddp
-    if cfg["compile"]:
+    if cfg.compile:
         nets.train_model = torch.compile(nets.train_model)
 
 
@@ -129,10 +131,11 @@ def wrap(nets: Nets, cfg: dict, world: int, device: torch.device) -> None:
 RESUME_ONLY = ("raw_model", "ema", "optimizer", "scaler", "scheduler", "rng", "avg")
 
 
-def checkpoint_state(cfg: dict, fold: str, nets: Nets, run: Progress, sched: Schedule) -> dict[str, Any]:
+def checkpoint_state(cfg: Settings, fold: str, nets: Nets, run: Progress, sched: Schedule) -> dict[str, Any]:
     """The checkpoint dict; "model" and "config" alone rebuild the model for prediction."""
     return {"model": nets.eval_model.state_dict(), "raw_model": nets.model.state_dict(),
-            "ema": nets.ema.state_dict() if nets.ema is not None else None, "config": cfg, "fold": fold,
+            "ema": nets.ema.state_dict() if nets.ema is not None else None, "config": cfg.to_dict(),
+            "fold": fold,
             "epoch": run.epoch, "step": run.step, "best_miou": run.best_miou, "history": run.history,
             "optimizer": nets.optimizer.state_dict(), "scaler": nets.scaler.state_dict(),
             "scheduler": sched.state_dict(), "rng": rng_state(), "nan_steps": run.nan_steps,
@@ -163,26 +166,26 @@ def resume(nets: Nets, state: dict[str, Any]) -> Progress:
                     history=list(state["history"]), nan_steps=int(state.get("nan_steps", 0)))
 
 
-def average_epoch(cfg: dict, nets: Nets, run: Progress) -> bool:
+def average_epoch(cfg: Settings, nets: Nets, run: Progress) -> bool:
     """avg_last=N, rank 0 at the end of epoch `run.epoch`, before the epoch's checkpoint state is built (so
     last.pt holds the sum): add the model's weights when the epoch is one of the last N (under DDP every
     rank holds the same weights). True after the last epoch: avg.pt is due (`save_average`)."""
     if nets.avg is None or not nets.avg.wants(run.epoch):
         return False
     nets.avg.update(nets.model)
-    return run.epoch == cfg["epochs"]
+    return run.epoch == cfg.epochs
 
 
-def save_average(cfg: dict, run_dir: Path, nets: Nets, state: dict[str, Any],
+def save_average(cfg: Settings, run_dir: Path, nets: Nets, state: dict[str, Any],
                  log: Callable[[str], None] = print) -> None:
     """avg.pt from the last epoch's checkpoint `state`: its "model" is the average, and what only `resume`
     reads (optimizer, the float64 sums, ...: RESUME_ONLY) is left out; the rest (config, progress, history)
     is kept, so src.models.flair_model.load_for_inference, prediction and init_from read it like best.pt."""
-    span = averaged_epochs(cfg["epochs"], cfg["avg_last"])
+    span = averaged_epochs(cfg.epochs, cfg.avg_last)
     averaged = {k: v for k, v in state.items() if k not in RESUME_ONLY}
     averaged.update(model=nets.avg.average(state["raw_model"]), averaged_epochs=list(span))
     save_checkpoint(run_dir / "avg.pt", averaged)
-    log(f"avg_last={cfg['avg_last']}: weights averaged over epochs {span[0]}..{span[-1]} saved in "
+    log(f"avg_last={cfg.avg_last}: weights averaged over epochs {span[0]}..{span[-1]} saved in "
         f"{run_dir / 'avg.pt'}")
 
 
@@ -282,11 +285,11 @@ class Schedule:
     min_ratio: float
 
     @classmethod
-    def of(cls, cfg: dict[str, Any], batches_per_epoch: int) -> Schedule:
-        per_epoch = math.ceil(batches_per_epoch / cfg["accum_steps"])
-        return cls(total_steps=cfg["epochs"] * per_epoch,
-                   warmup_steps=int(round(cfg["warmup_epochs"] * per_epoch)),
-                   base=cfg["lr"], min_ratio=cfg["min_lr_ratio"])
+    def of(cls, cfg: Settings, batches_per_epoch: int) -> Schedule:
+        per_epoch = math.ceil(batches_per_epoch / cfg.accum_steps)
+        return cls(total_steps=cfg.epochs * per_epoch,
+                   warmup_steps=int(round(cfg.warmup_epochs * per_epoch)),
+                   base=cfg.lr, min_ratio=cfg.min_lr_ratio)
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.warmup_steps, self.base, self.min_ratio)

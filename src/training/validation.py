@@ -7,19 +7,22 @@ and batches"): it is counted and skipped, never replaced by another patch that w
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
 
 from src.core.progress import progress
-from src.core.runtime import all_sum, autocast
+from src.core.runtime import all_sum, amp_dtype, autocast
+from src.core.settings import Settings
 from src.data.device_augment import device_batch
 from src.models.losses import Criterion
 from src.scoring.metrics import confusion_torch, ious_from_confusion, miou_from_confusion
 
 
-def to_device(batch: dict, cfg: dict, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
+def to_device(batch: dict, cfg: Settings, device: torch.device, dtype: torch.dtype | None,
+              channels_last: bool,
               augment: bool = False) -> tuple[torch.Tensor, dict, torch.Tensor | None, torch.Tensor | None]:
     """(image, the other model inputs present, mask or None, s2_valid or None) of a raw batch on the device:
     the training and the validation step take this one path (src.data.device_augment.device_batch: the batch's
@@ -29,24 +32,32 @@ def to_device(batch: dict, cfg: dict, device: torch.device, dtype: torch.dtype |
     return t.pop("image"), t, mask, valid
 
 
-def domain_codes(val_df: pd.DataFrame) -> tuple[list[str], dict[str, int]]:
-    """(sorted domain names, patch id -> index into them): the per-domain mIoU of the log."""
-    domains = sorted(val_df["domain"].unique().tolist())
-    code = {d: k for k, d in enumerate(domains)}
-    return domains, {str(i): code[d] for i, d in zip(val_df["id"], val_df["domain"])}
+@dataclass(frozen=True)
+class Domains:
+    """The validation patches' domains: their sorted names and each patch id's index into them (the
+    per-domain mIoU of the log)."""
+
+    names: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of_rows(cls, val_df: pd.DataFrame) -> Domains:
+        names = sorted(val_df["domain"].unique().tolist())
+        code = {d: k for k, d in enumerate(names)}
+        return cls(names, {str(i): code[d] for i, d in zip(val_df["id"], val_df["domain"])})
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, loader: Any, criterion: Criterion, device: torch.device,
-             amp_dtype: torch.dtype | None, channels_last: bool, domain_of: dict[str, int],
-             n_domains: int, max_batches: int = 0, *, cfg: dict, samples: int = 0,
-             show: bool = True) -> dict[str, Any]:
+def validate(model: torch.nn.Module, loader: Any, criterion: Criterion, cfg: Settings, device: torch.device,
+             domains: Domains, *, samples: int = 0, show: bool = True) -> dict[str, Any]:
     """{"confusion" (13,13), "per_domain" (D,13,13), "loss", "miou", "ious", "skipped", "samples"} over
-    every rank's shard; `max_batches` > 0 caps the batches per rank (smoke tests); `cfg` gives the bands'
-    normalisation; "samples" holds this rank's first `samples` patches as raw uint8 "image", "mask" and
+    every rank's shard, in cfg's precision and memory format; max_val_batches > 0 caps the batches per rank
+    (smoke tests); "samples" holds this rank's first `samples` patches as raw uint8 "image", "mask" and
     "pred" (CPU tensors) for the tracker's pictures; `show`: a progress bar (rank 0)."""
     model.eval()
-    conf = torch.zeros(max(n_domains, 1), 13, 13, dtype=torch.int64, device=device)
+    dtype, channels_last, max_batches = amp_dtype(cfg.precision,
+                                                  device), cfg.channels_last, cfg.max_val_batches
+    conf = torch.zeros(max(len(domains.names), 1), 13, 13, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # loss * n, n
     skipped = torch.zeros(1, dtype=torch.int64, device=device)
     kept: dict[str, list[torch.Tensor]] = {"image": [], "mask": [], "pred": []}
@@ -61,8 +72,8 @@ def validate(model: torch.nn.Module, loader: Any, criterion: Criterion, device: 
         skipped += len(batch.get("bad", ()))
         if not batch["id"]:  # every patch of the batch was unreadable
             continue
-        image, extra, mask, s2_valid = to_device(batch, cfg, device, amp_dtype, channels_last)
-        with autocast(device, amp_dtype):
+        image, extra, mask, s2_valid = to_device(batch, cfg, device, dtype, channels_last)
+        with autocast(device, dtype):
             out = model(image, **extra)
         loss, _ = criterion(out, mask, s2_valid=s2_valid)
         loss_sum += torch.stack([loss.double() * len(mask), torch.tensor(len(mask), device=device).double()])
@@ -72,7 +83,7 @@ def validate(model: torch.nn.Module, loader: Any, criterion: Criterion, device: 
             kept["image"].extend(batch["image"][:take])
             kept["mask"].extend(mask[:take].cpu())
             kept["pred"].extend(pred[:take].cpu())
-        dom = torch.tensor([domain_of.get(pid, 0) for pid in batch["id"]], device=device)
+        dom = torch.tensor([domains.index.get(pid, 0) for pid in batch["id"]], device=device)
         for d in torch.unique(dom).tolist():
             sel = dom == d
             conf[d] += confusion_torch(pred[sel], mask[sel])
