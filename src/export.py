@@ -2,18 +2,8 @@
 
     python -m src.export --runs RUNS_DIR_OR_CKPTS... [--dtype fp16|bf16] [--no-onnx] [--size 512]
 
-For every checkpoint (every best.pt under a run folder, or the files given) it writes, beside it:
-- `<stem>.slim.pt`: the inference weights ("model") cast to fp16 (or bf16), the "config" and a small
-  "meta" dict -- no optimizer, raw weights, EMA copy or history, so it is a fraction of best.pt's size.
-  It loads through the same `load_for_inference` as best.pt (load_state_dict copies the half-precision
-  tensors into the float32 parameters), so `make predict RUNS=.../best.slim.pt` and `make infer` run from
-  it. A tensor that would overflow fp16 is kept in float32.
-- `<stem>.onnx` (opset 18, torch.onnx dynamo exporter): see `OnnxModel` for its inputs. It embeds the
-  input normalisation, so a user of the ONNX file feeds raw band values and needs none of the kit's
-  statistics.
-Each file is checked on CPU before the command reports success: the slim checkpoint is reloaded and its
-logits compared with best.pt's, the ONNX model is run with onnxruntime and compared with PyTorch; the
-maximum absolute differences of the logits and the three file sizes are printed.
+Beside every best.pt under a run folder (or each file given): `<stem>.slim.pt` and `<stem>.onnx`, each
+checked on CPU against the checkpoint before the command reports success (src.deploy.export says how).
 """
 from __future__ import annotations
 

@@ -37,8 +37,6 @@ def resume_settings(cfg: Settings, last: Path, args: argparse.Namespace) -> tupl
 def prepare(args: argparse.Namespace) -> tuple[Settings, str, Any, Any, dict | None]:
     """Everything that can fail on settings or files, before torch is imported: (settings, fold, training
     rows, validation rows or None, last.pt's state when resuming)."""
-    from src.training.prepare import fold_inputs
-
     cfg = load_settings(args.config, args.overrides)
     fold = str(args.fold)
     if fold != "all" and not fold.isdigit():
@@ -47,6 +45,8 @@ def prepare(args: argparse.Namespace) -> tuple[Settings, str, Any, Any, dict | N
     if args.resume:
         cfg, state = resume_settings(cfg, cfg.run_dir(fold) / "last.pt", args)
     check_job(cfg, "train")
+    from src.training.prepare import fold_inputs  # (pandas: after the settings are known to be good)
+
     cfg, train_df, val_df = fold_inputs(cfg, fold)
     return cfg, fold, train_df, val_df, state
 
