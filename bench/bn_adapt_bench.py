@@ -10,13 +10,12 @@ an option and this bench says what it does, not what it should do.
 What it does: scripts/demo.sh's synthetic set (8 training domains, 2 test domains, 2 zones x 2 patches each;
 every domain has its own radiometry: per-band gain 0.85..1.15 and offset -12..12 grey levels, elevation gain
 0.9..1.1, src/prep/synth_scene.py), folds as the demo, then trains configs/demo.yaml on fold 0 twice (aerial
-only:
-fusion=none use_s2=false; and the U-T&T fusion model), skipped when the work folder already holds them.
+only: fusion=none use_s2=false; and the U-T&T fusion model), skipped when the work folder already holds them.
 Each model predicts, through the `python -m src.predict` command, the test split and fold 0's held-out
 validation domains (also unseen in training) with bn_adapt=none and bn_adapt=domain; the official scores
 (src.scoring.score.evaluate) are printed as tables: mIoU, per class, per domain, and written to
-WORK/bn_adapt_bench.json. `--views-check` also measures how much the estimate would change if every TTA
-view took part (the kit estimates on the identity view only).
+WORK/bn_adapt_bench.json. `--views-check` also measures how much the estimate would change if every TTA view
+took part (the kit estimates on the identity view only).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Why: `make infer` must keep memory flat on rasters of tens of thousands of pixel
 between the ONNX file and PyTorch needs real figures per machine.
 
   python bench/infer_bench.py                    # 10,000 x 10,000 px, window 512 / overlap 128, CPU
-  python bench/infer_bench.py --size 3000        # quick run
-  python bench/infer_bench.py --size 3000 --onnx --device cuda --tta d4
+  python bench/infer_bench.py --size 3000        # quick run python bench/infer_bench.py --size 3000 --onnx
+  --device cuda --tta d4
 
 The model is the demo's U-Net ResNet18 with random weights (aerial only; timing does not depend on the
 weights). The raster (5 bands, uint8, deflate, Lambert-93 at 0.2 m) is written strip by strip and the

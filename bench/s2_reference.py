@@ -5,13 +5,12 @@ domains), each aerial pixel is described by its 5 aerial bands and, with --s2, t
 composite of the S2 pixel it lies in (10 m, docs/data-format.md "Geometry"; months absent from a series
 repeat the nearest present one). The S2 features are the kit's own early-fusion features
 (src/models/s2_features.py, `s2_early=ndvi`) sampled nearest, i.e. the S2 pixel under each aerial pixel, so
-the
-forest and the models read the same numbers. A random forest is fitted on pixels sampled from the training
+the forest and the models read the same numbers. A random forest is fitted on pixels sampled from the training
 patches (every one, or with --fold K the demo's training rows of fold K: the domains outside fold K) and
 scored on every pixel of the test patches with the official metric (mIoU over classes 0..11). It is the
 reference the issue asks for: herbaceous vegetation (9) and agricultural land (10) are identical in the
-synthetic aerial bands and differ only in their S2 phenology, so a model that uses the series well must
-beat the forest on them.
+synthetic aerial bands and differ only in their S2 phenology, so a model that uses the series well must beat
+the forest on them.
 
     .venv/bin/python bench/s2_reference.py [--data DIR] [--fold all|K] [--pixels 2000] [--trees 100]
                                            [--seed 0] [--json FILE]

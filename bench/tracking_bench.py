@@ -7,8 +7,8 @@ Measured directly, because on a shared machine two timed training runs differ by
   as PNG, and the flush), averaged over a few calls;
 - a training step of the config's model on random in-memory batches (forward, loss, backward, AdamW),
   timed with and without a `Tracker.step` after each one, interleaved (A/B), to show the difference is
-  inside the step-to-step spread.
-The aerial-only variant of the model is used (fusion=none): the cheapest step, so the ratio is an upper bound.
+inside the step-to-step spread. The aerial-only variant of the model is used (fusion=none): the cheapest step,
+so the ratio is an upper bound.
 
     python bench/tracking_bench.py                         # configs/demo.yaml at its batch and crop size
     python bench/tracking_bench.py --config configs/unet_r34.yaml --batch-size 8 --crop 512 --steps 10

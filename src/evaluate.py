@@ -8,8 +8,7 @@ confusion-matrix PNG, and the per-domain report (PREFIX.csv: mIoU and the 13 IoU
 PREFIX.png: the same as a figure), by default beside the JSON (`X_scores.json` -> `X_domains.csv/.png`):
 the test set is 10 unseen domains and domain shift decides the ranking. The scoring and the writing live
 in `src.scoring.score` (docs/data-format.md, "Metric"; `score_and_write`, which `predict --submit` uses too)
-and
-the report in `src.scoring.domains`; this is only the command line.
+and the report in `src.scoring.domains`; this is only the command line.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """(Re)write out-of-fold probability stores from existing fold checkpoints, at any TTA level.
 
     python -m src.oof --runs runs/<name> [runs/<other> ...] --tta none|flip|d4 [--checkpoint last|best]
-        [--device auto] [key=value ...]
-    torchrun --nproc-per-node 8 -m src.oof --runs runs/<name> --tta d4     # each rank writes its own ids
+    [--device auto] [key=value ...] torchrun --nproc-per-node 8 -m src.oof --runs runs/<name> --tta d4     #
+    each rank writes its own ids
 
 Every `fold<k>` folder under a run (fold "all" has no held-out patches) gets the store
 `store_name(tta, checkpoint)`: `oof` (none, last), `oof_flip`, `oof_d4`, and `_best` appended for best.pt

@@ -22,8 +22,7 @@ Why it is built this way (formats: docs/data-format.md, "Predictions and probabi
 - The pass over the split (loader, writer, manifest, measured time) is src.prediction.passes.
 - `--save-probs DIR` keeps the ensemble's softmax per patch as `PROB_<id>.npz` (src.prediction.stores) so
   separately predicted models can be combined later with `--combine` (src.prediction.passes) without
-  re-running
-  them.
+  re-running them.
 - The time in the zip name (--submit with --baseline-time) is the measured inference time for the
   split; for --combine it adds up the times of the runs that saved the probabilities (from their
   probs.json) and the combination's own time.

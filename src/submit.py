@@ -5,8 +5,7 @@
         [--baseline-time S --your-time S] [--out submissions] [--deflate]
 
 The format, the checks and the zip live in `src.scoring.submission` (docs/data-format.md, "Submission"); this
-is
-only its command line.
+is only its command line.
 """
 from __future__ import annotations
 

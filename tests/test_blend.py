@@ -281,7 +281,7 @@ def test_predict_with_a_recipe_is_the_hand_computed_combination(synth_data_dir, 
 def test_auto_sample_size_grows_on_small_sets():
     """--pixels auto: 128 per patch on the real training set (61,712 patches: 7.9 M pixels), at least 4 M
     pixels in all on a small one (the 32 patches of the demo set get 125,000 each)."""
-    from src.blend import MIN_SAMPLE, sample_pixels
+    from src.ensembling.blend import MIN_SAMPLE, sample_pixels
 
     assert sample_pixels("auto", 61_712) == 128
     assert sample_pixels("auto", 32) == 125_000 and 32 * 125_000 >= MIN_SAMPLE

@@ -1,6 +1,5 @@
 """FlairDataset (+ src.data.loader's collate/build_loader/EpochSampler, src.data.dataset) on the synthetic
-tree
-(real TIFF / .npy files): raw samples, their batches, and augmentation that depends on (seed, epoch,
+tree (real TIFF / .npy files): raw samples, their batches, and augmentation that depends on (seed, epoch,
 index) only."""
 from __future__ import annotations
 

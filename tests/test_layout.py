@@ -1,6 +1,5 @@
 """The structure of src/ as docs/architecture.md draws it, checked on the code itself: the user-facing jobs
-are
-flat scripts that nothing imports, the library lives in stage packages whose imports point down the tiers
+are flat scripts that nothing imports, the library lives in stage packages whose imports point down the tiers
 only, and functions stay short with few parameters.
 
 A new package must be given a tier below: the test fails until it is, so the picture in docs/architecture.md
@@ -22,7 +21,7 @@ TIERS = {
     "data": 1, "scoring": 1, "prep": 1,            # samples and batches; the metric and PRED files; raw data
     "models": 2,                                   # networks, weights, losses
     "training": 3, "prediction": 3,                # the loop; the engine over models
-    "ensembling": 4, "deploy": 4,                  # OOF stores and recipes; orthophotos and exports
+    "ensembling": 4, "deploy": 4,                  # OOF stores, recipe search; orthophotos and exports
     "analysis": 5,                                     # the notebook's helpers
 }
 # What users run (`python -m src.<name>`): flat scripts on top; nothing imports them.

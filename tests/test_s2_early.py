@@ -1,6 +1,6 @@
 """Early S2 fusion (src/models/s2_features.py, `s2_early`): the monthly features of a real synthetic sample
-equal
-a hand computation, turn with the D4 augmentation, and the model builds, trains, keeps pretrained kernels
+equal a hand computation, turn with the D4 augmentation, and the model builds, trains, keeps pretrained
+kernels
 and survives a checkpoint round trip."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """src.training.records: TensorBoard events written into a real run folder and read back with TensorBoard's
-own
-reader; a resumed run replaces the interrupted epoch's events; validation pictures in the official colours;
+own reader; a resumed run replaces the interrupted epoch's events; validation pictures in the official
+colours;
 extra loggers only on request (never contacted here)."""
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Class frequencies of the EDA notebook: per-patch pixel counts, the share of each class per split,
+"""Classes and images in the EDA notebook: class frequencies per split, domain and fold, and grids of
+patches with band statistics.
+
+Class frequencies of the EDA notebook: per-patch pixel counts, the share of each class per split,
 domain and fold, how far each domain's class mix is from the training set, and their figures
 (docs/data-format.md, "Labels and classes" and "Folds").
 

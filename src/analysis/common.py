@@ -1,4 +1,7 @@
-"""What the EDA notebook explores: both index splits (+ folds.csv), and the domain-balanced samples every
+"""What every section of the EDA notebook shares: the data it explores, display helpers, headless pictures
+and class blocks of label maps.
+
+What the EDA notebook explores: both index splits (+ folds.csv), and the domain-balanced samples every
 image-based statistic uses, so a run takes about a minute even on the 77k real patches.
 
 DATA is a folder holding index_train.csv / index_test.csv (+ optionally folds.csv and class_hist.csv,

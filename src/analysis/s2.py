@@ -1,4 +1,6 @@
-"""Sentinel-2 numbers of the EDA notebook: the cloud/snow cover of each date of a patch window, the series
+"""Sentinel-2 in the EDA notebook: cloud/snow cover and kept series of patch windows, and their figures.
+
+Sentinel-2 numbers of the EDA notebook: the cloud/snow cover of each date of a patch window, the series
 the kit's src.data.sentinel.s2_series builds, and a survey of a sample (cover, series lengths, NDVI per class
 and month) (docs/data-format.md, "Sentinel-2 super-areas" and "S2 matching and the cloud filter").
 
@@ -71,8 +73,7 @@ def window_cover(masks: np.ndarray, products: list[str], centroid: tuple[int, in
 
     Columns: date, snow, cloud (fraction of window pixels with probability >= prob_min), cover (their sum,
     src.data.sentinel.cloud_cover), kept (src.data.sentinel.select_dates: what s2_series keeps, fallback
-    included).
-    The window is clipped to the super-area like s2_series does (cover over the valid pixels).
+    included). The window is clipped to the super-area like s2_series does (cover over the valid pixels).
     """
     window = np.asarray(window_in_bounds(masks, centroid, size)[:, :2])
     dates = [product_date(p) for p in products]

@@ -1,4 +1,6 @@
-"""Atomic file writes: the one write pattern of the kit (temporary name in the same folder, then rename).
+"""Files on disk: the one atomic write pattern of the kit, and the one TIFF reader and writer.
+
+Atomic file writes: the one write pattern of the kit (temporary name in the same folder, then rename).
 
 A reader never finds a half-written file under a final name: an interrupted write leaves at most a hidden
 `.NAME.*.tmp` beside it. Every writer of the kit (TIFFs, checkpoints, CSV, JSON, figures, zips, markers)

@@ -1,4 +1,7 @@
-"""Sizes and resolutions of FLAIR #2 (docs/data-format.md, "Geometry"): the only place they are written.
+"""The facts of FLAIR #2, written nowhere else: sizes and resolutions, the 19 classes with their 13-class
+remap and colours, the aerial bands with their train statistics.
+
+Sizes and resolutions of FLAIR #2 (docs/data-format.md, "Geometry"): the only place they are written.
 
 An aerial patch is 512 x 512 pixels at 0.2 m (102.4 m a side); a Sentinel-2 pixel is 10 m, so one S2
 pixel spans 50 aerial pixels and a patch covers 10.24 S2 pixels a side. Pure Python: no numpy, no torch.

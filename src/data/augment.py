@@ -1,4 +1,7 @@
-"""Training augmentation, CPU half: what needs per-sample resampling, and the draw of everything else.
+"""Training augmentation, CPU half (the draw of everything, the warps that need per-sample resampling), and
+your own albumentations pixel transforms (`augment_extra`).
+
+Training augmentation, CPU half: what needs per-sample resampling, and the draw of everything else.
 
 The data path keeps a sample uint8 until the device (docs/data-format.md, "Samples and batches"): a
 DataLoader worker does here only what cannot be done cheaply on a batch -- the random crop (a slice), the
@@ -43,10 +46,9 @@ transform or Compose; it runs in the DataLoader workers on each training sample'
 
 Only pixel-level transforms (albumentations' ImageOnlyTransform) are accepted: a geometric one would move
 the image away from its mask and its S2 crop, which the kit keeps aligned itself (src/data/augment.py), so it
-is
-refused with the transform's name. The transform is tried once on a blank image of the right band count
-when the dataset is built, so a transform that cannot take 5 bands (e.g. ToGray) fails there, in one line,
-not in a worker. Randomness: each sample re-seeds the transform from its own generator, so the draws are
+is refused with the transform's name. The transform is tried once on a blank image of the right band count
+when the dataset is built, so a transform that cannot take 5 bands (e.g. ToGray) fails there, in one line, not
+in a worker. Randomness: each sample re-seeds the transform from its own generator, so the draws are
 a function of (seed, epoch, sample) like the rest of the augmentation (exact resume, any worker count)."""
 from __future__ import annotations
 

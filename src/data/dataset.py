@@ -1,21 +1,20 @@
-"""Index rows -> training/inference samples: aerial bands, 0..12 mask, S2 series, metadata, all still raw.
+"""Index rows -> raw samples (aerial bands, mask, S2 series, metadata vector), read fast and fail-safe.
+
+Index rows -> training/inference samples: aerial bands, 0..12 mask, S2 series, metadata, all still raw.
 
 Sample keys (docs/data-format.md, "Samples and batches"): "image" uint8 (C,H,W) of cfg's bands; "mask" uint8
 (H,W) 0..12 (only for rows with a label when `labels`); with `use_s2`: "s2" float16 (T,10,S,S)
 reflectance/10000, "s2_days" int64 (T,), "s2_pad" bool (T,) (all False for one sample, True on padded dates
 after src.data.loader.collate), "s2_valid" bool (S,S) (False where the S2 window left the super-area, or,
-after a
-crop or rotation, where S2 pixels came from outside the crop); with `use_metadata`: "meta" float32
+after a crop or rotation, where S2 pixels came from outside the crop); with `use_metadata`: "meta" float32
 (META_DIM,) (src.data.dataset); with `norm=s2_stats`: "norm_stats" float32 (C,2), the per-patch (mean, std) of
 each band in grey levels from the patch's own S2 (src.data.normalize; read even when `use_s2` is false,
-derived
-from the series' own read of the window when it is true); in training with `light`/`heavy`: "aug" float32
-(src.data.augment.AUG_LEN,), the parameters of the device half of the augmentation; in training with
+derived from the series' own read of the window when it is true); in training with `light`/`heavy`: "aug"
+float32 (src.data.augment.AUG_LEN,), the parameters of the device half of the augmentation; in training with
 pseudo-labelled rows (src.data.pseudo_labels): "weight" float32 () on every sample (pseudo_weight or 1), and a
-pseudo row's "mask" holds 255 where its confidence is below pseudo_threshold; "id" str. S2 pixels outside
-the super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss through
-"s2_valid" (src.models.losses.Criterion). Batching is src.data.loader's job; normalisation, D4 and the
-photometric
+pseudo row's "mask" holds 255 where its confidence is below pseudo_threshold; "id" str. S2 pixels outside the
+super-area are zero-filled inputs for the model and are excluded from the auxiliary S2 loss through "s2_valid"
+(src.models.losses.Criterion). Batching is src.data.loader's job; normalisation, D4 and the photometric
 transforms happen on the device, on the batch (src.data.device_augment).
 
 Why it is fast: a worker does little more than read. TIFFs through src.core.files (libtiff, no rasterio);

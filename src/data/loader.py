@@ -1,4 +1,7 @@
-"""Samples -> batches: `collate`, the epoch-aware sampler and the one DataLoader builder that training,
+"""Samples -> batches: `collate`, the epoch-aware sampler, the one DataLoader builder, and the multi-input
+loader that feeds a whole ensemble.
+
+Samples -> batches: `collate`, the epoch-aware sampler and the one DataLoader builder that training,
 validation, prediction and the benchmarks all use (so worker settings, OpenCV threads and pinning are
 decided once).
 

@@ -1,4 +1,7 @@
-"""Per-band input normalisation of the aerial image: the one definition of what a model is fed.
+"""What a model is fed: per-band normalisation of the aerial image, and the per-patch Sentinel-2 statistics
+of norm=s2_stats.
+
+Per-band input normalisation of the aerial image: the one definition of what a model is fed.
 
 `norm=mean_std` subtracts the train mean and divides by the train std of each band (0..255 scale);
 `norm=scale` divides by 255 (the official baseline); `norm=s2_stats` (the 2nd place's "Sentinel-2

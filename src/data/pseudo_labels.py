@@ -6,8 +6,7 @@ Why this shape: the 2nd place's biggest single gain (62.4 -> 63.3 mIoU) came fro
 patches labelled by an ensemble. A pseudo file keeps the class *and* the confidence of every pixel, so the
 threshold is a training setting, not a property of the files: trying another threshold re-reads the same
 files. Low-confidence pixels become IGNORE_U8 in the uint8 mask; the loss skips them (src.models.losses), and
-the
-D4 and warp augmentations move them like any label value. Pseudo rows only ever join the training rows:
+the D4 and warp augmentations move them like any label value. Pseudo rows only ever join the training rows:
 ids of the training index and domains of the validation fold are refused."""
 from __future__ import annotations
 

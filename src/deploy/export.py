@@ -9,9 +9,8 @@ For every checkpoint (every best.pt under a run folder, or the files given) it w
   it. A tensor that would overflow fp16 is kept in float32.
 - `<stem>.onnx` (opset 18, torch.onnx dynamo exporter): see `OnnxModel` for its inputs. It embeds the
   input normalisation, so a user of the ONNX file feeds raw band values and needs none of the kit's
-  statistics.
-Each file is checked on CPU before the command reports success: the slim checkpoint is reloaded and its
-logits compared with best.pt's, the ONNX model is run with onnxruntime and compared with PyTorch; the
+statistics. Each file is checked on CPU before the command reports success: the slim checkpoint is reloaded
+and its logits compared with best.pt's, the ONNX model is run with onnxruntime and compared with PyTorch; the
 maximum absolute differences of the logits and the three file sizes are printed.
 """
 from __future__ import annotations

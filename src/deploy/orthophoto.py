@@ -1,4 +1,7 @@
-"""Georeferenced rasters for whole-orthophoto inference: read an orthophoto strip by strip, write the
+"""Whole orthophotos: georeferenced reading strip by strip and writing of the land-cover GeoTIFF, and the
+sliding-window maths (where windows go, how their probabilities blend).
+
+Georeferenced rasters for whole-orthophoto inference: read an orthophoto strip by strip, write the
 land-cover GeoTIFF (and its probabilities) block row by block row, with rasterio.
 
 Why it is built this way:

@@ -1,4 +1,7 @@
-"""What `python -m src.blend` reads: the out-of-fold stores of several runs (src.ensembling.oof), checked to
+"""The recipe search of `make ensemble`: the out-of-fold stores it reads (checked, sampled, streamed) and
+the search on the sample (weights, per-class run choice, biases).
+
+What `python -m src.blend` reads: the out-of-fold stores of several runs (src.ensembling.oof), checked to
 cover the same training ids fold by fold, a fixed random pixel subsample of them held in memory for the
 search, and the full-pixel confusion matrices of a recipe, streamed patch by patch.
 
@@ -16,11 +19,10 @@ it is fitted on.
 
 The combined score of class c is sum_m W[m, c] * p_m[c] * exp(b[c]) (b: a bias on the log-probabilities,
 applied as a factor, exactly as src.prediction.ensemble.Mix does at test time), with W[:, c] the run weights,
-or the
-one-hot of one run when the search chose that run alone for class c (2nd place's recipe); the prediction
-is the argmax. Only one class column changes in a choice or bias step, so a candidate is scored from the
-best and second-best of the other columns (two passes over N pixels, not a new N x 13 argmax), which keeps
-hundreds of candidates cheap. Greedy coordinate moves with a small tolerance: a move that does not beat
+or the one-hot of one run when the search chose that run alone for class c (2nd place's recipe); the
+prediction is the argmax. Only one class column changes in a choice or bias step, so a candidate is scored
+from the best and second-best of the other columns (two passes over N pixels, not a new N x 13 argmax), which
+keeps hundreds of candidates cheap. Greedy coordinate moves with a small tolerance: a move that does not beat
 the current mIoU by `TOL` is not taken, so noise alone does not move the recipe."""
 from __future__ import annotations
 

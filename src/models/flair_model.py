@@ -30,12 +30,11 @@ Fusion "utt" (U-T&T): a U-TAE (src/models/utae.py) encodes the S2 series; its la
 resolution) is projected (1x1 conv) to the width of every aerial encoder stage (read from
 `encoder.out_channels`), cut to the aerial footprint (`sample_footprint`: the central H/50 x W/50 S2
 pixels, 10.24 for a 512 px image, docs/data-format.md, "Geometry") and resampled to the stage's size; the
-map is also pooled through an MLP and projected
-per stage. Both terms are added to that stage, per sample (the official baseline used sample 0's
-pooled vector for the whole batch).
-The U-TAE's own head gives "s2_logits". `modality_dropout` zeroes the S2 term of random samples at
-train time; samples whose dates are all padded get no S2 term either. `use_metadata` adds an MLP
-encoding of the "meta" vector (size `meta_dim`) to the deepest stage.
+map is also pooled through an MLP and projected per stage. Both terms are added to that stage, per sample (the
+official baseline used sample 0's pooled vector for the whole batch). The U-TAE's own head gives "s2_logits".
+`modality_dropout` zeroes the S2 term of random samples at train time; samples whose dates are all padded get
+no S2 term either. `use_metadata` adds an MLP encoding of the "meta" vector (size `meta_dim`) to the deepest
+stage.
 
 Early fusion (`s2_early`: none | ndvi | bands, src/models/s2_features.py): monthly S2 features (the NDVI of
 each calendar month, or the 10 bands' monthly means) are sampled onto the aerial grid and appended to

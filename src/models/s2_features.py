@@ -1,9 +1,9 @@
 """Early S2 fusion: per-calendar-month Sentinel-2 features as extra input channels of the aerial encoder.
 
 Why: the U-T&T branch (src.models.flair_model, src.models.utae) must learn to read the series from a few
-hundred steps of
-an auxiliary loss, while a per-pixel random forest given the NDVI of each month (bench/s2_reference.py)
-separates the phenology classes at once. `s2_early` hands the aerial U-Net those same features:
+hundred steps of an auxiliary loss, while a per-pixel random forest given the NDVI of each month
+(bench/s2_reference.py) separates the phenology classes at once. `s2_early` hands the aerial U-Net those same
+features:
 
   none  -- no extra channel (default);
   ndvi  -- 12 channels: the mean NDVI (B8 - B4) / (B8 + B4) of the real dates of each calendar month;

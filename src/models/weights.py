@@ -1,8 +1,10 @@
-"""Weights files: a local file or one on the Hugging Face hub -> a state dict (name -> tensor).
+"""Weights files (local or hf:) and warm starts (`init_from`): what goes into a model's tensors before
+training.
+
+Weights files: a local file or one on the Hugging Face hub -> a state dict (name -> tensor).
 
 Shared by `encoder_weights` (src.models.flair_model) and `init_from` (src.models.weights), so both read the
-same files
-the same way:
+same files the same way:
 - local: .safetensors, or anything torch.save wrote (.pt/.pth/.bin/.ckpt), read with the safe
   `weights_only` unpickler; NumPy arrays are allowed because a flair2-kit checkpoint holds NumPy's RNG
   state (src.core.runtime). A state dict is taken from the file itself or from its "model" / "state_dict"

@@ -104,10 +104,10 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch
 @dataclass(frozen=True)
 class Mix:
     """A blend recipe's combination (src.ensembling.recipe; docs/recipes.md, "Out-of-fold ensembling"),
-    replacing the
-    per-model weights: class c's probability is sum_m class_weights[m][c] * p_m[c] (one model alone where
-    the recipe chose one for c), times exp(biases[c]), renormalised over the classes. Its numpy twin, which
-    the search and its OOF figures use, is src.ensembling.search.mix_predict (tests/test_blend.py: same
+    replacing the per-model weights: class c's probability is sum_m class_weights[m][c] * p_m[c] (one model
+    alone where the recipe chose one for c), times exp(biases[c]), renormalised over the classes. Its numpy
+    twin, which the search and its OOF figures use, is src.ensembling.search.mix_predict (tests/test_blend.py:
+    same
     argmax)."""
 
     class_weights: tuple[tuple[float, ...], ...]  # (models, 13)

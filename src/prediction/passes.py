@@ -1,16 +1,17 @@
-"""One prediction pass over a split: the missing PRED files of an index, written by a ready ensemble.
+"""The passes that write a PRED folder: by an ensemble over a split's index, or by combining saved
+probability folders (`predict --combine`).
 
-Moved out of the `src.predict` job (which keeps the commands: checkpoints, submission, CLI) so that the
-pass can grow without the job growing. Why it is built this way:
+A pass over a split writes the missing PRED files of an index with a ready ensemble. Why it is built this
+way:
 - One loader feeds the whole ensemble (src.data.loader); the batch maths are in src.prediction.ensemble.
 - PRED files are written in background threads through the atomic writer (src.prediction.stores), so a killed
   run never leaves a partial file, and a re-run with the same setup writes only the missing ones; a
   different setup is refused (predict.json).
 - The measured inference time (data loading, networks, writing) is summed over resumed runs.
 - `bn_adapt=domain` (src.prediction.bn_adapt): before predicting a test domain's patches, the BatchNorm
-statistics
-  of each model are re-estimated on that domain's patches, on a copy; the estimate takes the domain's
-  rows of the whole index (not only the missing ones), so where a run was killed never changes a result.
+  statistics of each model are re-estimated on that domain's patches, on a copy; the estimate takes the
+  domain's rows of the whole index (not only the missing ones), so where a run was killed never changes a
+  result.
 
 `predict --combine`: a weighted average of saved probability folders (PROB_<id>.npz, src.prediction.stores)
 written as a resumable PRED folder, so separately predicted models are ensembled without re-running them

@@ -1,10 +1,13 @@
-"""The PRED folder of a prediction run (docs/data-format.md, "Predictions and probabilities"): which files
+"""The folders prediction writes: PRED files with their predict.json manifest and background writer, and
+saved probabilities (PROB_<id>.npz) with theirs.
+
+The PRED folder of a prediction run (docs/data-format.md, "Predictions and probabilities"): which files
 are done, the predict.json manifest that makes a re-run resume instead of mixing two setups, the
 background writer, and the fallback file of an unreadable patch.
 
 Files are written only through `src.scoring.submission.write_pred` and `src.prediction.stores.save_prob`
-(both atomic),
-so a killed run never leaves a partial file under a final name, and "done" can be read off the folder.
+(both atomic), so a killed run never leaves a partial file under a final name, and "done" can be read off the
+folder.
 
 Saved ensemble probabilities (docs/data-format.md, "Predictions and probabilities"): the PROB_<id>.npz
 format, its folder manifest, and the weighted average of several folders (`predict --combine`).

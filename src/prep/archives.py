@@ -1,4 +1,7 @@
-"""Idempotent, all-or-nothing zip extraction with completion markers.
+"""The official zips: extraction with completion markers, the zip table, the Hugging Face mirror, and the
+whole download of a subset.
+
+Idempotent, all-or-nothing zip extraction with completion markers.
 
 Members go to a hidden temp folder inside the target, and are moved into place only once every member
 has been read (CRC checked); a marker `OUT/.extracted/<key>.done` is written last. A zip with a marker

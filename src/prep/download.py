@@ -1,4 +1,6 @@
-"""Resumable, verified HTTP download of one large file (the FLAIR #2 zips are up to 50 GB).
+"""Fetching files: resumable verified HTTP, what happened to each zip, and free-space checks.
+
+Resumable, verified HTTP download of one large file (the FLAIR #2 zips are up to 50 GB).
 
 - HTTP with `Range` resume into `NAME.part`; the file is renamed to `NAME` only after its size
   (Content-Length) and md5 (where known) match, so a present final file is always a verified one.

@@ -1,4 +1,6 @@
-"""Which validation fold each training domain goes to (docs/data-format.md, "Folds").
+"""Validation folds by domain: the assignment, and how balanced it is.
+
+Which validation fold each training domain goes to (docs/data-format.md, "Folds").
 
 The test set is 10 unseen domains whose class frequencies differ strongly from train, so a fold must
 hold out whole domains. With only 40 domains of very different landscapes, a plain GroupKFold (which

@@ -1,4 +1,7 @@
-"""Walk a FLAIR #2 data root and join its files into the index tables (docs/data-format.md, "The index").
+"""The index of a FLAIR #2 tree: one walk joining its files into the index tables, and the `make index`
+step that reports and writes them.
+
+Walk a FLAIR #2 data root and join its files into the index tables (docs/data-format.md, "The index").
 
 Files are found by one recursive walk (official, toy and Hugging Face mirror layouts at any depth); the
 split comes from the top folder name ("train" / "test"), domain and zone from the DOMAIN/ZONE folders,

@@ -2,10 +2,9 @@
 
 Each zone has one continuous label field (12 smooth class-score maps on the 10 m S2 pixel grid + rare-class
 disks); the 0.2 m aerial labels and the 10 m S2 super-area are both rendered from it (src.prep.synth_write),
-so
-the S2 pixels under a patch (at its centroid) agree with the patch's labels. Domains draw their own class
-frequencies and radiometry; classes have their own S2 phenology; S2 dates vary per zone (T 8..50 in the
-domain year) and super-areas vary in size and are not square. `plan_dataset` draws all of it without
+so the S2 pixels under a patch (at its centroid) agree with the patch's labels. Domains draw their own class
+frequencies and radiometry; classes have their own S2 phenology; S2 dates vary per zone (T 8..50 in the domain
+year) and super-areas vary in size and are not square. `plan_dataset` draws all of it without
 writing a file, so tests can compare the written tree with its truth."""
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Pixels of a synthetic zone (src.prep.synth_scene): the aerial patches with their labels, the S2 super-area
+"""The synthetic dataset's files: the pixels of each zone (aerial, labels, S2 super-area), written in the
+exact on-disk layout of the real tree.
+
+Pixels of a synthetic zone (src.prep.synth_scene): the aerial patches with their labels, the S2 super-area
 with its snow/cloud masks and product names, and the GeoTIFF tags (docs/data-format.md, "Aerial images",
 "Sentinel-2 super-areas").
 
@@ -13,8 +16,8 @@ Write a synthetic FLAIR #2 tree in the exact on-disk layout and formats of the r
 
 Why: every later check (index, S2 cropping, training, fusion, submission) must run on a machine without
 the real 100 GB. The truth comes from src.prep.synth_scene, the pixels from src.prep.synth_write; the tree
-written
-here holds only what the real dataset holds. Zones are written independently (in parallel processes when
+written here holds only what the real dataset holds. Zones are written independently (in parallel processes
+when
 asked) from generators seeded by (seed, zone) or (seed, id), so the bytes never depend on the order."""
 from __future__ import annotations
 

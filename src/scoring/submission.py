@@ -1,4 +1,7 @@
-"""The submission format (docs/data-format.md, "Submission"): the one writer of `PRED_<id>.tif`, the
+"""The submission: the one writer of PRED files, the validator, the zip, and the reader of PRED files from
+a folder or a zip.
+
+The submission format (docs/data-format.md, "Submission"): the one writer of `PRED_<id>.tif`, the
 validator and the Codalab zip.
 
 A submission is one `PRED_<id>.tif` per test patch: single band, uint8, 512x512, values 0..12, LZW,

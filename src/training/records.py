@@ -1,4 +1,7 @@
-"""What a training run leaves in runs/<name>/fold<k>/: where that folder is, metrics.csv and curves.png,
+"""What a training run leaves behind: its folder, metrics.csv, curves.png and live tracking (TensorBoard,
+W&B / MLflow on request).
+
+What a training run leaves in runs/<name>/fold<k>/: where that folder is, metrics.csv and curves.png,
 and setting an earlier run aside on a fresh start (so an old best.pt is never taken for the new run's).
 
 Live experiment tracking: TensorBoard event files in the run folder, optional W&B / MLflow on request.

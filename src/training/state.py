@@ -1,4 +1,7 @@
-"""The state of a training run: the networks and optimizer it steps, how far it is, and the checkpoint
+"""The state a training run steps and saves: networks, EMA, optimizer and schedule, the average of the last
+epochs, progress, the checkpoint dict and resume.
+
+The state of a training run: the networks and optimizer it steps, how far it is, and the checkpoint
 dict that saves both (docs/data-format.md, "Checkpoints") and that `resume` restores; also the knobs that
 act on that state: SyncBatchNorm under DDP (`wrap`) and the average of the last epochs' weights
 (`average_epoch`, `save_average`, src.training.state: its running sum is part of last.pt, so a resumed run
