@@ -44,7 +44,7 @@ MODELS = {"aerial": ["fusion=none", "use_s2=false"], "fusion": []}
 def prepare_data(work: Path) -> Path:
     """The demo's synthetic set, index and folds (kept when already there)."""
     from src.core.tables import write_index
-    from src.folds import make_folds
+    from src.prep.folds import make_folds
     from src.prep.index_scan import build_index
     from src.prep.synth_write import SynthSpec, make_dataset
 

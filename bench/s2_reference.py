@@ -50,7 +50,7 @@ def make_data(folder: Path) -> Path:
     """The demo's synthetic set, indexed, with its folds (scripts/demo.sh: 8 + 2 domains x 2 zones x 2
     patches, seed 0; K=4 stratified folds, seed 0)."""
     from src.core.tables import write_index
-    from src.folds import make_folds
+    from src.prep.folds import make_folds
     from src.prep.index_scan import build_index
     from src.prep.synth_write import SynthSpec, make_dataset
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from src.core.errors import DataError
-from src.scoring.score import ScoreFiles, score_and_write
+from src.scoring.score import BACKENDS, ScoreFiles, score_and_write
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", help="write the per-domain report PREFIX.csv + PREFIX.png "
                         "(default: beside --json)")
     parser.add_argument("--workers", type=int, default=None, help="readers (default: CPUs, max 16)")
-    parser.add_argument("--backend", choices=["thread", "process"], default="thread",
+    parser.add_argument("--backend", choices=BACKENDS, default="thread",
                         help="threads (default; LZW decoding releases the GIL) or processes")
     args = parser.parse_args(argv)
     if not args.labels and not args.index:

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from src.prep.synth_write import SynthSpec, make_dataset
+from src.prep.synth_write import INTERLEAVES, LAYOUTS, SynthSpec, make_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zones", type=int, default=2, help="zones per domain")
     p.add_argument("--patches", type=int, default=4, help="patches per zone")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=["official", "toy"], default="official")
-    p.add_argument("--interleave", choices=["planar", "contig", "mixed"], default="planar",
+    p.add_argument("--layout", choices=LAYOUTS, default="official")
+    p.add_argument("--interleave", choices=INTERLEAVES, default="planar",
                    help="storage order of the aerial images")
     p.add_argument("--no-test-labels", action="store_true", help="do not write the test labels")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

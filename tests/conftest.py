@@ -44,7 +44,7 @@ def synth_folds_dir(tmp_path_factory, synth_data_dir) -> Path:
     Shared by the training tests: copy it before damaging anything in it."""
     import shutil
 
-    from src.folds import make_folds
+    from src.prep.folds import make_folds
 
     data = tmp_path_factory.mktemp("folds_data")
     for name in ("index_train.csv", "index_test.csv"):

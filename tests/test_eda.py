@@ -20,8 +20,8 @@ from src.analysis import s2 as eda_s2
 from src.analysis.common import block_class_counts, block_majority
 from src.core.errors import DataError
 from src.data.sentinel import encode_days
-from src.folds import make_folds
 from src.prep.class_hist import HIST_COLS
+from src.prep.folds import make_folds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

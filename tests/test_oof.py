@@ -31,7 +31,7 @@ TINY = ["arch=FPN", "encoder=tu-test_resnet", "encoder_weights=none", "crop_size
 @pytest.fixture(scope="module")
 def two_folds(tmp_path_factory, synth_data_dir) -> tuple[Path, Path]:
     """(data dir with 2 folds, runs/t): both folds trained for one tiny step, so fold<k>/oof/ exists."""
-    from src.folds import make_folds
+    from src.prep.folds import make_folds
 
     data = tmp_path_factory.mktemp("oof_data")
     for name in ("index_train.csv", "index_test.csv"):

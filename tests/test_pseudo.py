@@ -61,7 +61,7 @@ def fake_probs(seed: int, size: int = 512) -> np.ndarray:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, synth_data_dir) -> dict:
     """Data dir (2 folds of 2 patches), 3 test patches with PROB files, and their pseudo-label folder."""
-    from src.folds import make_folds
+    from src.prep.folds import make_folds
 
     data = tmp_path_factory.mktemp("pseudo_data")
     for name in ("index_train.csv", "index_test.csv"):

@@ -65,7 +65,7 @@ def soak(tmp_path_factory):
     """50 patches (30 train, 20 test): index and folds built on good files, then exactly 5 % of the 100
     image / train-label / S2 .npy files damaged (as if the disk went bad mid-project)."""
     from src.core.tables import write_index
-    from src.folds import make_folds
+    from src.prep.folds import make_folds
     from src.prep.index_scan import build_index
     from src.prep.synth_write import SynthSpec, make_dataset
 

@@ -329,7 +329,7 @@ def test_demo_fusion_beats_aerial_only_on_s2_only_classes(tmp_path):
     beats the same U-Net without S2 on herbaceous vegetation (9) and agricultural land (10), which look the
     same from the air and differ only in their S2 phenology."""
     from src.core.tables import write_index
-    from src.folds import make_folds
+    from src.prep.folds import make_folds
     from src.prep.index_scan import build_index
     from src.prep.synth_write import SynthSpec, make_dataset
 

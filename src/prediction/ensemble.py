@@ -258,7 +258,7 @@ class Ensemble:
         n = len(T.views(tta))
         weights = ("a recipe's per-class weights" if self.mix is not None
                    else "weights " + ", ".join(f"{x:.3g}" for x in self.weights))
-        return (f"{len(self.models)} model(s), {weights}, tta={tta} ({n} views, up to "
+        return (f"{len(self.models)} model(s), {weights}, tta={tta} ({n} view{'s' * (n > 1)}, up to "
                 f"{n * self.cfg.batch_size} images per forward), ensemble={self.cfg.ensemble}, device "
                 f"{self.device}, precision {precision_name(amp_dtype(self.cfg.precision, self.device))}")
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from src.core.files import save_figure
 from src.core.flair import CLASS_COLORS_HEX, CLASS_NAMES, NUM_CLASSES
-from src.prep.class_hist import HIST_COLS
+from src.core.tables import train_index, write_folds
+from src.prep.class_hist import HIST_COLS, class_histograms, domain_table
 
 # Hugging Face card's fixed split (docs/data-format.md, "Folds"): these 8 domains are validation, the 32
 # others train. One source names D070 instead of D077 [?]. The real train set holds both D070_2020 and
@@ -307,3 +309,46 @@ def plot_folds(stats: pd.DataFrame, table: pd.DataFrame, path: str | os.PathLike
               frameon=False)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------ the step
+SCHEMES = ("stratified", "hf")  # the domain search, or the Hugging Face mirror's fixed split
+
+
+def make_folds(data_dir: str | os.PathLike, k: int = 5, seed: int = 42, scheme: str = "stratified",
+               workers: int | None = None, restarts: int = 64, plot: bool = True) -> pd.DataFrame:
+    """The whole `make folds` step; returns the folds table that was written."""
+    data_dir = Path(data_dir)
+    index_df = train_index(data_dir)
+    if scheme == "stratified":  # fail before reading any mask
+        check_k(k, sorted(index_df["domain"].astype(str).unique()))
+    hist = class_histograms(index_df, data_dir / "class_hist.csv", workers)
+    table = domain_table(index_df, hist)
+    if scheme == "stratified":
+        assignment = assign_folds(table, k, seed, restarts=restarts)
+    elif scheme == "hf":
+        if k != 2:
+            print(f"hf scheme: fixed split, K={k} ignored "
+                  "(fold 0 = HF validation domains, fold 1 = the rest)")
+        assignment = hf_folds(table.index)
+    else:
+        raise ValueError(f"unknown scheme {scheme!r} ({' | '.join(SCHEMES)})")
+    folds = folds_frame(index_df, assignment)
+    write_folds(folds, data_dir / "folds.csv")
+    folds = folds.reset_index(drop=True)
+    stats = fold_stats(table, assignment)
+    print(f"scheme {scheme}: {len(table)} domains, {len(folds)} patches -> {len(stats)} folds"
+          + (f" (K={k}, seed={seed})" if scheme == "stratified" else ""))
+    print(report(stats, table))
+    js, dev = summarize(stats)
+    print(f"mean JS divergence {js:.5f} bits, largest patch-count deviation {100 * dev:.1f}%")
+    if scheme == "stratified":
+        ref_js, ref_dev = summarize(fold_stats(table, groupkfold_folds(table, k)))
+        print(f"sklearn GroupKFold on domains: mean JS divergence {ref_js:.5f} bits, "
+              f"largest patch-count deviation {100 * ref_dev:.1f}%")
+    else:
+        print("FOLD=0 trains on fold 1 (HF train domains) and validates on fold 0 (HF validation domains)")
+    if plot:
+        plot_folds(stats, table, data_dir / "folds.png", title=f"class distribution per fold ({scheme})")
+    print(f"wrote {data_dir / 'folds.csv'}" + (f", {data_dir / 'folds.png'}" if plot else ""))
+    return folds

@@ -250,6 +250,10 @@ def _write_zone(zt: ZoneTruth, root: Path, layout: str, seed: int, interleave: s
     return centroids, metadata
 
 
+LAYOUTS = ("official", "toy")  # the real tree, or the toy zip's
+INTERLEAVES = ("planar", "contig", "mixed")  # storage orders of the aerial images (mixed: alternating)
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     """What a synthetic tree holds and how it is written: domains, zones per domain, patches per zone and the
@@ -276,9 +280,9 @@ def make_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), workers:
                                                           spec.patches, spec.seed)
     layout, interleave = spec.layout, spec.interleave
     test_labels, edge_rate = spec.test_labels, spec.edge_rate
-    if layout not in ("official", "toy"):
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'official' or 'toy', got {layout!r}")
-    if interleave not in ("planar", "contig", "mixed"):
+    if interleave not in INTERLEAVES:
         raise ValueError(f"interleave must be 'planar', 'contig' or 'mixed', got {interleave!r}")
     if min(zones, patches) < 1 or min(train_domains, test_domains) < 0:
         raise ValueError("need zones >= 1, patches >= 1 and non-negative domain counts")

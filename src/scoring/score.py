@@ -34,6 +34,8 @@ from src.scoring.submission import PredSource, decode_2d, short_list
 MSK_PREFIX, MSK_SUFFIX = "MSK_", ".tif"
 DOMAIN_DIR = re.compile(r"^D\d{3}_\d{4}$")  # a domain folder of the official layout, e.g. D015_2020
 
+BACKENDS = ("thread", "process")  # how PRED and label files are read in parallel
+
 
 def find_labels(folder: str | os.PathLike) -> dict[str, Path]:
     """id -> path of every MSK_<id>.tif under `folder` (recursive); a duplicated id is an error."""
@@ -172,7 +174,7 @@ def evaluate(pred: str | os.PathLike, truth, workers: int | None = None, labels=
     workers = workers or default_workers()
     chunks, chunk_domain = _domain_chunks(src, [(preds[i], msks[i]) for i in ids],
                                           [domain_of.get(i, "") for i in ids], workers)
-    if backend not in ("thread", "process"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be thread or process, got {backend!r}")
     pool_cls = ThreadPoolExecutor if backend == "thread" else ProcessPoolExecutor
     per_domain = np.zeros((max(len(names), 1), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
