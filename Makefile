@@ -24,23 +24,31 @@ GPUS ?= 1
 NODES ?= 1
 TORCHRUN_ARGS ?=
 RESUME ?= 0
-RUNS ?= runs/unet_r34
 TTA ?=
 SPLIT ?= test
 RECIPE ?=
 ENSEMBLE_RUNS ?= $(RUNS)
+# One name for a run, its predictions and its submission. NAME= when given; else a RECIPE's stem; else the `name`
+# of CONFIG when CONFIG is given; else the run `make train` started last (runs/latest); else the default CONFIG's.
+CONFIG_NAME = $(or $(shell sed -n 's/^name:[[:space:]]*"\{0,1\}\([^"#[:space:]]*\).*/\1/p' $(CONFIG) 2>/dev/null | head -n 1),$(basename $(notdir $(CONFIG))))
+LATEST = $(shell cat runs/latest 2>/dev/null)
+NAME ?= $(if $(RECIPE),$(basename $(notdir $(RECIPE))),$(if $(filter command line,$(origin CONFIG)),$(CONFIG_NAME),$(or $(LATEST),$(CONFIG_NAME))))
+NAME_FROM = $(if $(filter command line,$(origin NAME)),NAME=,$(if $(RECIPE),RECIPE=$(RECIPE),$(if $(filter command line,$(origin CONFIG)),CONFIG=$(CONFIG),$(if $(LATEST),the run make train started last: runs/latest,the default CONFIG=$(CONFIG)))))
+RUNS ?= runs/$(NAME)
 # The models of predict, pseudo and submit: a recipe's when RECIPE is given, else every checkpoint under RUNS.
 MODELS_ARG = $(if $(RECIPE),--recipe $(RECIPE),--runs $(RUNS))
-PRED ?= predictions/$(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
+PRED ?= predictions/$(NAME)
 PSEUDO ?= data/pseudo
-NAME ?= $(notdir $(if $(RECIPE),$(basename $(RECIPE)),$(RUNS)))
+# One line saying which run a step uses when neither RUNS nor PRED was typed.
+SAY_RUN = @$(if $(filter command line,$(origin RUNS) $(origin PRED)),:,echo "make: NAME=$(NAME) (from $(NAME_FROM)): $(1)")
 LABELS ?=
 DEMO ?= data/demo
 TB_DIR ?= runs
 PORT ?= 6006
+TRAIN_NAME = $(if $(filter command line,$(origin NAME)),name=$(NAME))
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
 	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS \
-	TB_DIR PORT RECIPE ENSEMBLE_RUNS PSEUDO MODELS_ARG
+	TB_DIR PORT RECIPE ENSEMBLE_RUNS PSEUDO MODELS_ARG CONFIG_NAME LATEST NAME_FROM SAY_RUN TRAIN_NAME
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
 	$(ARGS) \
@@ -73,33 +81,39 @@ folds: $(STAMP) ## split training domains into K folds by domain (K=5 SEED=42 SC
 
 train: $(STAMP) ## train one fold: FOLD=0|all CONFIG=configs/x.yaml GPUS=1 [NODES TORCHRUN_ARGS] RESUME=0 key=value...
 ifeq ($(GPUS)$(NODES),11)
-	$(PY) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
+	$(PY) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(TRAIN_NAME) $(OVERRIDES)
 else
-	$(VENV)/bin/torchrun --nnodes $(NODES) --nproc-per-node $(GPUS) $(TORCHRUN_ARGS) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(OVERRIDES)
+	$(VENV)/bin/torchrun --nnodes $(NODES) --nproc-per-node $(GPUS) $(TORCHRUN_ARGS) -m src.train --config $(CONFIG) --fold $(FOLD) --resume $(RESUME) $(TRAIN_NAME) $(OVERRIDES)
 endif
 
 oof: $(STAMP) ## (re)write the out-of-fold probabilities of every fold under RUNS at TTA=none|flip|d4
+	$(call SAY_RUN,out-of-fold stores of $(RUNS))
 	$(PY) -m src.oof --runs $(RUNS) --tta $(or $(TTA),none) $(OVERRIDES)
 
 ensemble: $(STAMP) ## search a recipe on the OOF stores of ENSEMBLE_RUNS="runs/a runs/b" into RECIPE=recipe.json
 	$(PY) -m src.blend --runs $(ENSEMBLE_RUNS) --out $(or $(RECIPE),recipe.json) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(if $(TTA),--tta $(TTA)) $(ARGS)
 
 predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (or a RECIPE) (TTA, fold/model ensemble) into PRED
+	$(call SAY_RUN,predicting with $(if $(RECIPE),$(RECIPE),$(RUNS)) into $(PRED))
 	$(PY) -m src.predict $(MODELS_ARG) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
 
 pseudo: $(STAMP) ## pseudo-label SPLIT=test with RUNS (or a RECIPE) at TTA into PSEUDO=data/pseudo (class + confidence)
+	$(call SAY_RUN,pseudo-labels from $(if $(RECIPE),$(RECIPE),$(RUNS)))
 	$(PY) -m src.predict $(MODELS_ARG) --split $(SPLIT) --out $(PSEUDO)/pred \
 		--save-probs $(PSEUDO)/probs $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
 	$(PY) -m src.pseudo --probs $(PSEUDO)/probs --index $(DATA)/index_$(SPLIT).csv --out $(PSEUDO) \
 		--skipped $(PSEUDO)/pred/skipped.txt
 
 submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach; RECIPE=recipe.json)
+	$(call SAY_RUN,submitting $(if $(RECIPE),$(RECIPE),$(RUNS)) as $(NAME) from $(PRED))
 	$(PY) -m src.predict $(MODELS_ARG) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
 
 evaluate: $(STAMP) ## score predictions (PRED=folder or zip) against labels with the official mIoU
+	$(call SAY_RUN,scoring $(PRED))
 	$(PY) -m src.evaluate --pred $(PRED) --index $(DATA)/index_$(SPLIT).csv $(if $(LABELS),--labels $(LABELS)) --json $(basename $(PRED))_scores.json --png $(basename $(PRED))_confusion.png
 
 export: $(STAMP) ## fp16 slim checkpoint + ONNX beside every best.pt under RUNS, both checked against PyTorch
+	$(call SAY_RUN,exporting $(RUNS))
 	$(PY) -m src.export --runs $(RUNS) $(ARGS)
 
 infer: $(STAMP) ## whole orthophoto(s) -> land-cover GeoTIFF: SRC=ortho.tif|dir|list.txt OUT=file.tif|dir RUNS= [TTA= BANDS= GPUS=]

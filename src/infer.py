@@ -16,7 +16,7 @@ import sys
 
 from src.core.config import exit_on_config_error, parse_overrides, split_overrides
 from src.core.errors import ConfigError, PredictError, one_line
-from src.core.settings import TTA_LEVELS
+from src.core.settings import TTA_CHOICES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--src", required=True, help="a raster, a folder of rasters, or a text file of rasters")
     ap.add_argument("--out", required=True, help="output .tif for one raster, else a folder")
     ap.add_argument("--weights", help="comma-separated: one per --runs item or per checkpoint")
-    ap.add_argument("--tta", choices=TTA_LEVELS, help="none | flip | d4 (default: the checkpoint's tta)")
+    ap.add_argument("--tta", choices=TTA_CHOICES,
+                    help="auto (d4 on a GPU, none on a CPU) | none | flip | d4 (default: the checkpoint's)")
     ap.add_argument("--bands", help="names of input bands 1, 2, ... e.g. R,G,B,NIR,E (- skips a band); "
                     "default: R,G,B,NIR,E up to the raster's band count")
     ap.add_argument("--window", type=int, help="window side (px, multiple of 32; setting infer_window)")

@@ -37,7 +37,7 @@ from typing import Any
 
 from src.core.config import exit_on_config_error, load_settings, parse_overrides, split_overrides
 from src.core.errors import ConfigError, DataError, PredictError, is_disk_full, one_line
-from src.core.settings import TTA_LEVELS
+from src.core.settings import TTA_CHOICES
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default="test", help="index split to predict: DATA/index_<split>.csv")
     ap.add_argument("--index", help="explicit index CSV (default: data_dir/index_<split>.csv)")
     ap.add_argument("--out", required=True, help="folder for PRED_<id>.tif (re-running resumes)")
-    ap.add_argument("--tta", choices=TTA_LEVELS,
+    ap.add_argument("--tta", choices=TTA_CHOICES,
                     help="none | flip (3 views) | d4 (8 views); default: cfg tta")
     ap.add_argument("--weights", help="comma-separated weights: one per --runs item, per checkpoint, "
                     "or per --combine folder")

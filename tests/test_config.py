@@ -63,7 +63,7 @@ def test_types_keys_and_yaml_errors_are_one_line(tmp_path: Path):
                          (["lr"], "not of the form key=value"),
                          (["compile=2"], "compile: expected true/false"),
                          (["name=[a]"], "name: expected a string"),
-                         (["tta=d8"], "tta: expected one of none, flip, d4"),
+                         (["tta=d8"], "tta: expected one of auto, none, flip, d4"),
                          (["lr=0"], "lr: expected a value > 0"),
                          (["ema=1"], "ema: expected a value >= 0 and < 1"),
                          (["workers=-1"], "workers: expected a value >= 0"),
@@ -159,7 +159,7 @@ def test_setting_errors_fail_before_torch_is_imported(tmp_path: Path):
     cases = [(["src.train", "lr_typo=1"], "unknown setting 'lr_typo' in command line"),
              (["src.train", "--config", str(tmp_path / "none.yaml")], "config file not found"),
              (["src.predict", "--runs", str(tmp_path), "--out", str(tmp_path / "p"), "tta=d8"],
-              "tta: expected one of none, flip, d4"),
+              "tta: expected one of auto, none, flip, d4"),
              (["src.infer", "--runs", str(tmp_path), "--src", "x.tif", "--out", "y.tif", "batchsize=2"],
               "unknown setting 'batchsize'")]
     for argv, message in cases:

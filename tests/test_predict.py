@@ -327,3 +327,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys, synth_index):
     with pytest.raises(SystemExit) as info:
         P.main(["--runs", str(runs), "--out", str(tmp_path / "p"), f"data_dir={tmp_path / 'nodata'}"])
     assert info.value.code == 1 and "index_test.csv: index not found" in capsys.readouterr().err
+
+
+def test_default_tta_fits_the_device_and_is_said_with_a_projection(synth_index, tmp_path):
+    """tta=auto (the default) is none on a CPU and d4 on a GPU; the log says which, and after the first batch
+    how long the split and the whole test set would take."""
+    assert Settings().tta == "auto"
+    assert E.device_tta("auto", torch.device("cpu")) == "none"
+    assert E.device_tta("auto", torch.device("cuda", 0)) == "d4"
+    assert E.device_tta("flip", torch.device("cpu")) == "flip"
+    report = _run(synth_index["test"].iloc[:2], tmp_path / "pred", cfg=_cfg(tta="auto"))
+    assert report["tta"] == "none"
+    assert any("tta=auto: none on cpu" in line for line in report["logs"])
+    assert any(line.startswith("predict: first batch") and "for the 16050 test patches" in line
+               for line in report["logs"])

@@ -117,6 +117,7 @@ def test_fold_run_outputs_checkpoints_and_metric(data_dir, tmp_path):
     run = runs / "t" / "fold0"
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.csv", "curves.png", "best.pt",
                                                "last.pt"}
+    assert (runs / "latest").read_text() == "t\n"  # the run later make steps default to
     rows = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(CSV_COLS) == set(rows[0]) and all(float(r["miou"]) >= 0 for r in rows)

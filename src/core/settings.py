@@ -29,6 +29,7 @@ FREQUENCY_WEIGHTS = ("inverse", "inverse_sqrt")  # numbers from the training mas
 CLASS_WEIGHT_WORDS = ("default", "none", *FREQUENCY_WEIGHTS)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TTA_LEVELS = ("none", "flip", "d4")  # the views of each: src.prediction.tta
+TTA_CHOICES = ("auto", *TTA_LEVELS)  # auto: by device (src.prediction.ensemble.device_tta)
 SLIM_DTYPES = ("fp16", "bf16")  # float types of `make export`'s slim checkpoint (src.deploy.export)
 OOF_CHECKPOINTS = ("last", "best")  # the weights an out-of-fold store is made with (src.ensembling.oof)
 ENSEMBLES = ("probs", "logits")
@@ -157,7 +158,8 @@ class Settings:
     max_nan_steps: int = setting(20, "consecutive non-finite losses before the run stops", low=0)
     deterministic: bool = setting(False, "GPU: deterministic kernels (slower); CPU runs always are")
     # --- prediction ---
-    tta: str = setting("d4", "test-time augmentation: 1, 3 or 8 views", jobs=PREDICT, choices=TTA_LEVELS)
+    tta: str = setting("auto", "test-time augmentation: none, flip (3 views), d4 (8); auto: d4 on a GPU, "
+                       "none on a CPU", jobs=PREDICT, choices=TTA_CHOICES)
     time_budget_s: float = setting(0.0, ">0: the largest TTA level projected to fit this many seconds",
                                    jobs=("predict",), low=0)
     ensemble: str = setting("probs", "average softmax probabilities or logits over views and models",

@@ -35,7 +35,7 @@ from src.core.flair import AERIAL_GSD_M, NUM_CLASSES
 from src.core.progress import progress
 from src.data.normalize import normalize
 from src.deploy.orthophoto import NODATA, GeoWriter, Orthophoto, Strip, blend_weights, grid, io_env, output_ok
-from src.prediction.ensemble import Ensemble, load_ensemble, place_prediction, quantise
+from src.prediction.ensemble import Ensemble, device_tta, load_ensemble, place_prediction, quantise
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 
@@ -218,6 +218,7 @@ def infer(runs: Sequence[str | Path], src: str | Path, out: str | Path, *,
     if not todo:
         return reports
     ens = load_ensemble(runs, place.device, weights=weights, overrides=overrides, job="infer", log=log)
+    ens = ens.with_settings(ens.cfg.with_values(tta=device_tta(ens.cfg.tta, ens.device)))
     cfg = ens.cfg
     log(f"infer: {ens.describe(cfg.tta)}, windows {cfg.infer_window} px overlapping {cfg.infer_overlap}")
     tags = {"flair2_models": ";".join(str(p) for p in ens.paths), "flair2_tta": cfg.tta,

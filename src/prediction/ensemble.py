@@ -91,6 +91,14 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def device_tta(level: str, device: torch.device) -> str:
+    """The TTA level to run: `auto` is d4 on a GPU (8 views in one stacked forward cost little there) and none
+    on a CPU (each view costs a whole forward pass: d4 would take 8 times as long); a level is itself."""
+    if level != "auto":
+        return level
+    return "d4" if device.type == "cuda" else "none"
+
+
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     """A normalised batch's model inputs on `device`: "image" and those of INPUT_KEYS it holds."""
     if batch["image"].dtype == torch.uint8:
@@ -244,6 +252,10 @@ class Ensemble:
     def with_models(self, models: list[nn.Module]) -> Ensemble:
         """The same ensemble with other networks (bn_adapt's re-estimated copies)."""
         return dataclasses.replace(self, models=models)
+
+    def with_settings(self, cfg: Settings) -> Ensemble:
+        """The same ensemble with other prediction settings (the first model's)."""
+        return dataclasses.replace(self, settings=[cfg, *self.settings[1:]])
 
     def feed(self, raw: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """The batch each model is fed, from one raw batch per input group

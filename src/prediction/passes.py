@@ -42,7 +42,7 @@ from src.core.progress import progress
 from src.core.workers import default_workers
 from src.data.loader import prediction_loader
 from src.prediction.bn_adapt import adapt, estimate_rows, has_batchnorm
-from src.prediction.ensemble import Ensemble, choose_tta, normalise_weights, quantise
+from src.prediction.ensemble import Ensemble, choose_tta, device_tta, normalise_weights, quantise
 from src.prediction.stores import (
     PROBS_MANIFEST,
     RunRecord,
@@ -97,6 +97,10 @@ def run_prediction(ens: Ensemble, index_df: pd.DataFrame, target: Target, *, tta
     budget = cfg.time_budget_s if tta is None else 0.0
     if tta is None and budget <= 0:
         tta = cfg.tta
+    if tta == "auto":
+        tta = device_tta(tta, ens.device)
+        log(f"predict: tta=auto: {tta} on {ens.device.type} (auto is d4 on a GPU, none on a CPU; "
+            "TTA=none|flip|d4 chooses)")
     if tta is not None:
         identity["tta"] = tta
     prev = prepare_out(out_dir, identity, index_df, target.overwrite, probs_dir)
@@ -215,7 +219,10 @@ class _Run:
                         self.bad += item["bad"]
                         bar.update(len(item["bad"]))
                     if item["batches"] is not None:
+                        t_batch = time.perf_counter()
                         self._predict_one(item, tta, writer)
+                        if i == 0:
+                            self._project(time.perf_counter() - t_batch, item, len(todo))
                         bar.update(len(item["batches"][0]["id"]))
             writer.close()
             if self.bad:
@@ -234,6 +241,13 @@ class _Run:
                 self.log(f"predict: stopped after {len(writer.written)} new files; re-run the same command "
                          "to resume")
         return elapsed, writer.written
+
+    def _project(self, seconds: float, item: dict[str, Any], n_todo: int) -> None:
+        """One line after the first batch: its time per patch and what it projects (warm-up included)."""
+        per = seconds / len(item["batches"][0]["id"])
+        self.log(f"predict: first batch {per:.3f} s/patch (warm-up included): about {fmt_s(per * n_todo)} "
+                 f"for the {n_todo} patches to write, {fmt_s(per * N_TEST_PATCHES)} for the "
+                 f"{N_TEST_PATCHES} test patches")
 
     def _predict_one(self, item: dict[str, Any], tta: str, writer: Writer) -> None:
         batch = item["batches"]

@@ -55,7 +55,7 @@ from src.models.weights import apply_init_from
 from src.scoring.domains import format_lines, write_run_domains
 from src.scoring.metrics import IOU_COLS, format_table
 from src.training.data import Data, as_setting_error, build_data, epoch_loader
-from src.training.records import Tracker, set_aside_previous_run, write_metrics
+from src.training.records import Tracker, mark_latest, set_aside_previous_run, write_metrics
 from src.training.state import (
     Nets,
     Progress,
@@ -281,6 +281,7 @@ def start(cfg: Settings, fold: str, train_df: pd.DataFrame, val_df: pd.DataFrame
         apply_init_from(model, cfg, fold, log)
     if place.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        mark_latest(cfg)
         if resume_state is None:
             set_aside_previous_run(run_dir, log)
         save_settings(cfg, run_dir / "config.yaml")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from src.core.files import atomic_write, save_figure
+from src.core.files import atomic_write, save_figure, write_text
 from src.core.flair import BAND_NAMES, band_indices, colorize
 from src.core.settings import Settings
 from src.data.normalize import norm_stats
@@ -45,6 +45,14 @@ CSV_COLS = ["epoch", "step", "lr", "train_loss", "train_s2_loss", "val_loss", "m
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "best.pt", "last.pt", "skipped.tsv", "domains.csv",
              "domains.png")
 TB_EVENTS = "events.out.tfevents.*"  # TensorBoard event files (src.training.records), set aside with the rest
+
+
+def mark_latest(cfg: Settings) -> Path:
+    """<runs_dir>/latest holds the name of the run started last: `make predict`, `submit`, `evaluate` and
+    `export` default to it when neither NAME, RUNS nor CONFIG is given (the Makefile says so in one line)."""
+    path = Path(cfg.runs_dir) / "latest"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text(path, cfg.name + "\n")
 
 
 def set_aside_previous_run(run_dir: Path, log: Callable[[str], None] = print) -> None:
