@@ -116,7 +116,7 @@ export: $(STAMP) ## fp16 slim checkpoint + ONNX beside every best.pt under RUNS,
 	$(call SAY_RUN,exporting $(RUNS))
 	$(PY) -m src.export --runs $(RUNS) $(ARGS)
 
-infer: $(STAMP) ## whole orthophoto(s) -> land-cover GeoTIFF: SRC=ortho.tif|dir|list.txt OUT=file.tif|dir RUNS= [TTA= BANDS= GPUS=]
+infer: $(STAMP) ## whole orthophoto(s) -> land-cover GeoTIFF (aerial-only models): SRC=ortho.tif|dir|list.txt OUT=file.tif|dir RUNS= [TTA= BANDS= GPUS=]
 ifeq ($(GPUS),1)
 	$(PY) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(OVERRIDES)
 else

@@ -115,6 +115,7 @@ for k in (9, 10):
 print(f"  {'mIoU (classes 0..11)':<32} {fmt(fusion['miou'])} {fmt(aerial['miou'])}")
 EOF
 )
+ORTHO=$(find "$DEMO/raw" -path '*test*' -name 'IMG_*.tif' | sort | head -n 1)  # any GeoTIFF would do
 TOTAL=$(awk -v a="$T_START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')
 printf '\n== demo done in %s s (%s torch threads per job, %s cores) ==\n' "$TOTAL" "$OMP_NUM_THREADS" "$CORES"
 printf '  %s\n' "${STEP_TIMES[@]}"
@@ -131,4 +132,7 @@ $COMPARE
   runs:             $RUNS_DIR/demo/fold0/, $RUNS_DIR/demo_aerial/fold0/ (metrics.csv, curves.png, domains.csv,
                     best.pt, TensorBoard events: make tensorboard TB_DIR=$RUNS_DIR)
   logs of the side-by-side steps: $DEMO/train_aerial.log, $DEMO/predict_aerial.log
+
+Whole orthophotos take aerial-only models (no Sentinel-2 series there): the aerial one above, e.g. on a test patch:
+  make infer RUNS=$RUNS_DIR/demo_aerial/fold0/best.pt SRC=$ORTHO OUT=${PRED}_landcover.tif
 EOF

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from src.core.errors import DownloadError
+from src.core.errors import DownloadError, exit_interrupted
 from src.prep.archives import (
     BASE_URL,
     SUBSETS,
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             results = download(args.subset, out, mirror=Mirror(args.base_url, md5=_parse_md5(args.md5)),
                                transfer=Transfer(args.retries, args.backoff), keep_zips=bool(args.keep_zips),
                                check_space=not args.no_space_check)
+    except KeyboardInterrupt:
+        exit_interrupted("download", f"finished zips and the .part of the one in progress are kept in {out}",
+                         "re-run the same command to resume")
     except (DownloadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

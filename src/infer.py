@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from src.core.config import exit_on_config_error, parse_overrides, split_overrides
-from src.core.errors import ConfigError, PredictError, one_line
+from src.core.errors import ConfigError, PredictError, exit_interrupted, one_line
 from src.core.settings import TTA_CHOICES
 
 
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         flags = {"tta": args.tta, "infer_window": args.window, "infer_overlap": args.overlap}
         ov.update({k: v for k, v in flags.items() if v is not None})
         run(args, runs, weights, ov)
+    except KeyboardInterrupt:
+        exit_interrupted("infer", "finished rasters are kept (the one in progress is not written)",
+                         "re-run the same command to do the others")
     except ConfigError as err:
         exit_on_config_error(err)
     except ValueError as err:  # PredictError, DataError (CheckpointError), bad --weights
@@ -59,8 +62,8 @@ def run(args: argparse.Namespace, runs: list[str], weights: list[float] | None, 
     reports = infer(runs, args.src, args.out, weights=weights, overrides=overrides, options=options,
                     device=args.device)
     failed = [r for r in reports if "error" in r]
-    if failed:
-        raise PredictError(f"{len(failed)} of {len(reports)} rasters failed (first: {failed[0]['error']})")
+    if failed:  # each error was said once, as it happened
+        raise PredictError(f"{len(failed)} of {len(reports)} rasters failed (said above)")
 
 
 if __name__ == "__main__":

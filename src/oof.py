@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from src.core.config import exit_on_config_error, parse_overrides, split_overrides
-from src.core.errors import CheckpointError, ConfigError, DataError, PredictError, one_line
+from src.core.errors import CheckpointError, ConfigError, DataError, PredictError, exit_interrupted, one_line
 from src.core.settings import OOF_CHECKPOINTS, TTA_LEVELS
 
 
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     runs, overrides = split_overrides(args.runs, args.overrides)
     try:
         write_stores(runs, args.tta, args.checkpoint, parse_overrides(overrides), args.device)
+    except KeyboardInterrupt:
+        exit_interrupted("oof", "the PROB files written so far are kept",
+                         "re-run the same command to complete the stores")
     except ConfigError as err:
         exit_on_config_error(err)
     except (PredictError, DataError) as err:

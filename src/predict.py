@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from src.core.config import exit_on_config_error, load_settings, parse_overrides, split_overrides
-from src.core.errors import ConfigError, DataError, PredictError, is_disk_full, one_line
+from src.core.errors import ConfigError, DataError, PredictError, exit_interrupted, is_disk_full, one_line
 from src.core.settings import TTA_CHOICES
 
 
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     try:
         _run_command(args, weights)
+    except KeyboardInterrupt as stop:
+        exit_interrupted("predict", str(stop) or "the PRED files written so far are kept",
+                         "re-run the same command to write the missing ones")
     except ConfigError as err:
         exit_on_config_error(err)
     except (PredictError, DataError) as err:

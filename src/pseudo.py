@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from src.core.errors import ConfigError, DataError, one_line
+from src.core.errors import ConfigError, DataError, exit_interrupted, one_line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         return make_pseudo(args.probs, args.index, args.out, skipped=args.skipped, overwrite=args.overwrite,
                            workers=args.workers)
+    except KeyboardInterrupt:
+        exit_interrupted("pseudo", f"the PSEUDO files written in {args.out} are kept",
+                         "re-run the same command to write the missing ones")
     except (DataError, ConfigError) as err:
         print(f"pseudo: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None

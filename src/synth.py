@@ -1,7 +1,6 @@
 """Write a synthetic FLAIR #2 dataset in the real layout (`make synth`): learnable, honest data for every
-check that must run without the real 100 GB. The truth: src.prep.synth_scene; the pixels:
-src.prep.synth_write;
-the files: src.prep.synth_write.
+check that must run without the real 100 GB. The truth: src.prep.synth_scene; the pixels and the files:
+src.prep.synth_write.
 """
 from __future__ import annotations
 
@@ -13,10 +12,11 @@ import time
 from src.prep.synth_write import INTERLEAVES, LAYOUTS, SynthSpec, make_dataset
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Write a synthetic FLAIR #2 dataset in the real layout.")
     p.add_argument("--out", required=True, help="output root folder")
-    p.add_argument("--train-domains", type=int, default=4)
+    p.add_argument("--train-domains", type=int, default=10,
+                   help="training domains (10: enough for make folds' default K=5, two domains per fold)")
     p.add_argument("--test-domains", type=int, default=2)
     p.add_argument("--zones", type=int, default=2, help="zones per domain")
     p.add_argument("--patches", type=int, default=4, help="patches per zone")
@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-test-labels", action="store_true", help="do not write the test labels")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="parallel processes (zones are written independently)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     start = time.perf_counter()
     spec = SynthSpec(args.train_domains, args.test_domains, args.zones, args.patches, args.seed, args.layout,
                      args.interleave, not args.no_test_labels)

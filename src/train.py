@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from src.core.config import exit_on_config_error, from_saved, load_settings, parse_overrides, settings_table
-from src.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from src.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, exit_interrupted
 from src.core.settings import Settings, check_job
 
 
@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit(2) from None
     try:
         return run(cfg, fold, train_df, val_df, state)
+    except KeyboardInterrupt:
+        last = cfg.run_dir(fold) / "last.pt"
+        kept = f"{last} (the last finished epoch) is kept" if last.is_file() else "no epoch had finished"
+        resume = (f"resume with: make train CONFIG={args.config} FOLD={fold} RESUME=1" if last.is_file()
+                  else "start again with the same command")
+        exit_interrupted("train", kept, resume)
     except ConfigError as err:
         exit_on_config_error(err)
     except TrainingDiverged as err:

@@ -114,7 +114,7 @@ def test_search_finds_the_per_class_choice_and_beats_each_run(stores, synth_fold
     assert load_recipe(tmp_path / "again.json") == loaded
 
 
-def test_the_level_is_chosen_among_those_every_run_stored(stores, synth_folds_dir, tmp_path):
+def test_the_level_is_chosen_among_those_every_run_stored(stores, synth_folds_dir, tmp_path, capsys):
     root = tmp_path
     shutil.copytree(stores / "runs", root / "runs")
     for k in (0, 1, 2):  # run a also has a "flip" store, b does not: flip cannot be used
@@ -122,7 +122,11 @@ def test_the_level_is_chosen_among_those_every_run_stored(stores, synth_folds_di
         shutil.copytree(fold / "oof", fold / "oof_flip")
     with pytest.raises(SystemExit):
         run_blend(root, synth_folds_dir, "a", "b", extra=("--tta", "flip", "--no-biases"))
+    capsys.readouterr()
     assert run_blend(root, synth_folds_dir, "a", "b", extra=("--no-biases",))["tta"] == "none"
+    out = capsys.readouterr().out  # said, not passed over silently
+    assert "TTA levels stored by every run: none; not comparable: flip (only a)" in out
+    assert "3 domains" in out and "scored on 1 other:" in out or "scored on 2 others:" in out
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -270,8 +274,9 @@ def test_predict_with_a_recipe_is_the_hand_computed_combination(synth_data_dir, 
         got = read_label(tmp_path / "pred" / f"PRED_{pid}.tif")
         assert (got == hand[j]).mean() > 0.9999  # float sums in another order may flip a rare tie
         assert (got != plain[j]).any()  # the choice and biases changed something
+    out = capsys.readouterr().out  # the log says what is applied: the recipe's weights, not equal ones
+    assert "a recipe's per-class weights" in out and "weights 0.5" not in out
     # a missing recipe is a one-line error naming the file
-    capsys.readouterr()
     with pytest.raises(SystemExit):
         P.main(["--recipe", str(tmp_path / "nope.json"), "--out", str(tmp_path / "p2")])
     err = capsys.readouterr().err.strip()

@@ -36,7 +36,7 @@ def test_demo_script_end_to_end(tmp_path):
                  "evaluate-aerial", "pictures"):
         assert f"<== [{step}]" in out, step
     assert "<== [evaluate]" not in out  # predict --submit scored the zip: not scored a second time
-    assert "tta=none" in out and "1 model(s)" in out
+    assert "tta=none" in out and "1 model," in out
     zips = list((tmp_path / "subs").glob("demo-*.zip"))
     assert len(zips) == 1 and f"submission zip:   {zips[0]}" in out
     test_ids = load_index(tmp_path / "data" / "index_test.csv")["id"].tolist()
@@ -60,3 +60,10 @@ def test_demo_script_end_to_end(tmp_path):
         assert (folder / "best.pt").is_file()
         assert (folder / "domains.csv").read_text().startswith("epoch,domain,patches,pixels,miou,")
         assert list(folder.glob("events.out.tfevents.*"))  # TensorBoard curves
+    # the whole-orthophoto command it prints runs as printed (the aerial-only model, on a test patch)
+    line = next(ln.split() for ln in out.splitlines() if ln.strip().startswith("make infer RUNS="))
+    knobs = dict(word.split("=", 1) for word in line[2:])
+    infer = subprocess.run([sys.executable, "-m", "src.infer", "--runs", knobs["RUNS"], "--src", knobs["SRC"],
+                            "--out", knobs["OUT"], "--tta", "none"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert infer.returncode == 0 and Path(knobs["OUT"]).is_file(), infer.stderr[-2000:]

@@ -218,3 +218,18 @@ def test_load_folds_errors(tmp_path):
                   "fold": [0, 1]}).to_csv(tmp_path / "folds.csv", index=False)
     with pytest.raises(DataError, match="split across folds"):
         load_folds(tmp_path)
+
+
+def test_the_default_synthetic_tree_is_enough_for_the_default_folds():
+    """`make synth` then `make folds` with every default: the generator writes at least K training domains."""
+    import re
+
+    from src import synth
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    k = int(re.search(r"^K \?= (\d+)$", makefile, re.M).group(1))
+    assert synth.parser().get_default("train_domains") >= k
+    from src.prep.folds import check_k
+
+    with pytest.raises(ValueError, match=r"use K <= 4 \(make folds K=4\)"):
+        check_k(k, ["D1", "D2", "D3", "D4"])

@@ -235,3 +235,27 @@ def test_empty_root(tmp_path):
     report = scan(tmp_path)
     assert [p.kind for p in report.fatal] == ["no-images"]
     assert list(report.frames["train"].columns) == COLUMNS
+
+
+def test_a_failed_index_marks_the_old_csvs_unusable_until_one_succeeds(tree, tmp_path, capsys):
+    """A `make index --check` that fails must not leave the previous CSVs looking valid: every reader refuses
+    them with the index's own message, training included, until an index succeeds again."""
+    from src import train as T
+    from src.core.tables import INDEX_FAILED
+    from src.prep.index_scan import make_index
+
+    data = tmp_path / "data"
+    assert make_index(tree, data) == 0 and (data / "index_train.csv").is_file()
+    img = sorted(tree.rglob("IMG_*.tif"))[0]
+    good = img.read_bytes()
+    img.write_bytes(b"not a tiff at all")
+    assert make_index(tree, data, check=True, workers=2) == 1
+    assert (data / INDEX_FAILED).is_file() and "unusable until an index succeeds" in capsys.readouterr().err
+    with pytest.raises(DataError, match="the last `make index` of this folder failed"):
+        load_index(data / "index_train.csv")
+    with pytest.raises(SystemExit) as stop:  # the trainer stops at once, with that message
+        T.main(["--fold", "all", "encoder_weights=none", f"data_dir={data}", f"runs_dir={tmp_path / 'runs'}"])
+    assert stop.value.code == 2 and "make index` of this folder failed" in capsys.readouterr().err
+    img.write_bytes(good)
+    assert make_index(tree, data, check=True, workers=2) == 0
+    assert not (data / INDEX_FAILED).exists() and len(load_index(data / "index_train.csv"))

@@ -200,7 +200,8 @@ def test_inputs_from_list_file(tmp_path):
 
 def test_band_errors_name_the_file(tmp_path):
     path = write_raster(tmp_path / "rgb.tif", scene(8, 8)[:3])
-    with pytest.raises(DataError, match=r"rgb.tif: the model needs bands R,G,B,NIR,E.*missing NIR,E"):
+    needs = r"rgb.tif: the model needs bands R,G,B,NIR,E; bands 1..3 are R,G,B: NIR,E missing"
+    with pytest.raises(DataError, match=needs + r" \(a model trained with bands=R,G,B reads this raster\)"):
         Orthophoto(path, None, ["R", "G", "B", "NIR", "E"])
     deep = write_raster(tmp_path / "deep.tif", scene(8, 8).astype(np.uint16))
     with pytest.raises(DataError, match="deep.tif: band 1 is uint16"):
@@ -239,3 +240,18 @@ def test_torchrun_shards_rasters_over_processes(tiny, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["r0.tif", "r1.tif"]
     assert "[rank 0/2] infer: " in run.stdout and "[rank 1/2] infer: " in run.stdout
     assert run.stdout.count("-> ") == 2  # each raster predicted once
+
+
+def test_a_raster_without_the_model_bands_is_one_message_with_what_helps(tiny, tmp_path, capsys):
+    """A 4-band raster for a 5-band model, bands named: the error is said once, naming what the model needs
+    and what would read the raster (not "set --bands", which cannot help)."""
+    four = write_raster(tmp_path / "rgbn.tif", scene(64, 64)[:4])
+    with pytest.raises(SystemExit) as stop:
+        main(["--runs", str(tiny), "--src", str(four), "--out", str(tmp_path / "o.tif"),
+              "--bands", "R,G,B,NIR"])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 1
+    said = [line for line in (out + err).splitlines() if "needs bands" in line]
+    assert len(said) == 1 and "E missing (a model trained with bands=R,G,B,NIR reads this raster)" in said[0]
+    assert "set --bands" not in out + err and err.strip().endswith("1 of 1 rasters failed (said above)")
+

@@ -95,6 +95,8 @@ def test_resume_writes_only_the_missing_files(synth_index, tmp_path):
     assert len(_preds(out)) == len(test)
     again = _run(test, out)
     assert again["n_written"] == 0
+    assert not any("writing only the missing ones" in line for line in again["logs"])  # none is missing
+    assert any(f"all {len(test)} predictions already present" in line for line in again["logs"])
     # the manifest keeps the time measured over both runs
     assert again["n_timed"] == len(test) + 4 and again["infer_s"] > 0  # 16 files written in all
 
@@ -246,7 +248,7 @@ def test_cli_predict_submit_and_combine(synth_index, tmp_path, capsys):
             "--submit-dir", str(subs), "workers=0"]
     P.main(args)
     out = capsys.readouterr().out
-    assert "2 model(s)" in out and "projected for the 16050 test patches" in out and "mIoU" in out
+    assert "2 models" in out and "projected for the 16050 test patches" in out and "mIoU" in out
     zips = list(subs.glob("r18_15-00_*.zip"))  # baseline 15 min, then our measured time
     assert len(zips) == 1
     assert validate(zips[0], test["id"])["files"] == 3

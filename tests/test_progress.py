@@ -62,3 +62,16 @@ def test_progress_picks_lines_for_a_file_and_a_bar_for_a_terminal(monkeypatch):
     forced = progress(total=2, file=io.StringIO())
     assert isinstance(forced, tqdm)
     forced.close()
+
+
+def test_slow_phases_say_seconds_per_item_and_counts_agree_with_their_nouns():
+    from src.core.progress import count
+
+    out = io.StringIO()
+    bar = LineProgress(total=2, desc="epoch 1/1", unit="batch", file=out)
+    bar.t0 -= 30.0  # 30 s for 1 batch: "0.0 batch/s" said nothing
+    bar.update(1)
+    bar.close()
+    assert ", 30.0 s/batch" in out.getvalue() and "batch/s" not in out.getvalue()
+    assert count(1, "domain") == "1 domain" and count(3, "domain") == "3 domains"
+    assert count(1, "patch", "patches") == "1 patch" and count(2, "patch", "patches") == "2 patches"

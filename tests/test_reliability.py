@@ -378,3 +378,41 @@ def test_setting_errors_are_one_line_from_the_command_line(data_dir, fake_ckpt, 
     assert done.returncode == code, done.stderr[-2000:]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
     assert not runs.exists() and not (tmp_path / "pred").exists()  # nothing started
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> tuple[int, str, str]:
+    """SIGINT (Ctrl-C) to `proc` once `ready()` holds; (exit code, stdout, stderr)."""
+    end = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_in_training_is_one_line_with_the_resume_command(data_dir, tmp_path):
+    """With DataLoader workers too: no traceback from the main process or the workers, exit 130, and the
+    line names what is kept and the exact command that resumes."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "src.train", "--config", "configs/demo.yaml",
+           *train_args(data_dir, runs, "epochs=50", "workers=2")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _interrupt_when(proc, lambda: (runs / "r" / "fold0" / "last.pt").is_file())
+    assert code == 130, err[-2000:]
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("train: interrupted: ") and "last.pt (the last finished epoch) is kept" in line
+    assert "resume with: make train CONFIG=configs/demo.yaml FOLD=0 RESUME=1" in line
+
+
+def test_ctrl_c_in_prediction_keeps_the_files_and_says_how_to_go_on(soak, soak_run, tmp_path):
+    out_dir = tmp_path / "pred"
+    cmd = [sys.executable, "-m", "src.predict", "--runs", str(soak_run["runs"] / "r"), "--out", str(out_dir),
+           "--tta", "d4", f"data_dir={soak['data']}", "batch_size=1", "workers=0", "skip_bad=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _interrupt_when(proc, lambda: any(out_dir.glob("PRED_*.tif")))
+    assert code == 130 and "Traceback" not in out + err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("predict: interrupted: ") and "new PRED files in" in line
+    assert line.endswith("re-run the same command to write the missing ones")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 
 class DataError(ValueError):
@@ -76,3 +77,10 @@ class DiskSpaceError(DownloadError):
 
 class CorruptZipError(DownloadError):
     """A zip that cannot be read or fails its CRC check."""
+
+
+def exit_interrupted(job: str, kept: str, resume: str) -> None:
+    """Ctrl-C in a job: one line saying what was kept and how to go on (no traceback), exit 130 like a
+    shell."""
+    print(f"\n{job}: interrupted: {kept}; {resume}", file=sys.stderr)
+    raise SystemExit(130)

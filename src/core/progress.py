@@ -13,6 +13,11 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 
+def count(n: int, noun: str, plural: str = "") -> str:
+    """`1 domain`, `3 domains`: a number with its noun in the right form (`plural` when not noun + "s")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
@@ -65,7 +70,10 @@ class LineProgress:
     def _line(self, now: float, done: bool = False) -> None:
         el = now - self.t0
         total = f"/{self.total}" if self.total else ""
-        rate = f", {self.n / el:.1f} {self.unit}/s" if el > 0 and self.n else ""
+        rate = ""
+        if el > 0 and self.n:  # under one item a second, the seconds an item take say more than "0.0 it/s"
+            per_s = self.n / el
+            rate = f", {per_s:.1f} {self.unit}/s" if per_s >= 1 else f", {el / self.n:.1f} s/{self.unit}"
         eta = ""
         if not done and self.total and self.n:
             eta = f", ETA {fmt_duration(el / self.n * (self.total - self.n))}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,13 @@ def seed_everything(*parts: int) -> int:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return seed
+
+
+def init_worker(worker_id: int) -> None:
+    """A DataLoader worker: seeded from torch's seed (`seed_worker`), deaf to Ctrl-C (the main process handles
+    it and stops its workers; a worker of its own would print a traceback each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed_worker(worker_id)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -20,6 +20,9 @@ STR_COLUMNS = ["id", "split", "domain", "zone", "img_path", "msk_path", "s2_data
                "camera", "date", "time"]
 META_FLOATS = ["patch_centroid_x", "patch_centroid_y", "patch_centroid_z"]
 FOLDS_COLS = ["id", "domain", "zone", "fold"]
+# Written beside the index CSVs by a `make index` that failed: every reader refuses the index until one
+# succeeds
+INDEX_FAILED = "index_failed.txt"
 
 
 def empty_index() -> pd.DataFrame:
@@ -30,6 +33,10 @@ def empty_index() -> pd.DataFrame:
 def load_index(path: str | os.PathLike) -> pd.DataFrame:
     """Read an index CSV: id stays a 6-digit string, empty paths and text fields are "" (never NaN)."""
     path = Path(path)
+    failed = path.parent / INDEX_FAILED
+    if failed.is_file():
+        raise DataError(f"{path}: the last `make index` of this folder failed "
+                        f"({failed.read_text().strip()}); fix the data and run it again")
     if not path.is_file():
         raise DataError(f"{path}: index not found (run `make index`)")
     df = pd.read_csv(path, dtype={c: str for c in STR_COLUMNS})

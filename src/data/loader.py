@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from src.core.errors import DataError, one_line
-from src.core.runtime import seed_worker
+from src.core.runtime import init_worker
 from src.core.settings import Settings
 from src.core.workers import loader_workers, single_thread_opencv
 
@@ -120,7 +120,7 @@ def build_loader(ds: Dataset, cfg: Settings, *, train: bool, sampler: Any = None
     n = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
     return DataLoader(ds, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
-                      drop_last=train and n > bs, worker_init_fn=seed_worker, generator=generator,
+                      drop_last=train and n > bs, worker_init_fn=init_worker, generator=generator,
                       persistent_workers=persistent and workers > 0,
                       prefetch_factor=4 if workers > 0 else None)
 

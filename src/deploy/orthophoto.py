@@ -103,8 +103,11 @@ class Orthophoto:
         missing = [b for b in needed if b not in given]
         if missing:
             self.close()
+            named = [b for b in given if b != "-"]
+            fix = ("name them with --bands" if len(named) < ds.count
+                   else f"a model trained with bands={','.join(named)} reads this raster")
             raise DataError(f"{self.path}: the model needs bands {','.join(needed)}; bands 1..{len(given)} "
-                            f"are {','.join(given)} (missing {','.join(missing)}; set --bands)")
+                            f"are {','.join(given)}: {','.join(missing)} missing ({fix})")
         self.indexes = [given.index(b) + 1 for b in needed]  # rasterio band numbers, 1-based
         bad = [f"band {i} is {ds.dtypes[i - 1]}" for i in self.indexes if ds.dtypes[i - 1] != "uint8"]
         if bad:

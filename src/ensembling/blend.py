@@ -25,6 +25,7 @@ import numpy as np
 
 from src.core.errors import PredictError
 from src.core.flair import CLASS_NAMES, NUM_SCORED
+from src.core.progress import count
 from src.core.tables import load_folds, train_index
 from src.ensembling import search as S
 from src.ensembling.oof import read_store_manifest
@@ -76,6 +77,12 @@ def _setup(runs: Sequence[str | Path], opts: BlendOptions, log: Callable[[str], 
     folds = sorted(int(k) for k in index["fold"].unique())
     stores = [find_stores(r, folds, opts.checkpoint) for r in runs]
     levels = common_levels(stores)
+    extra = {lvl: [r.run.name for r in stores if lvl in r.stores] for r0 in stores for lvl in r0.stores
+             if lvl not in levels}
+    if extra:  # a level only some runs stored cannot be compared: say so instead of passing over it silently
+        log(f"blend: TTA levels stored by every run: {', '.join(levels)}; not comparable: "
+            + "; ".join(f"{lvl} (only {', '.join(names)})" for lvl, names in extra.items())
+            + " (python -m src.oof --tta ... on the other runs)")
     if opts.tta != "auto":
         if opts.tta not in levels:
             raise PredictError(f"--tta {opts.tta}: not stored by every run (stored: {', '.join(levels)})")
@@ -85,7 +92,7 @@ def _setup(runs: Sequence[str | Path], opts: BlendOptions, log: Callable[[str], 
     labels = {i: str(rows.at[i, "msk_path"]) for i in ids}
     domains = {i: str(rows.at[i, "domain"]) for i in ids}
     log(f"blend: {len(runs)} runs, {len(ids)} training patches in {len(folds)} folds, "
-        f"{len(set(domains.values()))} domains (data {data})")
+        f"{count(len(set(domains.values())), 'domain')} (data {data})")
     return stores, levels, ids, labels, domains
 
 
@@ -118,8 +125,9 @@ def _halves(probs: list[np.ndarray], truth: np.ndarray, pix_dom: np.ndarray, nam
             S.predict(test, fit), t), "mean": S.miou_of(S.predict(test, S.mean_fit(len(test))), t),
             "best_single": max(singles)}
         out.append(res)
-        log(f"blend: held-out check: fit on {len(a)} domains, scored on {len(b)} others: recipe "
-            f"{res['recipe']:.4f}, plain mean {res['mean']:.4f}, best single run {res['best_single']:.4f}")
+        log(f"blend: held-out check: fit on {count(len(a), 'domain')}, scored on {count(len(b), 'other')}: "
+            f"recipe {res['recipe']:.4f}, plain mean {res['mean']:.4f}, best single run "
+            f"{res['best_single']:.4f}")
     if any(h["recipe"] < max(h["mean"], h["best_single"]) for h in out):
         log("blend: warning: on held-out domains the recipe does not beat the plain mean or the best run: "
             "its extra parts fit noise (try --no-biases, --no-choice, or more --pixels)")

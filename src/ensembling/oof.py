@@ -113,7 +113,8 @@ def _predict_rows(ens: Ensemble, rows: pd.DataFrame, store: Store, show: bool) -
     pending: deque = deque()
     for m in ens.models:
         m.eval()
-    with ThreadPoolExecutor(2) as pool, progress(total=len(rows), desc=f"oof {store.path.name}", unit="patch",
+    desc = f"oof {store.path.parent.name}/{store.path.name}"  # e.g. "oof fold0/oof_flip"
+    with ThreadPoolExecutor(2) as pool, progress(total=len(rows), desc=desc, unit="patch",
                                                  disable=not show) as bar:
         for item in loader:
             bad += item["bad"]

@@ -26,6 +26,7 @@ from torch import nn
 from src.core.checkpoint import find_checkpoints, load_checkpoint
 from src.core.config import from_saved
 from src.core.errors import PredictError
+from src.core.progress import count
 from src.core.progress import fmt_duration as fmt_s
 from src.core.runtime import (
     Placement,
@@ -270,7 +271,7 @@ class Ensemble:
         n = len(T.views(tta))
         weights = ("a recipe's per-class weights" if self.mix is not None
                    else "weights " + ", ".join(f"{x:.3g}" for x in self.weights))
-        return (f"{len(self.models)} model(s), {weights}, tta={tta} ({n} view{'s' * (n > 1)}, up to "
+        return (f"{count(len(self.models), 'model')}, {weights}, tta={tta} ({count(n, 'view')}, up to "
                 f"{n * self.cfg.batch_size} images per forward), ensemble={self.cfg.ensemble}, device "
                 f"{self.device}, precision {precision_name(amp_dtype(self.cfg.precision, self.device))}")
 

@@ -114,7 +114,7 @@ def run_prediction(ens: Ensemble, index_df: pd.DataFrame, target: Target, *, tta
     report: dict[str, Any] = {"out": str(out_dir), "n_ids": len(ids), "n_skipped_existing": len(done),
                               "n_written": 0, "tta": tta, "infer_s": float(prev.get("infer_s", 0.0)),
                               "n_timed": int(prev.get("n_timed", 0)), "fallback": []}
-    if done:
+    if done and not todo.empty:
         log(f"predict: {len(done)}/{len(ids)} PRED files already in {out_dir}: writing only the missing ones")
     if todo.empty:
         report["s_per_patch"] = report["infer_s"] / report["n_timed"] if report["n_timed"] else None
@@ -210,7 +210,6 @@ class _Run:
         """Predict and write every batch (then the fallback files); the manifest keeps the time either way."""
         writer = Writer(self.out_dir, self.probs_dir, threads=max(2, default_workers(8)))
         writer.n_left = len(todo)
-        ok = False
         try:
             with progress(total=len(todo), desc="predict", unit="patch") as bar:
                 bar.update(len(self.bad))
@@ -227,9 +226,14 @@ class _Run:
             writer.close()
             if self.bad:
                 self.report["fallback"] = write_fallback(self.out_dir, self.bad, self.log)
-            ok = True
+        except KeyboardInterrupt:
+            writer.abort()
+            kept = f"{len(writer.written)} new PRED files in {self.out_dir} are kept"
+            raise KeyboardInterrupt(kept) from None
         except BaseException:
             writer.abort()
+            self.log(f"predict: stopped after {len(writer.written)} new files; re-run the same command to "
+                     "resume")
             raise
         finally:
             elapsed = time.perf_counter() - t0
@@ -237,9 +241,6 @@ class _Run:
             self.report["infer_s"] += elapsed
             self.report["n_timed"] += len(writer.written)
             record.write(infer_s=self.report["infer_s"], n_timed=self.report["n_timed"])
-            if not ok:
-                self.log(f"predict: stopped after {len(writer.written)} new files; re-run the same command "
-                         "to resume")
         return elapsed, writer.written
 
     def _project(self, seconds: float, item: dict[str, Any], n_todo: int) -> None:

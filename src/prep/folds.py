@@ -146,7 +146,8 @@ def check_k(k: int, domains: list[str]) -> None:
         raise ValueError(f"K={k}: need at least 2 folds")
     if k > len(domains):
         raise ValueError(f"K={k} folds but only {len(domains)} training domains "
-                         f"({' '.join(domains)}): a fold holds whole domains, use K <= {len(domains)}")
+                         f"({' '.join(domains)}): a fold holds whole domains, use K <= {len(domains)} "
+                         f"(make folds K={len(domains)})")
 
 
 def assign_folds(hist_by_domain: pd.DataFrame, k: int, seed: int, restarts: int = 64,

@@ -29,7 +29,7 @@ import pandas as pd
 from src.core.errors import DataError
 from src.core.files import write_text
 from src.core.flair import S2_WINDOW
-from src.core.tables import COLUMNS, META_FLOATS, empty_index, write_index
+from src.core.tables import COLUMNS, INDEX_FAILED, META_FLOATS, empty_index, write_index
 from src.prep.index_checks import Problem, check_files
 
 IMG_RE = re.compile(r"^IMG_(\d+)\.tiff?$", re.IGNORECASE)
@@ -419,11 +419,15 @@ def make_index(root: str | os.PathLike, out: str | os.PathLike, check: bool = Fa
         print(f"all {len(report.problems)} problem(s) listed in {problems_file}")
     elif problems_file.exists():
         problems_file.unlink()
+    failed = out / INDEX_FAILED
     if report.fatal and not lenient:
-        print(f"index FAILED: {report.summary()}; no CSV written (see above; --lenient writes anyway)",
-              file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(failed, f"{report.summary()}; problems in {problems_file}\n")  # the old CSVs are refused
+        print(f"index FAILED: {report.summary()}; no CSV written, and {failed} marks this folder's index as "
+              "unusable until an index succeeds (see above; --lenient writes anyway)", file=sys.stderr)
         return 1
     paths = write_index(report.frames, out)
+    failed.unlink(missing_ok=True)
     n_train, n_test = len(report.frames["train"]), len(report.frames["test"])
     warn = len(report.problems) - len(report.fatal)
     print(f"index: {n_train} train + {n_test} test patches -> {', '.join(map(str, paths))}"

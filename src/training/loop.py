@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from src.core.checkpoint import save_checkpoint
 from src.core.config import save_settings
 from src.core.errors import TrainingDiverged
-from src.core.progress import progress
+from src.core.progress import count, progress
 from src.core.runtime import (
     Placement,
     all_sum,
@@ -301,7 +301,8 @@ def describe(loop: Loop, val_df: pd.DataFrame | None) -> str:
     return (f"{cfg.arch}/{cfg.encoder} fusion={cfg.fusion} ({n_params / 1e6:.1f} M params) on "
             f"{loop.place.device} x{loop.place.world}, precision {precision_name(loop.dtype)}; train "
             f"{len(data.train_ds)} patches"
-            + (f", validate on fold {loop.fold}: {len(val_df)} patches, {len(data.domains.names)} domains"
+            + (f", validate on fold {loop.fold}: {count(len(val_df), 'patch', 'patches')}, "
+               f"{count(len(data.domains.names), 'domain')}"
                if val_df is not None else " (all folds, no validation)")
             + f"; {data.n_batches} batches x {cfg.batch_size} per process per epoch, "
               f"{loop.sched.total_steps} optimizer steps")
