@@ -90,8 +90,8 @@ oof: $(STAMP) ## (re)write the out-of-fold probabilities of every fold under RUN
 	$(call SAY_RUN,out-of-fold stores of $(RUNS))
 	$(PY) -m src.oof --runs $(RUNS) --tta $(or $(TTA),none) $(OVERRIDES)
 
-ensemble: $(STAMP) ## search a recipe on the OOF stores of ENSEMBLE_RUNS="runs/a runs/b" into RECIPE=recipe.json
-	$(PY) -m src.blend --runs $(ENSEMBLE_RUNS) --out $(or $(RECIPE),recipe.json) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(if $(TTA),--tta $(TTA)) $(ARGS)
+ensemble: $(STAMP) ## search a recipe on the OOF stores of ENSEMBLE_RUNS="runs/a runs/b" into RECIPE=recipes/recipe.json
+	$(PY) -m src.blend --runs $(ENSEMBLE_RUNS) --out $(or $(RECIPE),recipes/recipe.json) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(if $(TTA),--tta $(TTA)) $(ARGS)
 
 predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (or a RECIPE) (TTA, fold/model ensemble) into PRED
 	$(call SAY_RUN,predicting with $(if $(RECIPE),$(RECIPE),$(RUNS)) into $(PRED))
@@ -104,7 +104,7 @@ pseudo: $(STAMP) ## pseudo-label SPLIT=test with RUNS (or a RECIPE) at TTA into 
 	$(PY) -m src.pseudo --probs $(PSEUDO)/probs --index $(DATA)/index_$(SPLIT).csv --out $(PSEUDO) \
 		--skipped $(PSEUDO)/pred/skipped.txt
 
-submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach; RECIPE=recipe.json)
+submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach; RECIPE=recipes/recipe.json)
 	$(call SAY_RUN,submitting $(if $(RECIPE),$(RECIPE),$(RUNS)) as $(NAME) from $(PRED))
 	$(PY) -m src.predict $(MODELS_ARG) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
 

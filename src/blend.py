@@ -1,6 +1,6 @@
 """Search an ensemble recipe on out-of-fold predictions: `make ensemble ENSEMBLE_RUNS="runs/a runs/b"`.
 
-    python -m src.blend --runs runs/a runs/b [runs/c ...] --out recipe.json [--data DATA]
+    python -m src.blend --runs runs/a runs/b [runs/c ...] --out recipes/recipe.json [--data DATA]
         [--tta auto|none|flip|d4] [--checkpoint last|best] [--pixels auto|N] [--seed 0]
         [--no-choice] [--no-biases] [--threads 8] [--foldall]
 
@@ -11,7 +11,7 @@ a per-class choice of one run (2nd place), the TTA level among those stored by e
 biases, on a fixed pixel subsample (src.ensembling.search says why and how big). Against overfitting it also
 fits on half of the domains and scores the other half (and the swap), next to the best single run and the
 plain mean. The chosen recipe is then scored on every pixel, per class and per domain, and written as JSON
-(src.ensembling.recipe) for `python -m src.predict --recipe recipe.json` / `make submit RECIPE=recipe.json`,
+(src.ensembling.recipe) for `python -m src.predict --recipe recipes/recipe.json` / `make submit RECIPE=recipes/recipe.json`,
 which applies the fold models of those stores (a run's `foldall/` model only with --foldall). Outputs: the
 recipe, `<stem>_domains.csv` (every run, the mean and the recipe, per domain) and `<stem>_domains.png` (the
 recipe). Docs: docs/recipes.md, "Out-of-fold ensembling".
@@ -28,7 +28,7 @@ from src.core.settings import OOF_CHECKPOINTS, TTA_LEVELS
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m src.blend", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", required=True, help="run folders with fold<k>/oof*/ stores")
-    ap.add_argument("--out", default="recipe.json", help="the recipe JSON (tables written beside it)")
+    ap.add_argument("--out", default="recipes/recipe.json", help="the recipe JSON (tables written beside it)")
     ap.add_argument("--data", help="data folder with index_train.csv and folds.csv (default: the stores')")
     ap.add_argument("--tta", default="auto", choices=["auto", *TTA_LEVELS],
                     help="TTA level of the stores to use; auto: the best among those every run stored")

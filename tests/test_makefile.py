@@ -62,3 +62,17 @@ def test_config_and_name_choose_the_run(tree: Path):
 def test_without_any_run_the_default_config_names_it(tree: Path):
     out = "\n".join(dry(tree, "predict"))
     assert "--runs runs/unet_r34 " in out and "(from the default CONFIG=configs/unet_r34.yaml)" in out
+
+
+def test_nothing_lands_at_the_repository_root(tree: Path):
+    """make ensemble writes its recipe (and tables) under recipes/, which git ignores; so is a .venv that is
+    a symlink (`.venv/` in .gitignore would only cover a folder)."""
+    from src import blend
+
+    out = "\n".join(dry(tree, "ensemble", "ENSEMBLE_RUNS=runs/a runs/b"))
+    assert "--out recipes/recipe.json" in out and blend._parser().get_default("out") == "recipes/recipe.json"
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", ".venv", "recipes/recipe.json",
+                              "recipes/recipe_domains.csv"], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == [".venv", "recipes/recipe.json", "recipes/recipe_domains.csv"]

@@ -8,7 +8,7 @@ level among those stored by every run, and per-class biases, on a fixed pixel su
 says why and how big). Against overfitting it also fits on half of the domains and scores the other half
 (and the swap), next to the best single run and the plain mean. The chosen recipe is then scored on every
 pixel, per class and per domain, and written as JSON (src.ensembling.recipe) for
-`python -m src.predict --recipe recipe.json` / `make submit RECIPE=recipe.json`, which applies the fold
+`python -m src.predict --recipe recipes/recipe.json` / `make submit RECIPE=recipes/recipe.json`, which applies the fold
 models of those stores (a run's `foldall/` model only with --foldall).
 Outputs: the recipe, `<stem>_domains.csv` (every run, the mean and the recipe, per domain) and
 `<stem>_domains.png` (the recipe). Docs: docs/recipes.md, "Out-of-fold ensembling".
@@ -196,6 +196,7 @@ def blend(runs: Sequence[str | Path], out: str | Path, opts: BlendOptions,
                              fit.biases, opts.threads)
     figures = _tables(conf, names, domains, log)
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for j, col in enumerate([*names, "mean", "recipe"]):
         rows += [{"model": col, **r} for r in domain_rows(conf[j], domains)]
