@@ -11,10 +11,10 @@ a per-class choice of one run (2nd place), the TTA level among those stored by e
 biases, on a fixed pixel subsample (src.ensembling.search says why and how big). Against overfitting it also
 fits on half of the domains and scores the other half (and the swap), next to the best single run and the
 plain mean. The chosen recipe is then scored on every pixel, per class and per domain, and written as JSON
-(src.ensembling.recipe) for `python -m src.predict --recipe recipes/recipe.json` / `make submit RECIPE=recipes/recipe.json`,
-which applies the fold models of those stores (a run's `foldall/` model only with --foldall). Outputs: the
-recipe, `<stem>_domains.csv` (every run, the mean and the recipe, per domain) and `<stem>_domains.png` (the
-recipe). Docs: docs/recipes.md, "Out-of-fold ensembling".
+(src.ensembling.recipe) for `make submit RECIPE=recipes/recipe.json` (`python -m src.predict --recipe
+recipes/recipe.json`), which applies the fold models of those stores (a run's `foldall/` model only with
+--foldall). Outputs: the recipe, `<stem>_domains.csv` (every run, the mean and the recipe, per domain) and
+`<stem>_domains.png` (the recipe). Docs: docs/recipes.md, "Out-of-fold ensembling".
 """
 from __future__ import annotations
 

@@ -259,3 +259,34 @@ def test_a_failed_index_marks_the_old_csvs_unusable_until_one_succeeds(tree, tmp
     img.write_bytes(good)
     assert make_index(tree, data, check=True, workers=2) == 0
     assert not (data / INDEX_FAILED).exists() and len(load_index(data / "index_train.csv"))
+
+
+def test_an_aerial_only_tree_indexes_with_one_warning_and_refuses_s2_training(tmp_path, capsys):
+    """A tree without any Sentinel-2 (FLAIR #1 style, or a subset without the sen folders and centroids) is a
+    legitimate aerial-only dataset: indexed with one warning; training with use_s2=true is then a one-line
+    error
+    before any work."""
+    import shutil
+
+    from src import train as T
+    from src.prep.folds import make_folds
+    from src.prep.index_scan import make_index
+
+    root = make_dataset(tmp_path / "raw", SynthSpec(2, 1, 1, 2, seed=4, edge_rate=0.0))
+    for sen in [p for p in root.rglob("*sen*") if p.is_dir() and p.parent == root]:
+        shutil.rmtree(sen)
+    (root / "flair-2_centroids_sp_to_patch.json").unlink()
+    data = tmp_path / "data"
+    assert make_index(root, data) == 0
+    out = capsys.readouterr().out
+    assert "warning aerial-only (1):" in out and "ERROR" not in out
+    assert (load_index(data / "index_train.csv")["s2_data"] == "").all()
+    make_folds(data, k=2, seed=0, plot=False)
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as stop:
+        T.main(["--fold", "0", "encoder_weights=none", "use_s2=true", "fusion=utt", f"data_dir={data}",
+                f"runs_dir={runs}"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "is an aerial-only index" in err
+    assert not runs.exists()  # nothing was started

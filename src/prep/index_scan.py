@@ -29,6 +29,7 @@ import pandas as pd
 from src.core.errors import DataError
 from src.core.files import write_text
 from src.core.flair import S2_WINDOW
+from src.core.progress import count
 from src.core.tables import COLUMNS, INDEX_FAILED, META_FLOATS, empty_index, write_index
 from src.prep.index_checks import Problem, check_files
 
@@ -349,6 +350,11 @@ def scan(root: str | os.PathLike, check: bool = False, window: int = S2_WINDOW,
     tree = _join(root, problems)
     rows, zones_without_s2, no_meta = _rows(tree, window, problems)
     problems.extend(_leftovers(tree, rows, zones_without_s2, no_meta))
+    if rows and not tree.triples:  # no S2 anywhere: a legitimate aerial-only dataset, not a broken tree
+        problems[:] = [p for p in problems if p.kind not in ("no-centroids", "zone-without-s2")]
+        problems.append(Problem("aerial-only", str(root), "no Sentinel-2 anywhere in this tree (no SEN2_* "
+                                "triple): an aerial-only index; models with use_s2=true cannot train on it",
+                                False))
     if check:
         used = {(r["domain"], r["zone"]) for r in rows}
         problems.extend(check_files(rows, [t for k, t in tree.triples.items() if k in used], workers))
@@ -395,12 +401,14 @@ def format_counts(counts: pd.DataFrame) -> str:
     """One line per split and per domain, with the patch count of each zone."""
     lines = []
     for split, sdf in counts.groupby("split", sort=False):
-        lines.append(f"{split}: {sdf['domain'].nunique()} domains, {len(sdf)} zones, "
-                     f"{int(sdf['patches'].sum())} patches ({int(sdf['labelled'].sum())} labelled)")
+        lines.append(f"{split}: {count(sdf['domain'].nunique(), 'domain')}, {count(len(sdf), 'zone')}, "
+                     f"{count(int(sdf['patches'].sum()), 'patch', 'patches')} "
+                     f"({int(sdf['labelled'].sum())} labelled)")
         for domain, ddf in sdf.groupby("domain"):
             zones = " ".join(f"{z}:{n}" for z, n in zip(ddf["zone"], ddf["patches"]))
-            lines.append(f"  {domain}  {len(ddf)} zones  {int(ddf['patches'].sum())} patches "
-                         f"({int(ddf['labelled'].sum())} labelled)  {zones}")
+            patches = count(int(ddf["patches"].sum()), "patch", "patches")
+            labelled = int(ddf["labelled"].sum())
+            lines.append(f"  {domain}  {count(len(ddf), 'zone')}  {patches} ({labelled} labelled)  {zones}")
     return "\n".join(lines)
 
 
@@ -431,5 +439,5 @@ def make_index(root: str | os.PathLike, out: str | os.PathLike, check: bool = Fa
     n_train, n_test = len(report.frames["train"]), len(report.frames["test"])
     warn = len(report.problems) - len(report.fatal)
     print(f"index: {n_train} train + {n_test} test patches -> {', '.join(map(str, paths))}"
-          f" ({len(report.fatal)} fatal, {warn} warnings)")
+          f" ({len(report.fatal)} fatal, {count(warn, 'warning')})")
     return 0

@@ -32,6 +32,11 @@ def fold_inputs(cfg: Settings, fold: str) -> tuple[Settings, pd.DataFrame, pd.Da
     or None for fold "all"); a one-line error when files the index lists are missing (a warning with
     skip_bad, whose loader then skips them)."""
     train_df, val_df = fold_rows(cfg.data_dir, fold)
+    if (cfg.use_s2 or cfg.norm == "s2_stats") and (train_df["s2_data"].astype(str) == "").all():
+        what = "use_s2=true" if cfg.use_s2 else "norm=s2_stats"
+        raise ConfigError(f"{what}: {Path(cfg.data_dir) / 'index_train.csv'} is an aerial-only index (no "
+                          "Sentinel-2 in the tree it was made from): use use_s2=false with norm=mean_std, or "
+                          "index a tree with its sen folders")
     # class_weights=inverse|inverse_sqrt -> 13 numbers from the training masks, before config.yaml is written
     cfg = resolve_knobs(cfg, train_df)
     train_df = add_pseudo_rows(cfg, fold, train_df, val_df)  # pseudo_dir: test patches, training rows only
