@@ -127,9 +127,10 @@ def views_check(ckpt: Path, index_csv: Path) -> dict:
     from src.data.dataset import FlairDataset
     from src.data.device_augment import device_batch
     from src.data.loader import collate
+    from src.models.batchnorm import batchnorm_layers
     from src.models.flair_model import load_for_inference
     from src.prediction import tta as T
-    from src.prediction.bn_adapt import adapt_batchnorm, batchnorm_layers
+    from src.prediction.bn_adapt import adapt_batchnorm
     from src.prediction.ensemble import INPUT_KEYS
 
     model, cfg = load_for_inference(ckpt, "cpu")

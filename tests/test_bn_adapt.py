@@ -15,14 +15,10 @@ from src.core.errors import ConfigError, PredictError
 from src.core.files import read_label
 from src.core.settings import Settings
 from src.data.normalize import normalize
+from src.models.batchnorm import batchnorm_layers, has_batchnorm
 from src.prediction import passes as PP
 from src.prediction import stores as predstore
-from src.prediction.bn_adapt import (
-    adapt_batchnorm,
-    batchnorm_layers,
-    estimate_rows,
-    has_batchnorm,
-)
+from src.prediction.bn_adapt import adapt_batchnorm, estimate_rows
 from src.prediction.ensemble import Ensemble
 from src.scoring.submission import validate
 from tests.test_predict import Conv1x1

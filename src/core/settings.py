@@ -138,6 +138,8 @@ class Settings:
         choices=CLASS_WEIGHT_WORDS, low=0)
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", low=0, below=1)
     ema: float = setting(0.999, "EMA decay of the saved weights (0: off)", low=0, below=1)
+    bn_recalibrate: int = setting(32, "training batches whose BatchNorm statistics replace the lagging "
+                                  "running ones of the validated and saved weights (0: off)", low=0)
     avg_last: int = setting(0, ">0: also average the weights of the last N epochs into avg.pt", low=0)
     sync_bn: bool = setting(False, "SyncBatchNorm under DDP (CUDA, several processes)")
     precision: str = setting("auto", "autocast precision (auto: bf16 on a GPU, fp32 on CPU)",

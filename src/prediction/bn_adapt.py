@@ -7,17 +7,12 @@ Re-estimating those statistics on the domain's own patches is the cheapest test-
 
 How (`adapt_ensemble`, `adapt_batchnorm`):
 - the model is copied (the original is never touched: the next domain starts from the trained weights);
-- in the copy every BatchNorm layer that tracks running statistics gets momentum=None (cumulative
-  average: after n batches the running mean is the mean of the n batch means and the running variance the
-  mean of the n unbiased batch variances, the estimate training's momentum approximates) and
-  num_batches_tracked=0, so the first batch replaces the training statistics: a reset. BatchNorm layers
-  are in train mode, every other layer in eval mode (dropout off);
+- the copy's statistics are re-estimated as src.models.batchnorm does it (the cumulative average of the
+  batch statistics; the first batch replaces the training statistics: a reset);
 - the inputs are the ones prediction feeds (normalised on the device by src.data.device_augment.device_batch,
   autocast dtype, channels_last), identity view only: the first layer's statistics are exactly invariant
   under the D4 views (a permutation of pixels), training already averaged its statistics over D4-augmented
   crops, and the estimate then costs 1/V of a TTA prediction of the same patches;
-- a BatchNorm call that sees one value per channel (a pooled 1x1 branch with batch 1) cannot estimate: that
-  call uses the layer's current statistics instead of failing;
 - models without BatchNorm (SegFormer: LayerNorm; GroupNorm) are returned as they are (`has_batchnorm`).
 
 Which patches (`estimate_rows`): the domain's rows of the whole index, evenly spaced when over the cap, so
@@ -27,25 +22,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from src.core.runtime import amp_dtype, autocast
+from src.models.batchnorm import Estimate, has_batchnorm
 from src.prediction.ensemble import Ensemble, model_device, model_inputs
-
-
-def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
-    """The BatchNorm layers (1d/2d/3d, SyncBatchNorm) that keep running statistics."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return bool(batchnorm_layers(model))
 
 
 def estimate_rows(rows: pd.DataFrame, cap: int) -> pd.DataFrame:
@@ -54,23 +41,6 @@ def estimate_rows(rows: pd.DataFrame, cap: int) -> pd.DataFrame:
     if cap <= 0 or len(rows) <= cap:
         return rows
     return rows.iloc[np.linspace(0, len(rows) - 1, cap).round().astype(int)]
-
-
-def _one_value_guard(module: _BatchNorm, args: tuple[Any, ...]) -> None:
-    """Train-mode BatchNorm fails on one value per channel: such a call uses the current statistics."""
-    x = args[0]
-    module.training = x.numel() > x.shape[1]
-
-
-def _prepare(model: nn.Module) -> tuple[nn.Module, list[Any]]:
-    twin = copy.deepcopy(model).eval()
-    hooks = []
-    for bn in batchnorm_layers(twin):
-        bn.momentum = None
-        bn.num_batches_tracked.zero_()
-        bn.train()
-        hooks.append(bn.register_forward_pre_hook(_one_value_guard))
-    return twin, hooks
 
 
 def _forward(model: nn.Module, batch: dict[str, Any], precision: str, channels_last: bool) -> None:
@@ -87,21 +57,21 @@ def _forward(model: nn.Module, batch: dict[str, Any], precision: str, channels_l
 @torch.no_grad()
 def adapt_ensemble(models: Sequence[nn.Module], batches: Iterable[Sequence[dict[str, Any]]], *,
                    precision: str = "auto", channels_last: bool = False) -> list[nn.Module]:
-    """Copies of `models` (eval mode) whose BatchNorm statistics are re-estimated on `batches`.
+    """Copies of `models` (eval mode) whose BatchNorm statistics are re-estimated on `batches`
+    (src.models.batchnorm.Estimate).
 
     Each item of `batches` holds one batch per model (its inputs, normalised), so the patches are read
     once for the whole ensemble. Models without BatchNorm come back as they are (not copied)."""
-    prepared = [_prepare(m) if has_batchnorm(m) else None for m in models]
-    try:
+    twins = [copy.deepcopy(m) if has_batchnorm(m) else None for m in models]
+    with ExitStack() as stack:
+        for twin in twins:
+            if twin is not None:
+                stack.enter_context(Estimate(twin))
         for item in batches:
-            for p, batch in zip(prepared, item):
-                if p is not None:
-                    _forward(p[0], batch, precision, channels_last)
-    finally:
-        for p in prepared:
-            for h in p[1] if p is not None else ():
-                h.remove()
-    return [m if p is None else p[0].eval() for m, p in zip(models, prepared)]
+            for twin, batch in zip(twins, item):
+                if twin is not None:
+                    _forward(twin, batch, precision, channels_last)
+    return [m if twin is None else twin for m, twin in zip(models, twins)]
 
 
 def adapt(ens: Ensemble, batches: Iterable[Sequence[dict[str, Any]]]) -> Ensemble:

@@ -41,7 +41,8 @@ from src.core.progress import fmt_duration as fmt_s
 from src.core.progress import progress
 from src.core.workers import default_workers
 from src.data.loader import prediction_loader
-from src.prediction.bn_adapt import adapt, estimate_rows, has_batchnorm
+from src.models.batchnorm import has_batchnorm
+from src.prediction.bn_adapt import adapt, estimate_rows
 from src.prediction.ensemble import Ensemble, choose_tta, device_tta, normalise_weights, quantise
 from src.prediction.stores import (
     PROBS_MANIFEST,

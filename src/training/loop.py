@@ -50,6 +50,7 @@ from src.core.runtime import (
     tune_cuda,
 )
 from src.core.settings import Settings
+from src.models.batchnorm import Estimate, batchnorm_layers, has_batchnorm
 from src.models.flair_model import build_model
 from src.models.weights import apply_init_from
 from src.scoring.domains import format_lines, write_run_domains
@@ -224,12 +225,39 @@ def save_epoch(loop: Loop, improved: bool, plot: bool = True) -> None:
         loop.log(f"skip_bad: {len(ids)} unreadable patches skipped so far, listed in {loop.bad_log}")
 
 
+@torch.no_grad()
+def recalibrate(loop: Loop, epoch: int) -> None:
+    """The weights about to be validated and saved get BatchNorm statistics re-estimated on the first
+    `bn_recalibrate` training batches of this epoch (the same order: a function of (seed, epoch)): running
+    statistics lag weights that change fast, and eval-mode outputs can then be far off (src.models.batchnorm).
+    Averaged over the DDP ranks. The training model's own statistics are not used by training steps."""
+    cfg, model = loop.cfg, loop.nets.eval_model
+    if not cfg.bn_recalibrate or not has_batchnorm(model):
+        return
+    loader = epoch_loader(cfg, loop.data, epoch, loop.place.rank)
+    n = min(cfg.bn_recalibrate, loop.data.n_batches)
+    with Estimate(model):
+        for i, batch in enumerate(loader):
+            if i >= n:
+                break
+            image, extra, _, _ = to_device(batch, cfg, loop.place.device, loop.dtype, cfg.channels_last,
+                                           augment=True)
+            extra.pop("weight", None)
+            with autocast(loop.place.device, loop.dtype):
+                model(image, **extra)
+    for bn in batchnorm_layers(model):
+        for stat in (bn.running_mean, bn.running_var):
+            stat.copy_(all_sum(stat.clone()) / loop.place.world)
+
+
 def run_epoch(loop: Loop, epoch: int) -> None:
     """Train one epoch, validate when due, record and save."""
     cfg, data, run = loop.cfg, loop.data, loop.run
     sums, epoch_s = train_epoch(loop, epoch, epoch_loader(cfg, data, epoch, loop.place.rank))
     row = epoch_row(loop, epoch, sums, epoch_s)
     validating = data.val_loader is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+    if validating or data.val_loader is None or epoch + 1 == cfg.epochs:  # weights that are scored or kept
+        recalibrate(loop, epoch)
     res: dict[str, Any] = {}
     if validating:
         res = validate(loop.nets.eval_model, data.val_loader, loop.nets.criterion, cfg, loop.place.device,
