@@ -3,6 +3,7 @@ computation, the trained model is never touched, a killed run resumes to the sam
 BatchNorm are left alone, and predict.json refuses a resume with another setting."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from src.core.errors import ConfigError, PredictError
 from src.core.files import read_label
 from src.core.settings import Settings
 from src.data.normalize import normalize
-from src.models.batchnorm import batchnorm_layers, has_batchnorm
+from src.models.batchnorm import Estimate, batchnorm_layers, has_batchnorm
 from src.prediction import passes as PP
 from src.prediction import stores as predstore
 from src.prediction.bn_adapt import adapt_batchnorm, estimate_rows
@@ -101,6 +102,22 @@ def test_the_first_batchnorm_of_a_real_model_gets_its_inputs_statistics():
     assert torch.allclose(bn.running_var, torch.stack([y.var((0, 2, 3)) for y in seen]).mean(0), rtol=1e-4)
     assert _same(_state(model), before)
     assert has_batchnorm(model) and not has_batchnorm(Conv1x1())
+
+
+def test_a_batch_with_non_finite_statistics_is_left_out():
+    """One patch of inf (a broken S2 file, an fp16 overflow) would make every average inf: it is left out."""
+    model = ConvBN().eval()
+    gen = torch.Generator().manual_seed(2)
+    good = [{"image": torch.randn(3, 5, 12, 12, generator=gen) + 1} for _ in range(2)]
+    bad = {"image": good[0]["image"].clone()}
+    bad["image"][1, 2, 3, 4] = float("inf")
+    want = adapt_batchnorm(model, good)
+    got = adapt_batchnorm(model, [good[0], bad, good[1]])
+    assert torch.equal(got.bn.running_mean, want.bn.running_mean)
+    assert torch.equal(got.bn.running_var, want.bn.running_var) and int(got.bn.num_batches_tracked) == 2
+    with Estimate(copy.deepcopy(model)) as est:  # nothing usable: the statistics the model came with
+        assert est.feed(est.model, bad["image"]) is False and est.left_out == 1
+    assert torch.equal(est.model.bn.running_var, model.bn.running_var)
 
 
 def test_a_layer_with_one_value_per_channel_keeps_its_statistics():

@@ -1,7 +1,7 @@
 """Reliability (issue 11): bad files, interruptions and bad settings never lose work or give a wrong
 submission.
 
-Cases already covered elsewhere are not re-tested here (see the table in README "Reliability"):
+Cases already covered elsewhere are not re-tested here (see the table in docs/commands.md, "Reliability"):
 SIGKILL while writing checkpoints (tests/test_checkpoint.py), exact resume after SIGKILL and the NaN
 stop (tests/test_train.py), resume of deleted PRED files and disk full (tests/test_predict.py,
 tests/test_submit.py), 21 malformed submissions (tests/test_submit.py). This file adds the end-to-end
@@ -293,7 +293,9 @@ def test_a_non_finite_batch_is_skipped_counted_and_training_goes_on(data_dir, tm
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and int(rows[0]["nan_steps"]) == n_hit > 0
-    assert capsys.readouterr().out.count("step skipped") == n_hit
+    out = capsys.readouterr().out
+    assert out.count("step skipped") == n_hit
+    assert f"BatchNorm re-estimation: {n_hit} batch" in out and "left out (non-finite statistics)" in out
     assert load_checkpoint(run / "last.pt")["nan_steps"] == n_hit
 
 

@@ -64,13 +64,11 @@ def adapt_ensemble(models: Sequence[nn.Module], batches: Iterable[Sequence[dict[
     once for the whole ensemble. Models without BatchNorm come back as they are (not copied)."""
     twins = [copy.deepcopy(m) if has_batchnorm(m) else None for m in models]
     with ExitStack() as stack:
-        for twin in twins:
-            if twin is not None:
-                stack.enter_context(Estimate(twin))
+        estimates = [None if twin is None else stack.enter_context(Estimate(twin)) for twin in twins]
         for item in batches:
-            for twin, batch in zip(twins, item):
-                if twin is not None:
-                    _forward(twin, batch, precision, channels_last)
+            for twin, est, batch in zip(twins, estimates, item):
+                if est is not None:
+                    est.feed(_forward, twin, batch, precision, channels_last)
     return [m if twin is None else twin for m, twin in zip(models, twins)]
 
 

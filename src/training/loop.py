@@ -236,7 +236,7 @@ def recalibrate(loop: Loop, epoch: int) -> None:
         return
     loader = epoch_loader(cfg, loop.data, epoch, loop.place.rank)
     n = min(cfg.bn_recalibrate, loop.data.n_batches)
-    with Estimate(model):
+    with Estimate(model) as est:
         for i, batch in enumerate(loader):
             if i >= n:
                 break
@@ -244,7 +244,10 @@ def recalibrate(loop: Loop, epoch: int) -> None:
                                            augment=True)
             extra.pop("weight", None)
             with autocast(loop.place.device, loop.dtype):
-                model(image, **extra)
+                est.feed(model, image, **extra)
+    if est.left_out:
+        left = count(est.left_out, "batch", "batches")
+        loop.log(f"BatchNorm re-estimation: {left} of {n} left out (non-finite statistics)")
     for bn in batchnorm_layers(model):
         for stat in (bn.running_mean, bn.running_var):
             stat.copy_(all_sum(stat.clone()) / loop.place.world)
