@@ -356,7 +356,7 @@ def test_demo_fusion_beats_aerial_only_on_s2_only_classes(tmp_path):
         return (last[IOU_COLS[9]] + last[IOU_COLS[10]]) / 2
 
     assert results["fusion"]["best_miou"] > 0.33  # clearly non-trivial on two held-out domains
-    assert s2_only(results["fusion"]) > s2_only(results["aerial"]) + 0.10  # measured: 0.79 vs 0.23
+    assert s2_only(results["fusion"]) > s2_only(results["aerial"]) + 0.10  # measured: 0.57 vs 0.24
 
 
 def test_validated_and_saved_weights_get_their_own_batchnorm_statistics(data_dir, tmp_path):
