@@ -105,7 +105,13 @@ def load_folds(data_dir: str | os.PathLike) -> pd.DataFrame:
 
 def train_index(data_dir: str | os.PathLike) -> pd.DataFrame:
     """DATA/index_train.csv, with one error naming the file when it is missing or has no rows."""
-    return split_index(data_dir, "train")
+    index_path = Path(data_dir) / "index_train.csv"
+    if not index_path.is_file():
+        raise DataError(f"{index_path}: not found; run `make index` first (data_dir={data_dir})")
+    index = load_index(index_path)
+    if index.empty:
+        raise DataError(f"{index_path}: no training rows")
+    return index
 
 
 def fold_rows(data_dir: str | os.PathLike, fold: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
