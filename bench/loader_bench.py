@@ -93,15 +93,16 @@ def read_floor(df: pd.DataFrame, n: int, s2: bool, hold: int = 0, size: int = 40
     return 1000 * (time.thread_time() - t0) / n
 
 
-def sample_cost(df: pd.DataFrame, preset: str, s2: bool, n: int, batch: int) -> dict:
-    """CPU ms per sample of a worker's job: __getitem__ then collate, in batches of `batch`."""
+def sample_cost(df: pd.DataFrame, preset: str, s2: bool, n: int, batch: int, first: int = 0) -> dict:
+    """CPU ms per sample of a worker's job: __getitem__ then collate, in batches of `batch`, from row
+    `first` on (the warm-up reads rows 0..3)."""
     cfg = load_settings(None, {"augment": preset, "use_s2": s2, "use_metadata": s2, "crop_size": 512})
     ds = FlairDataset(df, cfg, train=True)
     collate([ds[(i % len(ds), 0)] for i in range(min(len(ds), 4))])  # warm-up: memmaps, caches
     ds.clock, ds.timings = time.thread_time, {}
     t_collate, t0 = 0.0, time.thread_time()
     for start in range(0, n, batch):
-        samples = [ds[(k % len(ds), 1)] for k in range(start, min(start + batch, n))]
+        samples = [ds[((first + k) % len(ds), 1)] for k in range(start, min(start + batch, n))]
         t1 = time.thread_time()
         collate(samples)
         t_collate += time.thread_time() - t1
@@ -153,6 +154,36 @@ def per_sample_table(trees: dict[str, pd.DataFrame], n: int, batch: int) -> list
     return rows
 
 
+def zone_per_row(df: pd.DataFrame, copies: int, out: Path) -> pd.DataFrame:
+    """`copies` times the rows, each row with its own S2 triple (hard links): every sample opens a zone."""
+    rows = []
+    for k in range(copies):
+        for row in df.to_dict("records"):
+            folder = out / f"{k}_{row['id']}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for col in ("s2_data", "s2_masks", "s2_products"):
+                link = folder / Path(row[col]).name
+                if not link.exists():
+                    os.link(row[col], link)
+                row = {**row, col: str(link)}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def zones_table(df: pd.DataFrame, n: int, batch: int, tmp: Path) -> list[dict]:
+    """Per-sample cost (light, S2 + meta) when the sample's zone is open (rows sharing few zones) and when
+    every sample opens its own zone (closing the least recently used of OPEN_ZONES): shuffled training
+    rows over the real 727 zones are mostly the second case."""
+    reopen = zone_per_row(df, -(-(n + 4) // len(df)), tmp / "zone_links")
+    print("\n| zones (light, S2 + meta, uncompressed) | worker CPU ms/sample | vs open |\n|---|---|---|")
+    rows = []
+    for name, tree in (("open", df), ("each sample opens its zone", reopen)):
+        r = sample_cost(tree, "light", True, n, batch, first=4)
+        rows.append({"zones": name, "ms": r["ms"], "s2": r["s2"]})
+        print(f"| {name} | {r['ms']:.2f} | {r['ms'] / rows[0]['ms']:.3f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", help="data root (official or synthetic layout); default: a temp synth tree")
@@ -179,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(df)} train patches from {root}; n={args.n} per row; batch {args.batch_size}; 1 thread "
               f"(torch {torch.__version__}, OpenCV {cv2.__version__}); {cores} cores\n")
         rows = per_sample_table(trees, args.n, args.batch_size)
+        zone_rows = zones_table(trees["uncompressed"], args.n, args.batch_size, Path(tmp))
         print("\n| preset (S2 + meta, uncompressed) | workers | samples/s | per worker |\n|---|---|---|---|")
         loader_rows = []
         for preset in ("light", "heavy"):
@@ -187,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 loader_rows.append({"preset": preset, "workers": w, "samples_s": rate})
                 print(f"| {preset} | {w} | {rate:.0f} | {rate / w:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"per_sample": rows, "loader": loader_rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"per_sample": rows, "zones": zone_rows, "loader": loader_rows},
+                                                 indent=1))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from src.core.errors import MachineLimitError
 from src.core.flair import S2_WINDOW
 from src.prep.index_scan import make_index
 
@@ -24,8 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="threads for --check")
     p.add_argument("--lenient", action="store_true", help="write the CSVs even with fatal problems")
     args = p.parse_args(argv)
-    return make_index(args.root, args.out, check=args.check, window=args.window, workers=args.workers,
-                      lenient=args.lenient)
+    try:
+        return make_index(args.root, args.out, check=args.check, window=args.window, workers=args.workers,
+                          lenient=args.lenient)
+    except MachineLimitError as err:
+        print(f"index: error: {err} (nothing written; an earlier index in {args.out} is unchanged)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,14 @@ import argparse
 import sys
 
 from src.core.config import exit_on_config_error, parse_overrides, split_overrides
-from src.core.errors import ConfigError, PredictError, exit_interrupted, one_line
+from src.core.errors import (
+    ConfigError,
+    MachineLimitError,
+    PredictError,
+    exit_interrupted,
+    exit_on_machine_limit,
+    one_line,
+)
 from src.core.settings import TTA_CHOICES
 
 
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # PredictError, DataError (CheckpointError), bad --weights
         print(f"infer: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (MachineLimitError, OSError, MemoryError) as err:
+        exit_on_machine_limit("infer", err)
 
 
 def run(args: argparse.Namespace, runs: list[str], weights: list[float] | None, overrides: dict) -> None:

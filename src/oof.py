@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from src.core.config import exit_on_config_error, parse_overrides, split_overrides
-from src.core.errors import CheckpointError, ConfigError, DataError, PredictError, exit_interrupted, one_line
+from src.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MachineLimitError,
+    PredictError,
+    exit_interrupted,
+    exit_on_machine_limit,
+    one_line,
+)
 from src.core.settings import OOF_CHECKPOINTS, TTA_LEVELS
 
 
@@ -86,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     except (PredictError, DataError) as err:
         print(f"oof: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (MachineLimitError, OSError, MemoryError) as err:
+        exit_on_machine_limit("oof", err)
     finally:
         if "torch" in sys.modules:
             from src.core.runtime import cleanup

@@ -36,7 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from src.core.config import exit_on_config_error, load_settings, parse_overrides, split_overrides
-from src.core.errors import ConfigError, DataError, PredictError, exit_interrupted, is_disk_full, one_line
+from src.core.errors import (
+    ConfigError,
+    DataError,
+    MachineLimitError,
+    PredictError,
+    exit_interrupted,
+    exit_on_machine_limit,
+    is_disk_full,
+    one_line,
+)
 from src.core.settings import TTA_CHOICES
 
 
@@ -181,9 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     except OSError as err:
         if not is_disk_full(err):
-            raise
+            exit_on_machine_limit("predict", err)
         print(f"predict: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (MachineLimitError, MemoryError) as err:
+        exit_on_machine_limit("predict", err)
 
 
 if __name__ == "__main__":

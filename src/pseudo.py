@@ -14,7 +14,14 @@ import argparse
 import sys
 from typing import Any
 
-from src.core.errors import ConfigError, DataError, exit_interrupted, one_line
+from src.core.errors import (
+    ConfigError,
+    DataError,
+    MachineLimitError,
+    exit_interrupted,
+    exit_on_machine_limit,
+    one_line,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -37,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (DataError, ConfigError) as err:
         print(f"pseudo: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (MachineLimitError, OSError, MemoryError) as err:
+        exit_on_machine_limit("pseudo", err)
 
 
 if __name__ == "__main__":

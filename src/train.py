@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from src.core.config import exit_on_config_error, from_saved, load_settings, parse_overrides, settings_table
-from src.core.errors import CheckpointError, ConfigError, DataError, TrainingDiverged, exit_interrupted
+from src.core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MachineLimitError,
+    TrainingDiverged,
+    exit_interrupted,
+    exit_on_machine_limit,
+)
 from src.core.settings import Settings, check_job
 
 
@@ -102,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     except DataError as err:
         print(f"data error: {err} (skip_bad=1 skips unreadable samples)", file=sys.stderr)
         raise SystemExit(1) from None
+    except (MachineLimitError, OSError, MemoryError) as err:
+        exit_on_machine_limit("train", err)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,51 @@ def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+class MachineLimitError(RuntimeError):
+    """A limit of this machine or process was hit (open files, memory) while reading a file: not a fault of
+    the file, so never counted as a bad sample (skip_bad) nor reported as damaged. The message names the
+    limit and what raises it."""
+
+
+def machine_limit(err: BaseException, path: str | os.PathLike | None = None) -> MachineLimitError | None:
+    """The MachineLimitError for an error that is a limit of the machine (too many open files in the process
+    or the system, out of memory) met while reading `path`, None for any other error."""
+    if isinstance(err, MachineLimitError):
+        return err
+    at = f"{path}: " if path is not None else ""
+    code = getattr(err, "errno", None)
+    if isinstance(err, MemoryError) or code == errno.ENOMEM:
+        return MachineLimitError(f"{at}out of memory (a limit of this machine, not a damaged file): lower "
+                                 "batch_size or workers, or free memory")
+    if code == errno.ENFILE:
+        return MachineLimitError(f"{at}the system's table of open files is full (a limit of this machine, "
+                                 "not a damaged file): close other programs or raise fs.file-max")
+    if code == errno.EMFILE:
+        return MachineLimitError(f"{at}too many open files in this process (limit {_open_files_limit()}, a "
+                                 "limit of this machine, not a damaged file): raise it (`ulimit -n 4096`) or "
+                                 "use fewer workers")
+    return None
+
+
+def exit_on_machine_limit(job: str, err: BaseException) -> None:
+    """A job's handler of MachineLimitError, OSError and MemoryError: a machine limit is one line and exit
+    1; any other error goes on up as it was."""
+    limit = machine_limit(err)
+    if limit is None:
+        raise err
+    print(f"{job}: error: {one_line(limit)}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def _open_files_limit() -> str:
+    """The soft limit of open files of this process (`ulimit -n`), as text."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return "unknown"
+    return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 def one_line(err: BaseException) -> str:
     """The user-facing line of an error; a DataError re-raised by a DataLoader worker carries the worker's
     whole traceback, of which only the last line is the message."""

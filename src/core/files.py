@@ -13,6 +13,7 @@ always returns (C, H, W) so callers never guess."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -24,7 +25,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from src.core.errors import DataError
+from src.core.errors import DataError, machine_limit
 
 
 def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -87,15 +88,20 @@ def read_tif(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with open(path, "rb") as fh:
-            return imagecodecs.tiff_decode(fh.read())
+            raw = fh.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, MemoryError) as err:
+        raise machine_limit(err, path) or DataError(f"{path}: unreadable ({err})") from None
+    try:
+        return imagecodecs.tiff_decode(raw)
     except Exception:
         pass
     try:
-        return tifffile.imread(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        return tifffile.imread(io.BytesIO(raw))
     except Exception as err:  # tifffile raises many types for corrupt files
-        raise DataError(f"{path}: unreadable TIFF ({type(err).__name__}: {err})") from None
+        raise machine_limit(err, path) or DataError(f"{path}: unreadable TIFF ({type(err).__name__}: "
+                                                    f"{err})") from None
 
 
 def to_chw(arr: np.ndarray, path: str | os.PathLike = "", bands: int | None = None) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""Worker counts and OpenCV threads: how many processes/threads read data. Torch-free, so the notebook
-and the data-preparation CLIs import it without loading torch."""
+"""Worker counts, OpenCV threads and open-file limits: how many processes/threads read data, and how many
+files each may keep open. Torch-free, so the notebook and the data-preparation CLIs import it without
+loading torch."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -41,3 +43,19 @@ def single_thread_opencv() -> None:
     import cv2
 
     cv2.setNumThreads(1)
+
+
+def open_files_limit() -> int:
+    """This process's limit of open files, first raised from the soft to the hard limit (no privilege
+    needed; many systems default to a soft 1024 under a far higher hard limit). Where there are no such
+    limits (not POSIX, or unlimited), a large number."""
+    try:
+        import resource
+    except ImportError:
+        return 1 << 20
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft

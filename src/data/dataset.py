@@ -20,11 +20,12 @@ transforms happen on the device, on the batch (src.data.device_augment).
 Why it is fast: a worker does little more than read. TIFFs through src.core.files (libtiff, no rasterio);
 the planar image is used as decoded (no copy when every band is selected and nothing is cropped), the
 label checked and remapped through one 256-entry table; S2 arrays memory-mapped so only the 40x40 window
-of the kept dates is read, products.txt parsed once per zone and per worker. Workers: the dataset holds
-only numpy columns and settings (pickles small, no per-row Python objects whose refcounts would copy
-pages in forked workers); memmaps are opened lazily in each worker, kept while the (persistent) worker
-lives, and dropped when pickled. Augmentation draws come from a numpy Generator seeded from (seed, epoch,
-index) (src.data.loader.EpochSampler passes the epoch), so they do not depend on which worker loads a sample.
+of the kept dates is read, products.txt parsed when the zone is opened. Workers: the dataset holds only
+numpy columns and settings (pickles small, no per-row Python objects whose refcounts would copy pages in
+forked workers); memmaps are opened lazily in each worker, as many zones at once as its open-file limit allows
+(src.data.sentinel.ZoneCache, zone_budget), and dropped when pickled. Augmentation draws
+come from a numpy Generator seeded from (seed, epoch, index) (src.data.loader.EpochSampler passes the
+epoch), so they do not depend on which worker loads a sample.
 
 The aerial metadata of a patch as a fixed-length float vector for the model (docs/data-format.md,
 "Metadata").
@@ -56,7 +57,7 @@ from src.core.settings import Settings
 from src.data.augment import build_augment
 from src.data.normalize import norm_stats_of, patch_norm_stats, series_and_stats
 from src.data.pseudo_labels import PseudoSource
-from src.data.sentinel import SeriesOptions, open_zone, s2_series
+from src.data.sentinel import SeriesOptions, ZoneCache, s2_series, zone_budget
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class FlairDataset(Dataset):
         self.timings: dict[str, float] | None = None
         self.clock = time.perf_counter
         self._bad: dict[int, str] = {}  # row -> its one-line error (per process)
-        self._zones: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+        self._zones: ZoneCache | None = None  # made on first use, in the process that reads
         self._owner: tuple[int, int | None] | None = None
 
     def __len__(self) -> int:
@@ -139,7 +140,7 @@ class FlairDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_zones"], state["_owner"] = {}, None  # memmaps are reopened in the receiving process
+        state["_zones"], state["_owner"] = None, None  # memmaps are reopened where it is received
         return state
 
     def _check_worker(self) -> None:
@@ -148,7 +149,7 @@ class FlairDataset(Dataset):
         owner = (os.getpid(), info.id if info is not None else None)
         if owner != self._owner:
             if self._owner is not None or info is not None:
-                self._zones = {}
+                self._zones = None
             self._owner = owner
 
     def rng(self, i: int, epoch: int) -> np.random.Generator | None:
@@ -196,17 +197,14 @@ class FlairDataset(Dataset):
         return self.cols[column][i].decode()
 
     def _zone(self, i: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(data, masks, products) of the row's S2 zone, memmapped once per process."""
+        """(data, masks, products) of the row's S2 zone, memory-mapped (src.data.sentinel.ZoneCache)."""
         key = int(self.zone_code[i])
-        zone = self._zones.get(key)
-        if zone is None:
-            paths = self.zone_paths[key]
-            if not all(paths):
-                raise DataError(f"{self.text('img_path', i)}: no Sentinel-2 files for this patch "
-                                "in the index")
-            zone = open_zone(*paths)
-            self._zones[key] = zone
-        return zone
+        paths = self.zone_paths[key]
+        if not all(paths):
+            raise DataError(f"{self.text('img_path', i)}: no Sentinel-2 files for this patch in the index")
+        if self._zones is None:
+            self._zones = ZoneCache(zone_budget())
+        return self._zones.get(key, paths)
 
     def _tick(self, key: str, start: float) -> float:
         now = self.clock()
@@ -263,8 +261,7 @@ class FlairDataset(Dataset):
 
     def read_norm_stats(self, i: int) -> torch.Tensor:
         """norm=s2_stats: (C, 2) float32 (mean, std) of row i from its S2 (src.data.normalize); a row without
-        S2
-        files or centroid, or without a clear date, gets the train mean/std (counted in s2_fallbacks)."""
+        S2 files or centroid, or without a clear date, gets the train mean/std (counted in s2_fallbacks)."""
         data = masks = None
         centroid = self._centroid(i) if all(self.zone_paths[self.zone_code[i]]) else None
         if centroid is not None:

@@ -14,15 +14,16 @@ import argparse
 import datetime as dt
 import functools
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from src.core.errors import DataError
+from src.core.errors import DataError, machine_limit
 from src.core.settings import Settings
+from src.core.workers import open_files_limit
 
 # Reference day of the baseline date encoding: days are counted before 15 May.
 REF_MONTH, REF_DAY = 5, 15
@@ -56,7 +57,7 @@ def read_products(path: str | os.PathLike) -> list[str]:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: unreadable products list ({err})") from None
+        raise machine_limit(err, path) or DataError(f"{path}: unreadable products list ({err})") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise DataError(f"{path}: empty products list")
@@ -73,8 +74,8 @@ def open_zone(data_path: str | os.PathLike, masks_path: str | os.PathLike, produ
             arrays.append(np.load(p, mmap_mode="r"))
         except FileNotFoundError:
             raise DataError(f"{p}: file not found") from None
-        except (OSError, ValueError) as err:
-            raise DataError(f"{p}: unreadable .npy ({err})") from None
+        except (OSError, ValueError, MemoryError) as err:
+            raise machine_limit(err, p) or DataError(f"{p}: unreadable .npy ({err})") from None
     data, masks = arrays
     products = read_products(products_path)
     if data.ndim != 4 or masks.ndim != 4 or masks.shape[0] != data.shape[0] \
@@ -82,6 +83,50 @@ def open_zone(data_path: str | os.PathLike, masks_path: str | os.PathLike, produ
         raise DataError(f"{data_path}: S2 triple does not match: data {data.shape}, "
                         f"masks {masks.shape}, {len(products)} products in {products_path}")
     return data, masks, products
+
+
+# Descriptors a process keeps free for everything but S2 zones: the DataLoader's pipes, batches passed
+# between processes (one descriptor per tensor in flight), TIFF reads, libraries. Never fewer zones open
+# than MIN_OPEN_ZONES.
+FD_RESERVE, MIN_OPEN_ZONES = 256, 8
+
+
+def zone_budget() -> int:
+    """How many S2 zones this process may keep open (memory-mapped): each holds two descriptors. A worker
+    that kept every zone it visited would hold ~1,450 for the 727 training zones of FLAIR #2, past the
+    common `ulimit -n` of 1024; within the (raised) limit minus FD_RESERVE, every zone stays open where the
+    limit allows it, and the least recently used ones are closed where it does not."""
+    return max(MIN_OPEN_ZONES, (open_files_limit() - FD_RESERVE) // 2)
+
+
+class ZoneCache:
+    """The S2 super-areas one process reads (`open_zone`), at most `size` open at once (`zone_budget()`):
+    opening one more closes the least recently used (its descriptors and mapping go with its last
+    reference).
+
+    Why not close every zone at once: a reopened zone costs its headers and, above all, the page faults of
+    a fresh mapping (4.6 ms instead of 2.3 ms for a real-size series, BENCHMARKS.md, "Real scale").
+    Validation and prediction read rows zone after zone and hit; shuffled training rows hit as often as
+    the budget covers the zones."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray, list[str]]] = OrderedDict()
+
+    def get(self, key: int, paths: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(data, masks, products) of the zone `key` whose files are `paths` (data, masks, products)."""
+        zone = self._open.get(key)
+        if zone is not None:
+            self._open.move_to_end(key)
+            return zone
+        zone = open_zone(*paths)
+        self._open[key] = zone
+        if len(self._open) > self.size:
+            self._open.popitem(last=False)
+        return zone
+
+    def __len__(self) -> int:
+        return len(self._open)
 
 
 def encode_days(dates: list[dt.date], ref_year: int) -> np.ndarray:
