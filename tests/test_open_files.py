@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,12 +75,16 @@ def run_loader(index: pd.DataFrame, limit: str, workers: int, tmp_path: Path) ->
     index.to_csv(path, index=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     cmd = [sys.executable, "-c", RUN, str(path), limit, str(workers)]
-    try:  # a worker out of descriptors can hang the loader rather than fail (measured before the fix)
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its workers too can be killed as one group
+    try:  # a worker out of descriptors can hang the loader rather than fail (seen before the fix)
+        stdout, stderr = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         pytest.fail("the loader hung for 3 minutes under the lowered descriptor limit")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 LIMIT = FD_RESERVE + 64  # room for 32 zones

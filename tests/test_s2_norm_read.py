@@ -119,7 +119,7 @@ def test_sample_reads_its_window_once_and_matches_the_npy_files(synth_index):
         key = int(ds.zone_code[i])
         d, m, products = ds._zone(i)
         counted = Counted(getattr(d, "array", d)), Counted(getattr(m, "array", m))
-        ds._zones[key] = (*counted, products)
+        ds._zones._open[key] = (*counted, products)  # the cached zone, its arrays counted
         s = ds[i]
         assert [c.reads for c in counted] == [1, 1]  # the masks of the window, then the data of its dates
         ref = reference_stats(data, masks, centroid)
