@@ -45,20 +45,22 @@ LABELS ?=
 DEMO ?= data/demo
 TB_DIR ?= runs
 PORT ?= 6006
+TREE ?= /tmp/flair_scale
+SCALE_WORK ?= /tmp/flair_scale_work
 TRAIN_NAME = $(if $(filter command line,$(origin NAME)),name=$(NAME))
 KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
 	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS \
-	TB_DIR PORT RECIPE ENSEMBLE_RUNS PSEUDO MODELS_ARG CONFIG_NAME LATEST NAME_FROM SAY_RUN TRAIN_NAME
+	TB_DIR PORT TREE SCALE_WORK RECIPE ENSEMBLE_RUNS PSEUDO MODELS_ARG CONFIG_NAME LATEST NAME_FROM SAY_RUN TRAIN_NAME
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
 	$(ARGS) \
 	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA)))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv synth index download folds train oof ensemble predict pseudo submit evaluate export infer tensorboard demo eda settings test test-all lint bench clean
+.PHONY: help venv synth index download folds train oof ensemble predict pseudo submit evaluate export infer tensorboard demo eda settings test test-all lint bench scale-bench clean
 
 help: ## list every target
-	@grep -E '^[a-z][a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z][a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -144,8 +146,12 @@ test-all: $(STAMP) ## run every test, slow ones included
 lint: $(STAMP) ## ruff check
 	$(VENV)/bin/ruff check src tests bench
 
-bench: $(STAMP) ## run the CPU benchmarks under bench/ (figures go to BENCHMARKS.md by hand)
-	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
+bench: $(STAMP) ## run the CPU benchmarks under bench/ but the scale one (figures go to BENCHMARKS.md by hand)
+	for b in bench/*_bench.py; do [ $$b = bench/scale_bench.py ] || $(PY) $$b || exit 1; done
+
+scale-bench: $(STAMP) ## the chain at the real data's size under ulimit -n 1024 (TREE=/tmp/flair_scale: 0.5 GB; ~10 min)
+	test -f $(TREE)/.scale_tree.json || $(PY) bench/scale_tree.py --out $(TREE)
+	$(PY) bench/scale_bench.py --tree $(TREE) --work $(SCALE_WORK)
 
 clean: ## remove caches and the demo outputs (keeps .venv, data/raw and runs/)
 	rm -rf .pytest_cache .ruff_cache $(DEMO) runs/demo predictions/demo

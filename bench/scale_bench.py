@@ -8,8 +8,8 @@ real-size files: the counts and the file layout are the real ones, the pixels re
 
 Each step runs as its own process (the user's command where there is one) with the limit of open files set
 to 1024 (soft and hard, as `ulimit -n 1024` does); a watcher samples its process tree every 0.1 s: peak
-resident memory (anonymous and file-backed, summed over the processes), peak open descriptors (of the one
-process holding most: the limit is per process), wall and CPU time.
+memory (anonymous and file-backed proportional set sizes, summed over the processes), peak open
+descriptors (of the one process holding most: the limit is per process), wall and CPU time.
 
 Steps: `index` and `check` (`make index`, `--check`); `folds` (`make folds K=5`: class histograms of 61,712
 masks, the domain search); `train` (the start of a demo-config run on the full index up to 4 batches: what
@@ -59,8 +59,8 @@ class Figures:
     step: str
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    rss_anon_mb: float = 0.0
-    rss_file_mb: float = 0.0
+    pss_anon_mb: float = 0.0
+    pss_file_mb: float = 0.0
     fds: int = 0
     processes: int = 0
     rc: int = 0
@@ -90,16 +90,20 @@ def _tree(pid: int) -> list[int]:
 
 
 def _sample(pids: list[int]) -> tuple[float, float, int]:
-    """(RssAnon MB, RssFile MB summed, most descriptors held by one process) of `pids`."""
+    """(anonymous MB, file-backed MB, most descriptors held by one process) of `pids`.
+
+    Proportional set sizes (/proc/PID/smaps_rollup): a page shared by N processes counts 1/N in each, so
+    the sum over a forked tree is the memory it really takes (RSS would count the parent's pages, which
+    forked workers share copy-on-write, once per worker)."""
     anon = file = 0.0
     fds = 0
     for p in pids:
         try:
-            with open(f"/proc/{p}/status") as f:
+            with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith(("RssAnon:", "RssFile:")):
-                        kb = float(line.split()[1]) / 1024
-                        anon, file = (anon + kb, file) if line.startswith("RssAnon") else (anon, file + kb)
+                    if line.startswith(("Pss_Anon:", "Pss_File:")):
+                        mb = float(line.split()[1]) / 1024
+                        anon, file = (anon + mb, file) if line.startswith("Pss_Anon") else (anon, file + mb)
             fds = max(fds, len(os.listdir(f"/proc/{p}/fd")))
         except OSError:
             continue
@@ -122,7 +126,7 @@ def watch(step: str, cmd: list[str], log: Path) -> Figures:
         while proc.poll() is None:
             pids = _tree(proc.pid)
             anon, file, fds = _sample(pids)
-            fig.rss_anon_mb, fig.rss_file_mb = max(fig.rss_anon_mb, anon), max(fig.rss_file_mb, file)
+            fig.pss_anon_mb, fig.pss_file_mb = max(fig.pss_anon_mb, anon), max(fig.pss_file_mb, file)
             fig.fds, fig.processes = max(fig.fds, fds), max(fig.processes, len(pids))
             time.sleep(0.1)
     fig.wall_s = time.perf_counter() - t0
@@ -262,7 +266,7 @@ def bound(fig: Figures) -> str:
 def row(fig: Figures) -> str:
     projected = fig.wall_s * fig.scale
     proj = f"{projected / 60:.1f} min" if projected >= 60 else f"{projected:.0f} s"
-    return (f"| {fig.step} | {fig.wall_s:.1f} | {proj} | {fig.rss_anon_mb:.0f} | {fig.rss_file_mb:.0f} | "
+    return (f"| {fig.step} | {fig.wall_s:.1f} | {proj} | {fig.pss_anon_mb:.0f} | {fig.pss_file_mb:.0f} | "
             f"{fig.fds} | {fig.processes} | {bound(fig)} | {fig.note} |")
 
 
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     print(f"scale bench on {a.tree} (work {work}), open files limited to {LIMIT} per process\n")
-    print("| step | wall s | projected, real data | peak RSS anon MB | peak RSS file MB | peak fds/process |"
+    print("| step | wall s | projected, real data | peak PSS anon MB | peak PSS file MB | peak fds/process |"
           " processes | bound | last line |\n|---|---|---|---|---|---|---|---|---|")
     figures = []
     for step in steps:
