@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from src.core.errors import DataError, PredictError, one_line
+from src.core.errors import DataError, PredictError, exit_interrupted, one_line
 from src.core.settings import OOF_CHECKPOINTS, TTA_LEVELS
 
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         opts = BlendOptions(args.data, args.tta, args.checkpoint, args.pixels, args.seed, args.choice,
                             args.biases, args.threads, args.foldall)
         blend(args.runs, args.out, opts)
+    except KeyboardInterrupt:
+        exit_interrupted("blend", f"no recipe written to {args.out}", "re-run the same command")
     except (PredictError, DataError) as err:
         print(f"blend: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None

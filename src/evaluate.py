@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from src.core.errors import DataError, MachineLimitError
+from src.core.errors import DataError, MachineLimitError, exit_interrupted
 from src.scoring.score import BACKENDS, ScoreFiles, score_and_write
 
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         score_and_write(args.pred, args.index or args.labels, ScoreFiles(args.json, args.png, args.domains),
                         workers=args.workers, labels=args.labels if args.index else None,
                         backend=args.backend)
+    except KeyboardInterrupt:
+        exit_interrupted("evaluate", "nothing written", "re-run the same command")
     except (DataError, FileNotFoundError, ValueError, MachineLimitError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -13,7 +13,7 @@ import argparse
 import sys
 import warnings
 
-from src.core.errors import DataError, MachineLimitError
+from src.core.errors import DataError, MachineLimitError, exit_interrupted
 from src.prep.folds import SCHEMES, make_folds
 
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             make_folds(args.data, args.k, args.seed, args.scheme, args.workers, args.restarts,
                        not args.no_plot)
+        except KeyboardInterrupt:
+            exit_interrupted("folds", f"folds.csv in {args.data} is unchanged", "re-run the same command")
         except (DataError, ValueError, MachineLimitError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -14,7 +14,7 @@ import sys
 import time
 import zipfile
 
-from src.core.errors import DataError, DiskFullError, SubmissionError
+from src.core.errors import DataError, DiskFullError, SubmissionError, exit_interrupted
 from src.scoring.submission import fmt_mb, make_zip, validate
 
 
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
             out = make_zip(args.pred, args.name, args.out, args.baseline_time, args.your_time, args.index,
                            args.workers, zipfile.ZIP_DEFLATED if args.deflate else zipfile.ZIP_STORED)
             print(f"wrote {out} ({fmt_mb(out.stat().st_size)}), validated")
+    except KeyboardInterrupt:
+        exit_interrupted("submit", "no zip written", "re-run the same command")
     except (SubmissionError, DataError, DiskFullError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -4,8 +4,11 @@ file by file before any training starts (docs/data-format.md, "The index")."""
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing as mp
 import os
-from concurrent.futures import ThreadPoolExecutor
+import signal
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,33 +101,50 @@ def check_s2(triple: dict) -> list[tuple[str, str]]:
     return out
 
 
-CHUNK = 64  # header checks per thread task: one future per 64 files, not per file (139k at full size)
+CHUNK = 64  # header checks per task: one future per 64 files, not per file (139k at full size)
 
 
 def _check_chunk(jobs: list[tuple[Path, str]]) -> list[str | None]:
     return [check_tif(path, kind) for path, kind in jobs]
 
 
-def check_files(rows: list[dict], triples: list[dict], workers: int | None = None) -> list[Problem]:
-    """Every image/label TIFF header of the index rows and every S2 triple, read in parallel threads.
+def _ignore_interrupt() -> None:
+    """Worker processes leave Ctrl-C to the job, which stops the pool and says so in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    Header reads wait on the disk when it is cold, hence threads; parsing a header holds the GIL (0.4 ms),
-    so past a few threads they only queue (full-size tree in the page cache, 2 cores: BENCHMARKS.md,
-    "Real scale"). Files go to the threads in chunks, so the futures stay few at any size."""
+
+def _map(fn: Callable, items: list, workers: int) -> Iterator:
+    """fn over items in order, in `workers` processes when there is work for more than one."""
+    if workers <= 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_ignore_interrupt)
+    try:
+        yield from pool.map(fn, items)
+    finally:  # also on Ctrl-C or an error: queued chunks are dropped, not waited for
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_files(rows: list[dict], triples: list[dict], workers: int | None = None) -> list[Problem]:
+    """Every image/label TIFF header of the index rows and every S2 triple, read in `workers` processes
+    (default: one per core, up to 16).
+
+    Processes, not threads: parsing a header holds the GIL (~0.3 ms a file), so threads only queue behind
+    each other (2 cores, full-size tree in the page cache: 1 thread 48 s, 2 threads 82 s, 2 processes
+    ~30 s; BENCHMARKS.md, "Real scale"). Files go out in chunks, so the futures stay few at any size."""
     jobs = [(Path(r["img_path"]), "img") for r in rows]
     jobs += [(Path(r["msk_path"]), "msk") for r in rows if r["msk_path"]]
     chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
-    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    workers = workers or min(16, os.cpu_count() or 1)
     problems: list[Problem] = []
-    with ThreadPoolExecutor(workers) as pool, \
-            progress(total=len(jobs) + len(triples), desc="checking files", unit="file") as bar:
-        for chunk, msgs in zip(chunks, pool.map(_check_chunk, chunks)):
+    with progress(total=len(jobs) + len(triples), desc="checking files", unit="file") as bar:
+        for chunk, msgs in zip(chunks, _map(_check_chunk, chunks, workers)):
             bar.update(len(chunk))
             for (path, _kind), msg in zip(chunk, msgs):
                 if msg:
                     kind = "unreadable" if msg.startswith("unreadable") else "bad-file"
                     problems.append(Problem(kind, str(path), msg, True))
-        for found in pool.map(check_s2, triples):
+        for found in _map(check_s2, triples, workers):
             bar.update()
             for path, msg in found:
                 kind = "unreadable" if msg.startswith("unreadable") else "bad-s2"

@@ -345,7 +345,7 @@ def _leftovers(tree: _Tree, rows: list[dict], zones_without_s2: Counter, no_meta
 def scan(root: str | os.PathLike, check: bool = False, window: int = S2_WINDOW,
          workers: int | None = None) -> IndexReport:
     """Walk `root`, join images, labels, S2 triples, centroids and metadata; list every problem found.
-    `check` also opens every file of the index (src.prep.index_checks), in `workers` threads."""
+    `check` also opens every file of the index (src.prep.index_checks), in `workers` processes."""
     root = Path(root).resolve()
     problems: list[Problem] = []
     if not root.is_dir():
