@@ -97,7 +97,8 @@ def _setup(runs: Sequence[str | Path], opts: BlendOptions, log: Callable[[str], 
 
 def _fit_level(stores: Sequence[RunStores], level: str, ids: dict[str, int], truth: np.ndarray,
                opts: BlendOptions, log: Callable[[str], None]) -> tuple[S.Fit, list[np.ndarray]]:
-    probs = [load_sample(r.stores[level], ids, opts.pixels, opts.seed, opts.threads) for r in stores]
+    probs = [load_sample(r.stores[level], ids, opts.pixels, opts.seed, opts.threads,
+                         f"sampling {r.run.name} ({level})") for r in stores]
     log(f"blend: tta {level}: single runs {', '.join(f'{S.miou_of(p.argmax(0), truth):.4f}' for p in probs)}")
     fit = S.search(probs, truth, choice=opts.choice, biases=opts.biases, log=log)
     log(f"blend: tta {level}: recipe mIoU {fit.miou:.4f} on the sample")

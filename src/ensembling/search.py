@@ -27,10 +27,11 @@ the current mIoU by `TOL` is not taken, so noise alone does not move the recipe.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,7 @@ import pandas as pd
 from src.core.errors import DataError, PredictError
 from src.core.files import read_label
 from src.core.flair import NUM_CLASSES, remap
+from src.core.progress import progress
 from src.ensembling.oof import TTA_LEVELS, fold_dirs, read_store_manifest, store_ids, store_name
 from src.ensembling.recipe import class_weight_matrix
 from src.prediction.stores import load_prob, prob_path
@@ -125,15 +127,23 @@ def _sample_patch(path: Path, pid: str, n_pixels: int, seed: int) -> np.ndarray:
     return q[:, sample_index(pid, n_pixels, q.shape[1], seed)]
 
 
+def map_patches(fn: Callable[[str], Any], ids: Sequence[str], threads: int, desc: str) -> Iterator[Any]:
+    """fn(id) for every id, in order, in `threads` threads (file reads and inflate release the GIL), with
+    a progress line: at full size each pass reads 61,712 files per run (minutes)."""
+    with ThreadPoolExecutor(threads) as pool, progress(total=len(ids), desc=desc, unit="patch") as bar:
+        for out in pool.map(fn, ids):
+            bar.update()
+            yield out
+
+
 def load_sample(stores: dict[int, Path], ids: dict[str, int], n_pixels: int, seed: int,
-                threads: int = 8) -> np.ndarray:
+                threads: int = 8, desc: str = "sampling") -> np.ndarray:
     """(13, n_ids * n_pixels) uint8 sampled probabilities of one run at one level, ids in `ids` order
     (class-major: the search reads one class of every pixel at a time)."""
     def one(pid: str) -> np.ndarray:
         return _sample_patch(prob_path(stores[ids[pid]], pid), pid, n_pixels, seed)
 
-    with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(one, ids)), axis=1)
+    return np.concatenate(list(map_patches(one, list(ids), threads, desc)), axis=1)
 
 
 def load_truth(labels: dict[str, str], ids: Sequence[str], n_pixels: int, seed: int,
@@ -146,8 +156,7 @@ def load_truth(labels: dict[str, str], ids: Sequence[str], n_pixels: int, seed: 
             raise DataError(f"{labels[pid]}: label values outside 1..19")
         return t
 
-    with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(one, ids)))
+    return np.concatenate(list(map_patches(one, list(ids), threads, "sampling labels")))
 
 
 def stream_confusions(sources: Sequence[dict[int, Path]], ids: dict[str, int], labels: dict[str, str],
@@ -167,9 +176,8 @@ def stream_confusions(sources: Sequence[dict[int, Path]], ids: dict[str, int], l
                          for p in preds])
 
     out = np.zeros((m + 2, max(n_domains, 1), NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    with ThreadPoolExecutor(threads) as pool:
-        for pid, conf in zip(ids, pool.map(one, ids)):
-            out[:, domain_of[pid]] += conf
+    for pid, conf in zip(ids, map_patches(one, list(ids), threads, "scoring every pixel")):
+        out[:, domain_of[pid]] += conf
     return out
 
 

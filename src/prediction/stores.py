@@ -14,8 +14,9 @@ format, its folder manifest, and the weighted average of several folders (`predi
 
 Separately predicted models are combined later without re-running them, so a PROB file must be cheap to
 write in the prediction loop and cheap to read back: uint8 (13, H, W) = round(softmax * 255), deflate
-level 1 (at most ~1.4 MB per 512x512 patch for a near-uniform untrained model; confident models
-compress better; plan up to ~23 GB for the test set)."""
+level 1: 1.5-2.0 MB per 512x512 patch from a barely trained model (noisy probabilities, the worst case
+measured: bench/scale_bench.py), less from confident models; the raw array is 3.4 MB. Plan ~30 GB for the
+test set, ~115 GB for an OOF store of the training set (BENCHMARKS.md, "Real scale")."""
 from __future__ import annotations
 
 import io
