@@ -196,7 +196,10 @@ def test_centroid_window_outside_super_area(tree):
     assert len(out) == 1 and out[0].fatal and out[0].path.endswith(keys[1]) and "[-4, 5000]" in out[0].message
 
 
-def test_unreadable_files_only_with_check(tree):
+def test_unreadable_files_only_with_check(tree, monkeypatch):
+    from src.prep import index_checks
+
+    monkeypatch.setattr(index_checks, "CHUNK", 3)  # several chunks: the headers are read in 2 processes
     img = sorted(tree.rglob("IMG_*.tif"))[0]
     img.write_bytes(b"not a tiff at all")
     msk = sorted(tree.rglob("MSK_*.tif"))[0]

@@ -105,3 +105,35 @@ def test_full_size_plan_has_the_real_counts():
     ids = [i for z in zones for i in z.ids]
     assert len(ids) == len(set(ids)) == 77_762
     assert all(len(z.cells) == len(set(z.cells)) == z.size for z in zones)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to see the worker processes")
+def test_ctrl_c_during_the_check_is_one_line_from_the_job_and_none_from_its_workers(small_tree, tmp_path):
+    """Ctrl-C reaches the whole process group (the job and its checking processes, even those still starting):
+    one line saying nothing was written, exit 130, no traceback anywhere, no CSV."""
+    import signal
+    import subprocess
+    import time
+
+    root, _ = small_tree
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "src.index", "--root", str(root), "--out", str(tmp_path / "data"), "--check",
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    end = time.monotonic() + 120
+    while not _children(proc.pid) and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.005)  # the pool starts: interrupt while its workers are still importing
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out + err)[-2000:]
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("index: interrupted: nothing written")
+    assert not list((tmp_path / "data").glob("index_*.csv"))

@@ -7,8 +7,10 @@ import datetime as dt
 import multiprocessing as mp
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,19 +110,36 @@ def _check_chunk(jobs: list[tuple[Path, str]]) -> list[str | None]:
     return [check_tif(path, kind) for path, kind in jobs]
 
 
-def _ignore_interrupt() -> None:
-    """Worker processes leave Ctrl-C to the job, which stops the pool and says so in one line."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold Ctrl-C back while worker processes start: forked with it blocked, they never see it (a terminal
+    sends it to the whole process group) and print no traceback; the job gets it as soon as this block ends:
+    one line, nothing lost. Signal masks are per thread: main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _map(fn: Callable, items: list, workers: int) -> Iterator:
-    """fn over items in order, in `workers` processes when there is work for more than one."""
+    """fn over items in order, in `workers` processes when there is work for more than one. Forked: no
+    re-import per worker, and the job is single-threaded when it forks (the pool starts its threads after)."""
     if workers <= 1 or len(items) < 2:
         yield from map(fn, items)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_ignore_interrupt)
+    with _ctrl_c_held():  # the pool forks its workers when the first item is submitted
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+        try:
+            results = pool.map(fn, items)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     try:
-        yield from pool.map(fn, items)
+        yield from results
     finally:  # also on Ctrl-C or an error: queued chunks are dropped, not waited for
         pool.shutdown(wait=True, cancel_futures=True)
 
