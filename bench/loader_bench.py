@@ -172,7 +172,7 @@ def zone_per_row(df: pd.DataFrame, copies: int, out: Path) -> pd.DataFrame:
 
 def zones_table(df: pd.DataFrame, n: int, batch: int, tmp: Path) -> list[dict]:
     """Per-sample cost (light, S2 + meta) when the sample's zone is open (rows sharing few zones) and when
-    every sample opens its own zone (closing the least recently used of OPEN_ZONES): shuffled training
+    every sample opens its own zone (a ZoneCache that never hits): shuffled training
     rows over the real 727 zones are mostly the second case."""
     reopen = zone_per_row(df, -(-(n + 4) // len(df)), tmp / "zone_links")
     print("\n| zones (light, S2 + meta, uncompressed) | worker CPU ms/sample | vs open |\n|---|---|---|")
