@@ -19,6 +19,7 @@ from src.core.errors import (
     DataError,
     MachineLimitError,
     TrainingDiverged,
+    caused_by_interrupt,
     exit_interrupted,
     exit_on_machine_limit,
 )
@@ -97,11 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     try:
         return run(cfg, fold, train_df, val_df, state)
     except KeyboardInterrupt:
-        last = cfg.run_dir(fold) / "last.pt"
-        kept = f"{last} (the last finished epoch) is kept" if last.is_file() else "no epoch had finished"
-        resume = (f"resume with: make train CONFIG={args.config} FOLD={fold} RESUME=1" if last.is_file()
-                  else "start again with the same command")
-        exit_interrupted("train", kept, resume)
+        interrupted(cfg, fold, args.config)
     except ConfigError as err:
         exit_on_config_error(err)
     except TrainingDiverged as err:
@@ -111,7 +108,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(f"data error: {err} (skip_bad=1 skips unreadable samples)", file=sys.stderr)
         raise SystemExit(1) from None
     except (MachineLimitError, OSError, MemoryError) as err:
+        if caused_by_interrupt(err):
+            interrupted(cfg, fold, args.config)
         exit_on_machine_limit("train", err)
+    except Exception as err:
+        if not caused_by_interrupt(err):
+            raise
+        interrupted(cfg, fold, args.config)
+
+
+def interrupted(cfg: Settings, fold: str, config: str | None) -> None:
+    """Ctrl-C: one line saying what is kept and the command that resumes."""
+    last = cfg.run_dir(fold) / "last.pt"
+    kept = f"{last} (the last finished epoch) is kept" if last.is_file() else "no epoch had finished"
+    resume = (f"resume with: make train CONFIG={config} FOLD={fold} RESUME=1" if last.is_file()
+              else "start again with the same command")
+    exit_interrupted("train", kept, resume)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import pytest
 from src import predict as P
 from src import train as T
 from src.core.checkpoint import load_checkpoint
-from src.core.errors import DataError
+from src.core.errors import DataError, caused_by_interrupt
 from src.core.files import read_label
 from src.prediction.stores import FALLBACK_CLASS, pred_ok
 
@@ -406,6 +406,22 @@ def test_ctrl_c_in_training_is_one_line_with_the_resume_command(data_dir, tmp_pa
     line = err.strip().splitlines()[-1]
     assert line.startswith("train: interrupted: ") and "last.pt (the last finished epoch) is kept" in line
     assert "resume with: make train CONFIG=configs/demo.yaml FOLD=0 RESUME=1" in line
+
+
+def test_a_ctrl_c_landing_in_an_extension_import_is_still_a_ctrl_c():
+    """Seen in CI: Ctrl-C while matplotlib's C extension initialised (the first curves.png of a run) came
+    back as ImportError('initialization failed') and the job printed a traceback."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+    except ImportError as err:
+        assert caused_by_interrupt(err)
+    loop = ImportError("a cycle")
+    loop.__context__ = ValueError("inner")
+    loop.__context__.__context__ = loop
+    assert not caused_by_interrupt(loop) and not caused_by_interrupt(OSError("disk"))
 
 
 def test_ctrl_c_in_prediction_keeps_the_files_and_says_how_to_go_on(soak, soak_run, tmp_path):

@@ -129,3 +129,15 @@ def exit_interrupted(job: str, kept: str, resume: str) -> None:
     shell."""
     print(f"\n{job}: interrupted: {kept}; {resume}", file=sys.stderr)
     raise SystemExit(130)
+
+
+def caused_by_interrupt(err: BaseException) -> bool:
+    """Whether a Ctrl-C is behind `err`: one that lands while a C extension initialises (matplotlib's on
+    the first plot of a run) comes back as ImportError("initialization failed") caused by the Ctrl-C."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
