@@ -149,7 +149,7 @@ lint: $(STAMP) ## ruff check
 bench: $(STAMP) ## run the CPU benchmarks under bench/ but the scale one (figures go to BENCHMARKS.md by hand)
 	for b in bench/*_bench.py; do [ $$b = bench/scale_bench.py ] || $(PY) $$b || exit 1; done
 
-scale-bench: $(STAMP) ## the chain at the real data's size under ulimit -n 1024 (TREE=/tmp/flair_scale: 0.5 GB; ~10 min)
+scale-bench: $(STAMP) ## the chain at the real data's size under ulimit -n 1024 (TREE=/tmp/flair_scale: 0.5 GB; ~90 min on 2 cores)
 	test -f $(TREE)/.scale_tree.json || $(PY) bench/scale_tree.py --out $(TREE)
 	$(PY) bench/scale_bench.py --tree $(TREE) --work $(SCALE_WORK)
 
