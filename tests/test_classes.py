@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from src.core import flair as classes
+from src.core.flair import class_argmax
 
 
 def test_remap_matches_the_official_formula():
@@ -54,3 +55,15 @@ def test_colorize():
     assert rgb[0, 0].tolist() == classes.PALETTE[0].tolist()
     assert rgb[1, 0].tolist() == classes.PALETTE[9].tolist()
     assert rgb[1, 1].tolist() == classes.PALETTE[12].tolist()  # out of range is clipped, not an error
+
+
+@pytest.mark.parametrize("dtype, high", [(np.uint8, 4), (np.uint8, 256), (np.uint16, 3), (np.uint16, 511)])
+def test_class_argmax_is_argmax_and_max_ties_to_the_lower_class(dtype, high):
+    """Few distinct values (high 3-4) make ties on most pixels: the lower class must win, as np.argmax."""
+    scores = np.random.default_rng(high).integers(0, high, size=(13, 40, 33)).astype(dtype)
+    cls, top = class_argmax(scores)
+    assert cls.dtype == np.uint8 and top.dtype == dtype
+    np.testing.assert_array_equal(cls, scores.argmax(0))
+    np.testing.assert_array_equal(top, scores.max(0))
+    flat_cls, _ = class_argmax(scores.reshape(13, -1))
+    np.testing.assert_array_equal(flat_cls, cls.ravel())

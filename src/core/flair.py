@@ -107,6 +107,20 @@ def invalid_label_values(raw: np.ndarray) -> list[int]:
     return [int(v) for v in values if v < 1 or v > NUM_RAW]
 
 
+def class_argmax(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class, top) of integer scores (C, ...) over their first axis: uint8 classes with ties to the lower
+    class (as np.argmax) and the largest score. A running maximum over the C planes: 1.9x faster than
+    np.argmax on (13, 512, 512) uint8 or uint16 (BENCHMARKS.md, "Real scale"), and the maximum comes free."""
+    top = scores[0].copy()
+    cls = np.zeros(top.shape, dtype=np.uint8)
+    better = np.empty(top.shape, dtype=bool)
+    for c in range(1, len(scores)):
+        np.greater(scores[c], top, out=better)
+        np.copyto(cls, np.uint8(c), where=better)
+        np.maximum(top, scores[c], out=top)
+    return cls, top
+
+
 def colorize(labels: np.ndarray) -> np.ndarray:
     """0..12 label array (H, W) -> RGB uint8 (H, W, 3) in the official colours."""
     return PALETTE[np.clip(labels, 0, NUM_CLASSES - 1)]

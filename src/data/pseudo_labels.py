@@ -22,7 +22,7 @@ import pandas as pd
 
 from src.core.errors import ConfigError, DataError
 from src.core.files import read_tif, write_tif
-from src.core.flair import NUM_CLASSES
+from src.core.flair import NUM_CLASSES, class_argmax
 from src.core.settings import Settings
 from src.core.tables import load_index, train_index
 
@@ -43,7 +43,7 @@ def pseudo_path(folder: str | Path, pid: str) -> Path:
 def from_probs(q: np.ndarray) -> np.ndarray:
     """uint8 (13,H,W) saved probabilities -> uint8 (2,H,W): class (argmax, ties to the lower class) and
     confidence (the largest saved value: round(max p * 255), since rounding keeps the order)."""
-    return np.stack([q.argmax(0).astype(np.uint8), q.max(0)])
+    return np.stack(class_argmax(q))
 
 
 def write_pseudo(path: Path, pair: np.ndarray) -> None:

@@ -38,7 +38,7 @@ import pandas as pd
 
 from src.core.errors import DataError, PredictError
 from src.core.files import read_label
-from src.core.flair import NUM_CLASSES, remap
+from src.core.flair import NUM_CLASSES, class_argmax, remap
 from src.core.progress import progress
 from src.ensembling.oof import TTA_LEVELS, fold_dirs, read_store_manifest, store_ids, store_name
 from src.ensembling.recipe import class_weight_matrix
@@ -169,8 +169,8 @@ def stream_confusions(sources: Sequence[dict[int, Path]], ids: dict[str, int], l
     def one(pid: str) -> np.ndarray:
         raw = read_label(labels[pid])
         flat = [load_prob(prob_path(s[ids[pid]], pid)).reshape(NUM_CLASSES, -1) for s in sources]
-        preds = [p.argmax(0) for p in flat]  # on the stored uint8 probabilities
-        preds.append(np.sum(flat, axis=0, dtype=np.uint16).argmax(0))
+        preds = [class_argmax(p)[0] for p in flat]  # on the stored uint8 probabilities
+        preds.append(class_argmax(np.sum(flat, axis=0, dtype=np.uint16))[0])
         preds.append(mix_predict(flat, matrix, biases))  # the search's own scoring, on every pixel
         return np.stack([confusion_from_raw(p.astype(np.uint8), raw.ravel(), f"{pid}", str(labels[pid]))
                          for p in preds])
