@@ -113,3 +113,59 @@ def test_early_fusion_model_takes_s2_in_onnx_and_is_refused_by_infer(tmp_path):
     assert [i.name for i in ort.InferenceSession(report["onnx"]).get_inputs()][:2] == ["image", "s2"]
     with pytest.raises(ConfigError, match="s2_early=ndvi"):
         load_ensemble([ckpt], torch.device("cpu"), job="infer", log=lambda s: None)
+
+
+def _swap_head_rows(weights: dict[str, torch.Tensor]) -> str:
+    """Swap the classes 1 and 6 rows of the last 13-output convolution (the head) in place; its key."""
+    key = [k for k, v in weights.items() if v.ndim == 4 and v.shape[0] == 13][-1]
+    weights[key] = weights[key][[0, 6, 2, 3, 4, 5, 1, *range(7, 13)]].clone()
+    return key
+
+
+def test_a_broken_slim_checkpoint_fails_the_export_and_is_removed(tmp_path, monkeypatch, capsys):
+    """Two head channels swapped in the slim weights: the check on real patches must fail, not just print."""
+    import src.deploy.export as E
+
+    ckpt = training_checkpoint(tmp_path / "fold0" / "best.pt", use_s2=False, fusion="none")
+
+    def broken(state, dtype=torch.float16, source=""):
+        out = slim_state(state, dtype, source)
+        _swap_head_rows(out["model"])
+        return out
+
+    monkeypatch.setattr(E, "slim_state", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runs", str(ckpt), "--size", "64", "--no-onnx"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and err.count("\n") == 0, err
+    assert "best.slim.pt: class agreement" in err and "file removed" in err
+    assert not (tmp_path / "fold0" / "best.slim.pt").exists()
+
+
+def test_a_broken_onnx_file_fails_the_export_and_is_removed(tmp_path, monkeypatch, capsys):
+    import onnx
+    from onnx import numpy_helper
+
+    import src.deploy.export as E
+
+    ckpt = training_checkpoint(tmp_path / "fold0" / "best.pt", use_s2=False, fusion="none")
+    written = E.export_onnx
+
+    def broken(wrapper, inputs, path):
+        written(wrapper, inputs, path)
+        model = onnx.load(str(path))
+        heads = [t for t in model.graph.initializer if len(t.dims) == 4 and t.dims[0] == 13]
+        w = numpy_helper.to_array(heads[-1]).copy()
+        w[[1, 6]] = w[[6, 1]]
+        heads[-1].CopyFrom(numpy_helper.from_array(w, heads[-1].name))
+        onnx.save(model, str(path))
+        return path
+
+    monkeypatch.setattr(E, "export_onnx", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runs", str(ckpt), "--size", "64"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and err.count("\n") == 0, err
+    assert "best.onnx: class agreement" in err and "vs PyTorch" in err and "file removed" in err
+    assert not (tmp_path / "fold0" / "best.onnx").exists()
+    assert (tmp_path / "fold0" / "best.slim.pt").is_file()  # the slim file passed its own check
