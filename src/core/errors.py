@@ -78,6 +78,15 @@ def machine_limit(err: BaseException, path: str | os.PathLike | None = None) -> 
     return None
 
 
+
+def raise_machine_limit(err: BaseException, path: str | os.PathLike) -> None:
+    """Raise the MachineLimitError of `err` when it is a limit of the machine met reading `path` (a scan
+    then stops: the error says nothing about the file); return for any other error."""
+    limit = machine_limit(err, path)
+    if limit is not None:
+        raise limit from None
+
+
 def exit_on_machine_limit(job: str, err: BaseException) -> None:
     """A job's handler of MachineLimitError, OSError and MemoryError: a machine limit is one line and exit
     1; any other error goes on up as it was."""

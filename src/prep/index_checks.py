@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from src.core.errors import machine_limit
+from src.core.errors import raise_machine_limit
 from src.core.flair import PATCH_SIZE
 from src.core.progress import progress
 
@@ -35,13 +35,6 @@ class Problem:
         return f"{'ERROR' if self.fatal else 'warning'} [{self.kind}] {self.path}: {self.message}"
 
 
-def _raise_limit(err: BaseException, path: str | os.PathLike) -> None:
-    """A limit of the machine (open files, memory) stops the index: it says nothing about the file."""
-    limit = machine_limit(err, path)
-    if limit is not None:
-        raise limit from None
-
-
 def check_tif(path: Path, kind: str) -> str | None:
     """Header check of an image (5 bands, 512x512, uint8; planar or interleaved) or label; None when fine."""
     try:
@@ -53,7 +46,7 @@ def check_tif(path: Path, kind: str) -> str | None:
             end = max((o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts)),
                       default=0)
     except Exception as err:  # tifffile raises many types for corrupt files
-        _raise_limit(err, path)
+        raise_machine_limit(err, path)
         return f"unreadable TIFF ({type(err).__name__}: {err})"
     if end > size:
         return f"unreadable TIFF (truncated: image data ends at byte {end}, file has {size})"
@@ -72,12 +65,12 @@ def check_s2(triple: dict) -> list[tuple[str, str]]:
     try:
         data = np.load(triple["data"], mmap_mode="r")
     except Exception as err:
-        _raise_limit(err, triple["data"])
+        raise_machine_limit(err, triple["data"])
         return [(str(triple["data"]), f"unreadable .npy ({type(err).__name__}: {err})")]
     try:
         masks = np.load(triple["masks"], mmap_mode="r")
     except Exception as err:
-        _raise_limit(err, triple["masks"])
+        raise_machine_limit(err, triple["masks"])
         return [(str(triple["masks"]), f"unreadable .npy ({type(err).__name__}: {err})")]
     if data.ndim != 4 or data.shape[1] != 10:
         out.append((str(triple["data"]), f"shape {data.shape}, expected (T, 10, H, W)"))
@@ -90,7 +83,7 @@ def check_s2(triple: dict) -> list[tuple[str, str]]:
     try:
         lines = [ln.strip() for ln in Path(triple["products"]).read_text().splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as err:
-        _raise_limit(err, triple["products"])
+        raise_machine_limit(err, triple["products"])
         return [*out, (str(triple["products"]), f"unreadable ({err})")]
     if data.ndim == 4 and len(lines) != data.shape[0]:
         out.append((str(triple["products"]), f"{len(lines)} products but data has T={data.shape[0]} dates"))

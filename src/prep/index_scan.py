@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.core.errors import DataError, machine_limit
+from src.core.errors import DataError, raise_machine_limit
 from src.core.files import write_text
 from src.core.flair import S2_WINDOW
 from src.core.progress import count
@@ -155,8 +155,7 @@ def _load_jsons(paths: list[Path], problems: list[Problem]) -> tuple[dict, dict]
             with open(path) as f:
                 obj = json.load(f)
         except (OSError, ValueError, MemoryError) as err:
-            if machine_limit(err, path):
-                raise machine_limit(err, path) from None
+            raise_machine_limit(err, path)
             problems.append(Problem("unreadable", str(path), f"not valid JSON ({err})", True))
             continue
         if not isinstance(obj, dict) or not obj:
@@ -219,8 +218,7 @@ def _s2_shapes(triples: dict[tuple[str, str], dict], problems: list[Problem]) ->
         try:
             shapes[key] = tuple(np.load(triple["data"], mmap_mode="r").shape)
         except Exception as err:
-            if machine_limit(err, triple["data"]):
-                raise machine_limit(err, triple["data"]) from None
+            raise_machine_limit(err, triple["data"])
             problems.append(Problem("unreadable", str(triple["data"]),
                                     f"unreadable .npy header ({type(err).__name__}: {err})", True))
     return shapes
