@@ -54,7 +54,7 @@ ONNX_ATOL, ONNX_RTOL = 1e-3, 1e-5
 # Slim (fp16/bf16 weights) against best.pt: max |logit difference| up to 2% of the largest logit (~1e-3
 # relative per weight, accumulated over the layers).
 SLIM_RTOL = 2e-2
-MIN_AGREEMENT = 0.999  # share of pixels whose class must match the reference's (slim and ONNX)
+MIN_AGREEMENT = 0.999  # share of the decided pixels whose class must match the reference's (`agreement`)
 CHECK_PATCHES = 3      # real patches checked on (not the traced batch of 2: the batch is dynamic)
 
 
@@ -186,6 +186,9 @@ def check_file(path: Path, got: torch.Tensor, want: torch.Tensor, tol: float, ag
                ) -> tuple[float, float, str]:
     """Delete `path` and raise DataError naming it when `got` fails against `want`; else (class agreement on
     the decided pixels, max |logit difference|, both in words)."""
+    if got.shape != want.shape:
+        path.unlink(missing_ok=True)
+        raise DataError(f"{path}: logits {tuple(got.shape)}, {against} {tuple(want.shape)}; file removed")
     (agree, decided), diff = agreement(got, want, tol), float((got - want).abs().max())
     figures = (f"class agreement {agree:.4%} of the {decided:.1%} decided pixels, max |logit diff| "
                f"{diff:.2e} vs {against}")
