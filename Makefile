@@ -25,6 +25,7 @@ NODES ?= 1
 TORCHRUN_ARGS ?=
 RESUME ?= 0
 TTA ?=
+ENGINE ?=
 SPLIT ?= test
 RECIPE ?=
 ENSEMBLE_RUNS ?= $(RUNS)
@@ -48,13 +49,16 @@ PORT ?= 6006
 TREE ?= /tmp/flair_scale
 SCALE_WORK ?= /tmp/flair_scale_work
 TRAIN_NAME = $(if $(filter command line,$(origin NAME)),name=$(NAME))
-KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA SPLIT \
+KNOBS := DATA RAW SYNTH SUBSET SOURCE KEEP_ZIPS K SEED SCHEME CONFIG FOLD GPUS NODES RESUME RUNS TTA ENGINE SPLIT \
 	PRED NAME LABELS DEMO PYTHON ARGS ROOT EDA_DATA TORCHRUN_ARGS SRC OUT BANDS \
-	TB_DIR PORT TREE SCALE_WORK RECIPE ENSEMBLE_RUNS PSEUDO MODELS_ARG CONFIG_NAME LATEST NAME_FROM SAY_RUN TRAIN_NAME
+	TB_DIR PORT TREE SCALE_WORK RECIPE ENSEMBLE_RUNS PSEUDO MODELS_ARG CONFIG_NAME LATEST NAME_FROM SAY_RUN TRAIN_NAME \
+	ENGINE_ARG
 # Every other VAR=value on the command line is a config override (key=value) for train/predict.
 OVERRIDES = $(strip $(foreach v,$(filter-out $(KNOBS),$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(v)=$($(v)))) \
 	$(ARGS) \
 	$(if $(filter command line,$(origin DATA)),data_dir=$(DATA)))
+# The engine of predict, pseudo, submit and infer (torch | onnx | auto: onnx on a CPU).
+ENGINE_ARG = $(if $(ENGINE),engine=$(ENGINE))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv synth index download folds train oof ensemble predict pseudo submit evaluate export infer tensorboard demo eda settings test test-all lint bench scale-bench clean
@@ -95,20 +99,20 @@ oof: $(STAMP) ## (re)write the out-of-fold probabilities of every fold under RUN
 ensemble: $(STAMP) ## search a recipe on the OOF stores of ENSEMBLE_RUNS="runs/a runs/b" into RECIPE=recipes/recipe.json
 	$(PY) -m src.blend --runs $(ENSEMBLE_RUNS) --out $(or $(RECIPE),recipes/recipe.json) $(if $(filter command line,$(origin DATA)),--data $(DATA)) $(if $(TTA),--tta $(TTA)) $(ARGS)
 
-predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (or a RECIPE) (TTA, fold/model ensemble) into PRED
+predict: $(STAMP) ## predict SPLIT=test with every checkpoint under RUNS (or a RECIPE) (TTA, ENGINE, fold/model ensemble) into PRED
 	$(call SAY_RUN,predicting with $(if $(RECIPE),$(RECIPE),$(RUNS)) into $(PRED))
-	$(PY) -m src.predict $(MODELS_ARG) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+	$(PY) -m src.predict $(MODELS_ARG) --split $(SPLIT) --out $(PRED) $(if $(TTA),--tta $(TTA)) $(ENGINE_ARG) $(OVERRIDES)
 
 pseudo: $(STAMP) ## pseudo-label SPLIT=test with RUNS (or a RECIPE) at TTA into PSEUDO=data/pseudo (class + confidence)
 	$(call SAY_RUN,pseudo-labels from $(if $(RECIPE),$(RECIPE),$(RUNS)))
 	$(PY) -m src.predict $(MODELS_ARG) --split $(SPLIT) --out $(PSEUDO)/pred \
-		--save-probs $(PSEUDO)/probs $(if $(TTA),--tta $(TTA)) $(OVERRIDES)
+		--save-probs $(PSEUDO)/probs $(if $(TTA),--tta $(TTA)) $(ENGINE_ARG) $(OVERRIDES)
 	$(PY) -m src.pseudo --probs $(PSEUDO)/probs --index $(DATA)/index_$(SPLIT).csv --out $(PSEUDO) \
 		--skipped $(PSEUDO)/pred/skipped.txt
 
 submit: $(STAMP) ## predict the test index, validate and zip into submissions/ (NAME=approach; RECIPE=recipes/recipe.json)
 	$(call SAY_RUN,submitting $(if $(RECIPE),$(RECIPE),$(RUNS)) as $(NAME) from $(PRED))
-	$(PY) -m src.predict $(MODELS_ARG) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(OVERRIDES)
+	$(PY) -m src.predict $(MODELS_ARG) --split test --out $(PRED) $(if $(TTA),--tta $(TTA)) --submit $(NAME) $(ENGINE_ARG) $(OVERRIDES)
 
 evaluate: $(STAMP) ## score predictions (PRED=folder or zip) against labels with the official mIoU
 	$(call SAY_RUN,scoring $(PRED))
@@ -118,11 +122,11 @@ export: $(STAMP) ## fp16 slim checkpoint + ONNX beside every best.pt under RUNS,
 	$(call SAY_RUN,exporting $(RUNS))
 	$(PY) -m src.export --runs $(RUNS) $(ARGS)
 
-infer: $(STAMP) ## whole orthophoto(s) -> land-cover GeoTIFF (aerial-only models): SRC=ortho.tif|dir|list.txt OUT=file.tif|dir RUNS= [TTA= BANDS= GPUS=]
+infer: $(STAMP) ## whole orthophoto(s) -> land-cover GeoTIFF (aerial-only models): SRC=ortho.tif|dir|list.txt OUT=file.tif|dir RUNS= [TTA= ENGINE= BANDS= GPUS=]
 ifeq ($(GPUS),1)
-	$(PY) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(OVERRIDES)
+	$(PY) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(ENGINE_ARG) $(OVERRIDES)
 else
-	$(VENV)/bin/torchrun --nproc-per-node $(GPUS) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(OVERRIDES)
+	$(VENV)/bin/torchrun --nproc-per-node $(GPUS) -m src.infer --runs $(RUNS) --src $(SRC) --out $(OUT) $(if $(TTA),--tta $(TTA)) $(if $(BANDS),--bands $(BANDS)) $(ENGINE_ARG) $(OVERRIDES)
 endif
 
 tensorboard: $(STAMP) ## live curves, per-class IoU and validation pictures of every run under TB_DIR=runs (PORT=6006)

@@ -53,10 +53,13 @@ from src.core.settings import TTA_CHOICES
 def predict_runs(args: argparse.Namespace, weights: list[float] | None, overrides: dict[str, Any],
                  log: Callable[[str], None] = print) -> tuple[dict[str, Any], Any]:
     """Predict the split with the checkpoints of --runs or --recipe: (report, the split's index)."""
+    from src.core.flair import PATCH_SIZE
     from src.core.tables import split_index
     from src.ensembling.recipe import load_recipe, recipe_checkpoints
-    from src.prediction.ensemble import load_ensemble, place_prediction
+    from src.prediction.ensemble import device_tta, load_ensemble, place_prediction
+    from src.prediction.onnx_engine import use_engine
     from src.prediction.passes import Target, run_prediction
+    from src.prediction.tta import views
 
     recipe = load_recipe(args.recipe) if args.recipe else {}  # its checkpoints, TTA, class weights, biases
     runs, mix = recipe_checkpoints(recipe) if recipe else (args.runs, None)
@@ -68,6 +71,8 @@ def predict_runs(args: argparse.Namespace, weights: list[float] | None, override
 
     ens = load_ensemble([str(r) for r in runs], place.device, weights=weights, overrides=overrides, mix=mix,
                         on_first=index_of, log=log)
+    tta = device_tta(args.tta or recipe.get("tta") or ens.cfg.tta, ens.device)
+    ens = use_engine(ens, len(found["index"]) * len(views(tta)), PATCH_SIZE, "predict", log)
     target = Target(Path(args.out), Path(args.save_probs) if args.save_probs else None, args.overwrite)
     report = run_prediction(ens, found["index"], target, tta=args.tta or recipe.get("tta"), log=log)
     return report, found["index"]

@@ -10,9 +10,10 @@ import torch
 
 from src.core.checkpoint import find_checkpoints, save_checkpoint
 from src.core.config import load_settings
-from src.deploy.export import ONNX_ATOL, OnnxModel, example_inputs, export_checkpoint, slim_state
+from src.deploy.export import export_checkpoint, slim_state
 from src.export import main
 from src.models.flair_model import build_model, load_for_inference
+from src.prediction.onnx_file import ONNX_ATOL, OnnxModel, example_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,7 @@ def test_a_broken_onnx_file_fails_the_export_and_is_removed(tmp_path, monkeypatc
     import onnx
     from onnx import numpy_helper
 
-    import src.deploy.export as E
+    import src.prediction.onnx_file as E
 
     ckpt = training_checkpoint(tmp_path / "fold0" / "best.pt", use_s2=False, fusion="none")
     written = E.export_onnx

@@ -139,6 +139,26 @@ def test_tiles_equal_whole_raster_forward(tiny, ortho, inferred):
     assert len(np.unique(labels)) > 1
 
 
+def test_onnx_engine_maps_the_raster_like_torch(tiny, ortho, inferred, tmp_path, capsys):
+    """`make infer ENGINE=onnx`: the checkpoint's export at the window size (made once, checked), run by
+    onnxruntime, gives the PyTorch map on >= 99.9% of the pixels and its probabilities within a uint8 step."""
+    import shutil
+
+    ckpt = shutil.copy(tiny, tmp_path / "best.pt")
+    out = tmp_path / "landcover.tif"
+    infer([ckpt], ortho[0], out, overrides={**WINDOWS, "engine": "onnx"}, options=RasterOptions(probs=True))
+    said = capsys.readouterr().out
+    assert "exported" in said and "engine onnx" in said and (tmp_path / "best.onnx.json").is_file()
+    with rasterio.open(out) as a, rasterio.open(inferred) as b:
+        assert np.mean(a.read(1) == b.read(1)) >= 0.999
+    with rasterio.open(probs_of(out)) as a, rasterio.open(probs_of(inferred)) as b:
+        assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
+
+
+def probs_of(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_probs.tif")
+
+
 def test_georeferencing_round_trips(ortho, inferred):
     with rasterio.open(ortho[0]) as src, rasterio.open(inferred) as out:
         assert out.crs == src.crs == CRS.from_epsg(2154)

@@ -33,6 +33,7 @@ TTA_CHOICES = ("auto", *TTA_LEVELS)  # auto: by device (src.prediction.ensemble.
 SLIM_DTYPES = ("fp16", "bf16")  # float types of `make export`'s slim checkpoint (src.deploy.export)
 OOF_CHECKPOINTS = ("last", "best")  # the weights an out-of-fold store is made with (src.ensembling.oof)
 ENSEMBLES = ("probs", "logits")
+ENGINES = ("auto", "torch", "onnx")  # who runs the networks of predict and infer (src.prediction.onnx_engine)
 BN_ADAPT = ("none", "domain")
 LOGGERS = ("wandb", "mlflow")
 NO_WEIGHTS = ("", "none", "None", "null")  # encoder_weights words for "no pretrained weights"
@@ -166,6 +167,9 @@ class Settings:
                                    jobs=("predict",), low=0)
     ensemble: str = setting("probs", "average softmax probabilities or logits over views and models",
                             jobs=PREDICT, choices=ENSEMBLES)
+    engine: str = setting("auto", "who runs the networks: torch, onnx (onnxruntime on a CPU: each "
+                          "checkpoint's checked export, made if missing); auto: onnx on CPU, torch on GPU",
+                          jobs=("predict", "infer"), choices=ENGINES)
     bn_adapt: str = setting("none", "domain: re-estimate BatchNorm statistics on each test domain first",
                             jobs=("predict",), choices=BN_ADAPT)
     bn_adapt_patches: int = setting(256, "bn_adapt=domain: patches per domain of the estimate (0: all)",

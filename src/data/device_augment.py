@@ -159,21 +159,23 @@ def augment_batch(batch: dict[str, torch.Tensor], host: torch.Tensor, cfg: Setti
 
 def device_batch(batch: dict[str, Any], cfg: Settings, device: torch.device, *,
                  dtype: torch.dtype | None = None,
-                 channels_last: bool = False, augment: bool = False) -> dict[str, torch.Tensor]:
+                 channels_last: bool = False, augment: bool = False,
+                 normalise: bool = True) -> dict[str, torch.Tensor]:
     """A collated batch -> tensors on `device`: "image" normalised (cfg's `norm`) in `dtype` (float32 when
     None; with norm=s2_stats through each sample's "norm_stats", which is consumed), "mask" int64, "s2"
     float32, and "s2_days", "s2_pad", "s2_valid", "meta" when present. With
-    `augment`, the batch's "aug" parameters are applied first (training)."""
+    `augment`, the batch's "aug" parameters are applied first (training). Without `normalise`, "image" stays
+    raw band values in float32 (for an ONNX file, which normalises itself)."""
     nb = device.type == "cuda"
     out = {k: v.to(device, non_blocking=nb) for k, v in batch.items()
            if isinstance(v, torch.Tensor) and k != "aug"}
     if augment and isinstance(batch.get("aug"), torch.Tensor):
         out = augment_batch(out, batch["aug"], cfg)
     stats = out.pop("norm_stats", None)  # norm=s2_stats: each sample's (mean, std), consumed here
-    if stats is None and cfg.norm == "s2_stats":
+    if normalise and stats is None and cfg.norm == "s2_stats":
         raise ValueError("norm=s2_stats: the batch has no 'norm_stats' (the per-patch S2 statistics that "
                          "src.data.dataset.FlairDataset adds to each sample)")
-    image = normalize(out["image"], cfg, dtype or torch.float32, stats)
+    image = normalize(out["image"], cfg, dtype or torch.float32, stats) if normalise else out["image"].float()
     out["image"] = image.contiguous(memory_format=torch.channels_last) if channels_last else image
     if "mask" in out:
         out["mask"] = out["mask"].long()

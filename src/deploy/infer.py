@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 
 from src.core.errors import DataError, PredictError, one_line
 from src.core.files import atomic_write, remove_stale_temps
 from src.core.flair import AERIAL_GSD_M, NUM_CLASSES
 from src.core.progress import progress
-from src.data.normalize import normalize
 from src.deploy.orthophoto import NODATA, GeoWriter, Orthophoto, Strip, blend_weights, grid, io_env, output_ok
 from src.prediction.ensemble import Ensemble, device_tta, load_ensemble, place_prediction, quantise
+from src.prediction.onnx_engine import use_engine
+from src.prediction.tta import views
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 
@@ -106,13 +108,25 @@ def needed_bands(ens: Ensemble) -> list[str]:
 
 def predict_tiles(ens: Ensemble, needed: list[str], tiles: np.ndarray, tta: str) -> np.ndarray:
     """(n, k, win, win) uint8 windows of the `needed` bands -> (n, 13, win, win) float32 probabilities. Each
-    input group of the ensemble gets its bands, normalised with its settings, once."""
-    raw = torch.from_numpy(tiles).to(ens.device)
-    ready = []
-    for s in ens.group_settings:
-        idx = [needed.index(str(b).upper()) for b in s.bands]
-        ready.append({"image": normalize(raw[:, idx], s)})
-    return ens.predict([ready[g] for g in ens.group_of], tta).float().cpu().numpy()
+    input group of the ensemble gets its bands, fed as a loader's batch would be (src.prediction.ensemble:
+    normalised with its settings, or raw for an ONNX file)."""
+    raw = torch.from_numpy(tiles)
+    groups = [{"image": raw[:, [needed.index(str(b).upper()) for b in s.bands]]} for s in ens.group_settings]
+    return ens.predict(ens.feed(groups), tta).float().cpu().numpy()
+
+
+def count_windows(pairs: Sequence[tuple[Path, Path]], cfg: Any) -> int:
+    """The windows of every raster to predict (0 for one that cannot be opened: its own error comes later)."""
+    n = 0
+    for path, _ in pairs:
+        try:
+            with rasterio.open(path) as ds:
+                h, w = ds.height, ds.width
+        except rasterio.errors.RasterioIOError:
+            continue
+        n += len(grid(h, cfg.infer_window, cfg.infer_overlap)[0]) * len(grid(w, cfg.infer_window,
+                                                                          cfg.infer_overlap)[0])
+    return n
 
 
 # ------------------------------------------------------------------------------------- one raster
@@ -220,6 +234,8 @@ def infer(runs: Sequence[str | Path], src: str | Path, out: str | Path, *,
     ens = load_ensemble(runs, place.device, weights=weights, overrides=overrides, job="infer", log=log)
     ens = ens.with_settings(ens.cfg.with_values(tta=device_tta(ens.cfg.tta, ens.device)))
     cfg = ens.cfg
+    work = count_windows(todo, cfg) * len(views(cfg.tta))
+    ens = use_engine(ens, work, cfg.infer_window, "infer", log)
     log(f"infer: {ens.describe(cfg.tta)}, windows {cfg.infer_window} px overlapping {cfg.infer_overlap}")
     tags = {"flair2_models": ";".join(str(p) for p in ens.paths), "flair2_tta": cfg.tta,
             "flair2_windows": f"window {cfg.infer_window} overlap {cfg.infer_overlap}"}

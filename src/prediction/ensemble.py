@@ -261,19 +261,29 @@ class Ensemble:
     def feed(self, raw: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """The batch each model is fed, from one raw batch per input group
         (src.data.loader.prediction_loader):
-        copied to the device and normalised there in the autocast dtype, once per group."""
+        copied to the device and normalised there in the autocast dtype, once per group (models that take raw
+        band values get the group's batch unnormalised, in float32)."""
         dtype = amp_dtype(self.cfg.precision, self.device)
-        ready = [device_batch(b, s, self.device, dtype=dtype) for b, s in zip(raw, self.group_settings)]
-        return [ready[g] for g in self.group_of]
+        keys = list(zip(self.group_of, self.takes_raw))
+        ready = {(g, r): device_batch(raw[g], self.group_settings[g], self.device, dtype=dtype,
+                                      normalise=not r) for g, r in dict.fromkeys(keys)}
+        return [ready[key] for key in keys]
+
+    @property
+    def takes_raw(self) -> list[bool]:
+        """Per model: fed raw band values (an ONNX file normalises inside, src.prediction.onnx_engine)."""
+        return [bool(getattr(m, "takes_raw", False)) for m in self.models]
 
     def describe(self, tta: str) -> str:
         """The ensemble as one log line: models, weights (or the recipe's), TTA views, ensembling, device."""
         n = len(T.views(tta))
         weights = ("a recipe's per-class weights" if self.mix is not None
                    else "weights " + ", ".join(f"{x:.3g}" for x in self.weights))
+        engines = "+".join(dict.fromkeys("onnx" if r else "torch" for r in self.takes_raw))
         return (f"{count(len(self.models), 'model')}, {weights}, tta={tta} ({count(n, 'view')}, up to "
                 f"{n * self.cfg.batch_size} images per forward), ensemble={self.cfg.ensemble}, device "
-                f"{self.device}, precision {precision_name(amp_dtype(self.cfg.precision, self.device))}")
+                f"{self.device}, precision {precision_name(amp_dtype(self.cfg.precision, self.device))}, "
+                f"engine {engines}")
 
     def predict(self, batches: dict[str, Any] | Sequence[dict[str, Any]], tta: str) -> torch.Tensor:
         """Class probabilities (B, 13, H, W) of one batch (or one batch per model) at TTA level `tta`."""
