@@ -1,22 +1,28 @@
-"""Whole-orthophoto inference speed and memory (src.infer) on a synthetic raster, and ONNX vs PyTorch.
+"""The CPU inference engines side by side: `make infer` on a synthetic orthophoto and `make predict` on
+synthetic FLAIR #2 test patches, each with engine=torch and engine=onnx in the same run, plus the raster's
+memory.
 
-Why: `make infer` must keep memory flat on rasters of tens of thousands of pixels, and a deployment choice
-between the ONNX file and PyTorch needs real figures per machine.
+Why: the default engine on a CPU (engine=auto -> onnxruntime, src.prediction.onnx_engine) must earn its place
+with figures from one run on one machine (these machines are shared and noisy: compare ratios), and `make
+infer` must keep memory flat on rasters of tens of thousands of pixels.
 
-  python bench/infer_bench.py                    # 10,000 x 10,000 px, window 512 / overlap 128, CPU
-  python bench/infer_bench.py --size 3000        # quick run python bench/infer_bench.py --size 3000 --onnx
-  --device cuda --tta d4
+  python bench/infer_bench.py                          # 3000 x 3000 raster, 24 test patches, both engines
+  python bench/infer_bench.py --size 10000 --patches 0 # the memory figure on a big raster, no predict part
+  python bench/infer_bench.py --engines torch --device cuda --tta d4
 
-The model is the demo's U-Net ResNet18 with random weights (aerial only; timing does not depend on the
-weights). The raster (5 bands, uint8, deflate, Lambert-93 at 0.2 m) is written strip by strip and the
-inference runs in a child process (`python -m src.infer`), so the peak resident memory reported (the
-child's getrusage maxrss) is the inference's own. `--onnx` also times the exported ONNX model
-(onnxruntime, CPU) against PyTorch on the same 512 x 512 windows.
+Models: the demo's U-Net R18 with random weights (aerial only: what infer takes) for the raster, and for the
+patches also the demo's U-T&T fusion model (aerial + Sentinel-2); timing does not depend on the weights. Each
+checkpoint is exported once first (`make export`: slim + checked ONNX, its time reported), so the engine
+figures are prediction only. Every job runs in a child process (`python -m src.infer` / `src.predict`), so
+the peak resident memory reported (the child's getrusage maxrss) is the job's own; the time is the child's
+wall time, model loading included.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -33,11 +39,26 @@ if str(ROOT) not in sys.path:
 
 from src.core.checkpoint import save_checkpoint  # noqa: E402
 from src.core.config import load_settings  # noqa: E402
+from src.deploy.export import export_checkpoint  # noqa: E402
+from src.deploy.orthophoto import grid  # noqa: E402
 from src.models.flair_model import build_model  # noqa: E402
 
+ENV = {**os.environ, "FLAIR_PROGRESS": "lines", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+AERIAL = {"use_s2": False, "fusion": "none"}
 
-def tiny_checkpoint(path: Path, **over) -> Path:
-    cfg = load_settings(ROOT / "configs/demo.yaml", {"use_s2": False, "fusion": "none", **over})
+
+def row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def job_options(args: argparse.Namespace, engine: str) -> list[str]:
+    return ["--tta", args.tta, "--device", args.device, "--overwrite", f"batch_size={args.batch_size}",
+            f"engine={engine}"]
+
+
+def demo_checkpoint(path: Path, **over) -> Path:
+    """The demo config's model (random weights) saved as a run's best.pt."""
+    cfg = load_settings(ROOT / "configs/demo.yaml", over)
     torch.manual_seed(0)
     return save_checkpoint(path, {"model": build_model(cfg).state_dict(), "config": cfg.to_dict()})
 
@@ -62,76 +83,87 @@ def synthetic_raster(path: Path, size: int, strip: int = 512) -> Path:
     return path
 
 
-def run_infer(ckpt: Path, raster: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
-    """(seconds, peak RSS GB) of `python -m src.infer` in a child process."""
-    cmd = [sys.executable, "-m", "src.infer", "--runs", str(ckpt), "--src", str(raster), "--out", str(out),
-           "--window", str(args.window), "--overlap", str(args.overlap), "--tta", args.tta,
-           "--device", args.device, "--overwrite", f"batch_size={args.batch_size}"] + (
-        ["--probs"] if args.probs else [])
-    env = {**os.environ, "FLAIR_PROGRESS": "lines", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+def child(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS GB, stdout) of one job in a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    done = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=ENV, check=True, capture_output=True,
+                          text=True)
     seconds = time.perf_counter() - t0
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # KB -> GB
+    return seconds, max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1e6, done.stdout
 
 
-def onnx_vs_torch(ckpt: Path, window: int, batch: int, reps: int = 3) -> list[tuple[str, float]]:
-    """Windows/s of the exported ONNX model (onnxruntime CPU) and of PyTorch fp32 CPU on raw windows."""
-    import onnxruntime as ort
+def exported(ckpt: Path, size: int) -> float:
+    """Seconds of `make export` (slim + ONNX, both checked) for windows of `size`."""
+    t0 = time.perf_counter()
+    export_checkpoint(ckpt, onnx=True, size=size, log=lambda _: None)
+    return time.perf_counter() - t0
 
-    from src.export import OnnxModel, export_checkpoint
-    from src.models.flair_model import load_for_inference
 
-    report = export_checkpoint(ckpt, onnx=True, size=window, log=lambda _: None)
-    model, cfg = load_for_inference(ckpt)
-    wrapper = OnnxModel(model, cfg).eval()
-    session = ort.InferenceSession(report["onnx"], providers=["CPUExecutionProvider"])
-    image = torch.randint(0, 256, (batch, len(cfg.bands), window, window)).float()
+def raster_rows(tmp: Path, args: argparse.Namespace) -> list[str]:
+    """Markdown rows: `make infer` over one synthetic raster with each engine."""
+    ckpt = demo_checkpoint(tmp / "aerial" / "best.pt", **AERIAL)
+    export_s = exported(ckpt, args.window)
+    raster = synthetic_raster(tmp / "ortho.tif", args.size)
+    n = len(grid(args.size, args.window, args.overlap)[0]) ** 2
     rows = []
-    feed = {"image": image.numpy()}
-    runners = {"pytorch": lambda: wrapper(image), "onnxruntime": lambda: session.run(None, feed)}
-    for name, fn in runners.items():
-        with torch.inference_mode():
-            fn()  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-        rows.append((name, batch * reps / (time.perf_counter() - t0)))
+    for engine in args.engines:
+        out_tif = str(tmp / f"landcover_{engine}.tif")
+        wall, rss, out = child(["src.infer", "--runs", str(ckpt), "--src", str(raster), "--out", out_tif,
+                                "--window", str(args.window), "--overlap", str(args.overlap),
+                                *job_options(args, engine)])
+        seconds = float(re.search(r"windows, ([0-9.]+) s,", out).group(1))  # the raster's own time
+        rows.append(row(f"infer {args.size}x{args.size} px, U-Net R18", engine, f"{n} windows",
+                        f"{seconds:.1f} s ({wall:.0f} s wall)", f"**{n / seconds:.2f} windows/s**",
+                        f"{args.size ** 2 / seconds / 1e6:.3f} Mpx/s", f"{rss:.2f} GB"))
+    return [*rows, row("(export of that model: slim + ONNX, both checked)", "", "", f"{export_s:.0f} s",
+                       "", "", "")]
+
+
+def patch_rows(tmp: Path, args: argparse.Namespace) -> list[str]:
+    """Markdown rows: `make predict` over synthetic test patches, aerial and fusion models, each engine."""
+    from src.prep.synth_write import SynthSpec, make_dataset
+
+    zones = max(1, args.patches // 8)
+    root = make_dataset(tmp / "synth", SynthSpec(1, 1, zones, 8, seed=0))
+    subprocess.run([sys.executable, "-m", "src.index", "--root", str(root), "--out", str(tmp / "data")],
+                   cwd=ROOT, env=ENV, check=True, stdout=subprocess.DEVNULL)
+    rows = []
+    for name, over in (("U-Net R18", AERIAL), ("U-T&T (demo fusion)", {})):
+        ckpt = demo_checkpoint(tmp / name.split()[0] / "best.pt", data_dir=str(tmp / "data"), **over)
+        export_s = exported(ckpt, 512)
+        for engine in args.engines:
+            out = tmp / f"pred_{engine}"
+            wall, rss, _ = child(["src.predict", "--runs", str(ckpt), "--split", "test", "--out", str(out),
+                                  *job_options(args, engine), f"data_dir={tmp / 'data'}"])
+            seconds = json.loads((out / "predict.json").read_text())["infer_s"]  # loading, networks, writing
+            n = zones * 8
+            rows.append(row(f"predict, {name}", engine, f"{n} patches",
+                            f"{seconds:.1f} s ({wall:.0f} s wall)", f"**{n / seconds:.2f} patches/s**",
+                            f"export {export_s:.0f} s", f"{rss:.2f} GB"))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=10_000, help="raster side in pixels (default 10000)")
+    ap.add_argument("--size", type=int, default=3000, help="raster side in pixels (default 3000; 0: none)")
+    ap.add_argument("--patches", type=int, default=24, help="synthetic test patches to predict (0: none)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=128)
     ap.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--probs", action="store_true", help="also write the 13-band probabilities")
-    ap.add_argument("--onnx", action="store_true", help="also time ONNX (onnxruntime) vs PyTorch on CPU")
+    ap.add_argument("--engines", default="torch,onnx", help="comma list of engines to time (torch, onnx)")
     ap.add_argument("--dir", help="working folder (default: a temporary one, deleted)")
     args = ap.parse_args()
+    args.engines = args.engines.split(",")
+    print(f"{torch.get_num_threads()} threads, tta {args.tta}, batch {args.batch_size}, device "
+          f"{args.device}; time = the job's own measure (model loading excluded)", flush=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        tmp = Path(tmp)
-        ckpt = tiny_checkpoint(tmp / "best.pt")
-        t0 = time.perf_counter()
-        raster = synthetic_raster(tmp / "ortho.tif", args.size)
-        print(f"raster {args.size}x{args.size} x5 written in {time.perf_counter() - t0:.0f} s "
-              f"({raster.stat().st_size / 1e6:.0f} MB)", flush=True)
-        seconds, rss = run_infer(ckpt, raster, tmp / "landcover.tif", args)
-        out_mb = (tmp / "landcover.tif").stat().st_size / 1e6
-        pixels = args.size ** 2
-        print("\n| raster | window/overlap | tta | device | threads | time | pixels/s | peak RSS | output |\n"
-              "|---|---|---|---|---|---|---|---|---|")
-        print(f"| {args.size}x{args.size} | {args.window}/{args.overlap} | {args.tta} | {args.device} | "
-              f"{torch.get_num_threads()} | {seconds:.0f} s | {pixels / seconds / 1e6:.3f} M | "
-              f"{rss:.2f} GB | {out_mb:.1f} MB |")
-        if args.onnx:
-            rows = onnx_vs_torch(ckpt, args.window, args.batch_size)
-            print("\n| runtime (CPU fp32) | windows/s |\n|---|---|")
-            for name, rate in rows:
-                print(f"| {name} | {rate:.2f} |")
+        rows = raster_rows(Path(tmp), args) if args.size else []
+        rows += patch_rows(Path(tmp), args) if args.patches else []
+    header = row("job", "engine", "work", "time", "speed", "", "peak RSS")
+    print("\n".join([header, "|---" * 7 + "|", *rows]))
 
 
 if __name__ == "__main__":
