@@ -1,17 +1,20 @@
 """What a DataLoader worker costs per sample, next to the read floor, and what N workers deliver.
 
 1. Per-sample CPU time on ONE core (torch and OpenCV single-threaded, per-thread CPU time, files in the
-   page cache) of what a worker does -- `FlairDataset.__getitem__` and its share of `collate` -- for
+   page cache) of what a worker does -- `FlairDataset.__getitems__` and its share of `collate` -- for
    augment none/light/heavy, without S2 and with S2 + metadata, on LZW tiles (the synthetic default) and
    on uncompressed copies (what the real FLAIR tiles are believed to be). Beside it, measured in the same
    run on the same files, the read floor: reading IMG + MSK (+ the S2 data and cloud-mask windows of every
    date), nothing else, each array freed at once (so the allocator hands the same warm memory back), and
    the same reads holding a batch's arrays until the batch is complete, as any loader must (fresh memory:
    page faults and cache misses). The ratio column is cost / floor; goals (issue 17): light + S2 +
-   metadata within 2x the floor on uncompressed tiles, heavy + S2 within 4x. The device half (D4, photometric,
-   normalisation) is not a worker's job: bench/gpu_check.py times it on a GPU.
+   metadata within 2x the floor on uncompressed tiles, heavy + S2 within 4x. The device half (heavy's
+   zoom/rotation warp, D4, photometric, normalisation) is not a worker's job: bench/gpu_check.py times it
+   on a GPU, and 3. below on this CPU.
 2. End-to-end DataLoader throughput (samples/s, wall time) through src.data.loader.build_loader (persistent
    workers, the kit's collate) for 1, 2, 4, ... workers up to the cores, uncompressed tiles.
+3. The device half on this CPU (what training without a GPU pays in the main process): wall ms per batch
+   of --batch-size for light and heavy (S2 + meta, as drawn), all cores, and heavy's warp alone.
 
     python bench/loader_bench.py [--root DATA_ROOT] [--n 48] [--batch-size 16] [--workers 1,2]
         [--json results.json]
@@ -42,6 +45,7 @@ from src.core.config import load_settings  # noqa: E402
 from src.core.files import read_image, read_label, write_tif  # noqa: E402
 from src.core.workers import cpu_count  # noqa: E402
 from src.data.dataset import FlairDataset  # noqa: E402
+from src.data.device_augment import device_batch, warp_batch  # noqa: E402
 from src.data.loader import EpochSampler, build_loader, collate  # noqa: E402
 from src.data.sentinel import window_in_bounds  # noqa: E402
 from src.prep.index_scan import build_index  # noqa: E402
@@ -93,16 +97,23 @@ def read_floor(df: pd.DataFrame, n: int, s2: bool, hold: int = 0, size: int = 40
     return 1000 * (time.thread_time() - t0) / n
 
 
+def fetch(ds: FlairDataset, items: list) -> list:
+    """What a DataLoader worker's fetcher hands to the collate_fn (torch.utils.data._utils.fetch): the
+    dataset's __getitems__ when it has one, else [ds[item] for item in items]."""
+    batched = getattr(ds, "__getitems__", None)
+    return batched(items) if batched else [ds[item] for item in items]
+
+
 def sample_cost(df: pd.DataFrame, preset: str, s2: bool, n: int, batch: int, first: int = 0) -> dict:
-    """CPU ms per sample of a worker's job: __getitem__ then collate, in batches of `batch`, from row
-    `first` on (the warm-up reads rows 0..3)."""
+    """CPU ms per sample of a worker's job: fetching a batch (`fetch`) then collate, in batches of `batch`,
+    from row `first` on (the warm-up reads rows 0..3)."""
     cfg = load_settings(None, {"augment": preset, "use_s2": s2, "use_metadata": s2, "crop_size": 512})
     ds = FlairDataset(df, cfg, train=True)
     collate([ds[(i % len(ds), 0)] for i in range(min(len(ds), 4))])  # warm-up: memmaps, caches
     ds.clock, ds.timings = time.thread_time, {}
     t_collate, t0 = 0.0, time.thread_time()
     for start in range(0, n, batch):
-        samples = [ds[((first + k) % len(ds), 1)] for k in range(start, min(start + batch, n))]
+        samples = fetch(ds, [((first + k) % len(ds), 1) for k in range(start, min(start + batch, n))])
         t1 = time.thread_time()
         collate(samples)
         t_collate += time.thread_time() - t1
@@ -184,6 +195,36 @@ def zones_table(df: pd.DataFrame, n: int, batch: int, tmp: Path) -> list[dict]:
     return rows
 
 
+def median_ms(fn, *args, repeats: int = 5, **kw) -> float:
+    """Median wall ms of fn(*args, **kw) over `repeats` calls, after one warm-up call."""
+    fn(*args, **kw)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args, **kw)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def device_table(df: pd.DataFrame, batch: int, cores: int) -> list[dict]:
+    """Wall ms per batch of the device half on this CPU with `cores` threads: device_batch(augment=True)
+    on a collated batch (S2 + meta, crop 512), and for heavy its warp (warp_batch) alone."""
+    torch.set_num_threads(cores)
+    print(f"\n| device half on this CPU ({cores} threads), batch {batch} | ms/batch | of which heavy's warp |"
+          "\n|---|---|---|")
+    rows, cpu = [], torch.device("cpu")
+    for preset in ("light", "heavy"):
+        cfg = load_settings(None, {"augment": preset, "use_s2": True, "use_metadata": True, "crop_size": 512})
+        ds = FlairDataset(df, cfg, train=True)
+        b = collate([ds[(i % len(ds), 1)] for i in range(batch)])
+        ms = median_ms(device_batch, b, cfg, cpu, augment=True)
+        warp = median_ms(warp_batch, b, b["aug"]) if preset == "heavy" else 0.0
+        rows.append({"preset": preset, "batch": batch, "threads": cores, "ms": ms, "warp_ms": warp})
+        print(f"| {preset} | {ms:.1f} | {warp:.1f} |")
+    torch.set_num_threads(1)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", help="data root (official or synthetic layout); default: a temp synth tree")
@@ -211,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(torch {torch.__version__}, OpenCV {cv2.__version__}); {cores} cores\n")
         rows = per_sample_table(trees, args.n, args.batch_size)
         zone_rows = zones_table(trees["uncompressed"], args.n, args.batch_size, Path(tmp))
+        device_rows = device_table(trees["uncompressed"], args.batch_size, cores)
         print("\n| preset (S2 + meta, uncompressed) | workers | samples/s | per worker |\n|---|---|---|---|")
         loader_rows = []
         for preset in ("light", "heavy"):
@@ -219,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 loader_rows.append({"preset": preset, "workers": w, "samples_s": rate})
                 print(f"| {preset} | {w} | {rate:.0f} | {rate / w:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"per_sample": rows, "zones": zone_rows, "loader": loader_rows},
-                                                 indent=1))
+        Path(args.json).write_text(json.dumps({"per_sample": rows, "zones": zone_rows, "device": device_rows,
+                                               "loader": loader_rows}, indent=1))
     return 0
 
 

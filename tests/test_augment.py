@@ -35,7 +35,8 @@ def planted(t: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def full(aug: Augment, cfg: dict, seed: int, image, mask=None, s2=None, days=None) -> dict:
-    """Both halves on one sample: the worker's (crop, warps, draws), then the device's (D4, photometric)."""
+    """Both halves on one sample: the worker's (crop or heavy's source window, draws), then the device's
+    (heavy's warp, photometric, D4)."""
     out = aug(np.random.default_rng(seed), image, mask, s2, None, days)
     if out["aug"] is None:
         return out

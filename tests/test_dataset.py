@@ -110,13 +110,16 @@ def test_training_crop_and_date_dropout(synth_index):
     cfg = cfg_of(use_s2=True, augment="heavy", crop_size=128, s2_date_dropout=0.5)
     ds = FlairDataset(df, cfg, train=True)
     ref = FlairDataset(df, cfg_of(use_s2=True), train=False)
-    for i in range(3):
-        s = ds[i]
-        assert s["image"].shape == (5, 128, 128) and s["mask"].shape == (128, 128)
+    window = ds.augment.window_shape(512, 512)  # heavy ships its source window; the device crops
+    samples = [ds[i] for i in range(3)]
+    for i, s in enumerate(samples):
+        assert s["image"].shape == (5, *window) and s["mask"].shape == window
         assert s["aug"].shape == (AUG_LEN,) and s["aug"].dtype == torch.float32
         assert 1 <= s["s2"].shape[0] <= ref[i]["s2"].shape[0] == len(ref[i]["s2_days"])
         assert set(s["s2_days"].tolist()) <= set(ref[i]["s2_days"].tolist())
-        assert s["mask"].min() >= 0 and s["mask"].max() <= 12
+    out = device_batch(collate(samples), cfg, torch.device("cpu"), augment=True)
+    assert out["image"].shape == (3, 5, 128, 128) and out["mask"].shape == (3, 128, 128)
+    assert out["mask"].min() >= 0 and out["mask"].max() <= 12
 
 
 def test_window_leaving_the_super_area_is_masked(synth_index):
@@ -247,3 +250,60 @@ def test_encode_metadata():
     assert m[6:].sum() == 1
     missing = encode_metadata("", "", "", float("nan"), float("nan"), float("nan"))
     assert not missing.any()
+
+
+@pytest.fixture(scope="module")
+def mixed_index(tmp_path_factory):
+    """Training index of a small tree whose tiles alternate planar and pixel-interleaved storage (only
+    planar ones can be decoded straight into a batch row), some S2 windows leaving their super-area."""
+    from src.prep.index_scan import build_index
+    from src.prep.synth_write import SynthSpec, make_dataset
+
+    root = make_dataset(tmp_path_factory.mktemp("mixed"), SynthSpec(
+        train_domains=1, test_domains=0, zones=2, patches=4, seed=5, interleave="mixed", edge_rate=0.3))
+    return build_index(root)["train"].reset_index(drop=True)
+
+
+def assert_same_batch(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if torch.is_tensor(value):
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("kw", [dict(augment="none"), dict(augment="light"),
+                                dict(augment="light", crop_size=96),
+                                dict(augment="heavy", crop_size=128, s2_date_dropout=0.3),
+                                dict(augment="light", bands=["NIR", "R", "G"], use_s2=False)])
+def test_batched_fetch_gives_the_batch_of_single_fetches(mixed_index, kw):
+    """What torch's fetcher hands to collate (__getitems__) batches to exactly collate([ds[i], ...]), samples
+    included, in training and in evaluation; the image and mask rows are written in place (collate does
+    not copy them again)."""
+    cfg = cfg_of(**{"use_s2": True, "use_metadata": True, **kw})
+    for train in (True, False):
+        ds = FlairDataset(mixed_index, cfg, train=train)
+        items = [(i, 4) for i in (5, 0, 3, 3, 6, 1, 2)]
+        singles = [ds[item] for item in items]
+        batched = ds.__getitems__(items)
+        for one, other in zip(batched, singles):
+            assert_same_batch(one, other)
+        batch = collate(batched)
+        assert_same_batch(batch, collate(singles))
+        for key in ("image", "mask"):
+            assert batch[key].data_ptr() == batched[0][key].data_ptr()  # the rows themselves
+
+
+def test_batched_fetch_with_bad_samples(synth_index, tmp_path):
+    """skip_bad: in evaluation the marker of an unreadable patch takes its place in the batch (collate lists
+    it apart), in training the next readable patch does, as with single fetches."""
+    df = synth_index["train"].iloc[:4].copy().reset_index(drop=True)
+    bad_img = tmp_path / Path(df.loc[2, "img_path"]).name
+    bad_img.write_bytes(Path(df.loc[2, "img_path"]).read_bytes()[:5000])
+    df.loc[2, "img_path"] = str(bad_img)
+    for train in (False, True):
+        cfg = cfg_of(skip_bad=True, use_s2=True, augment="light")
+        batched = collate(FlairDataset(df, cfg, train=train).__getitems__([0, 1, 2, 3]))
+        assert_same_batch(batched, collate([FlairDataset(df, cfg, train=train)[i] for i in range(4)]))
+        assert ("bad" in batched) != train and len(batched["id"]) == 4 - ("bad" in batched)

@@ -18,6 +18,7 @@ from src.data.device_augment import (
     jitter,
     photometric,
     spectral_bands,
+    with_band_means,
 )
 
 CPU = torch.device("cpu")
@@ -52,6 +53,9 @@ def test_d4_on_the_device_matches_the_cpu_reference_bit_for_bit():
 def test_nothing_drawn_leaves_the_batch_exactly_as_it_was():
     image = torch.randint(0, 256, (3, 5, 16, 16), dtype=torch.uint8)
     assert photometric(image, params(3), params(3), (True,) * 4 + (False,)) is image
+    warped = params(3)
+    warped[:, Slot.WARP:] = 1.0  # heavy's warp slots, after the holes: not a photometric transform
+    assert photometric(image, warped, warped, (True,) * 4 + (False,)) is image
     # in a mixed batch, samples without a transform come out with the same grey levels
     p = params(3)
     p[1, Slot.JITTER] = 1
@@ -95,6 +99,15 @@ def test_jitter_is_per_band_monotone_spares_elevation_and_follows_the_formula():
         lut = np.clip(np.rint(v * 255), 0, 255)
         assert np.abs(out[b] - lut[raw[b]]).max() <= 1  # the CPU lookup table (float32 pow: at most a level)
         assert (out[b] != raw[b]).any()
+
+
+def test_the_jitter_pivot_is_the_band_mean_of_the_image_it_changes():
+    image = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    p = params(2)
+    got = with_band_means(p, image)
+    expect = image[:, :, ::8, ::8].double().mean(dim=(2, 3)) / 255
+    torch.testing.assert_close(got[:, Slot.MEAN:Slot.MEAN + 3].double(), expect)
+    assert not p.any() and not got[:, Slot.MEAN + 3:Slot.NOISE_STD].any()  # a copy; unused bands stay 0
 
 
 def test_blur_kernels_are_normalised_and_shaped():

@@ -251,3 +251,75 @@ def test_shape_mismatches_raise():
         s2_series(data, masks, products[:2], (15, 15))
     with pytest.raises(ValueError, match="masks shape"):
         s2_series(data, masks[:2], products, (15, 15))
+
+
+@pytest.fixture(scope="module")
+def edge_tree(tmp_path_factory):
+    """A synthetic tree (real .npy super-areas, ~1-5 dates a month) with half of its patches against the
+    super-area border, and its training index."""
+    from src.prep.index_scan import build_index
+    from src.prep.synth_write import SynthSpec, make_dataset
+
+    root = make_dataset(tmp_path_factory.mktemp("edge"), SynthSpec(train_domains=1, test_domains=0, zones=2,
+                                                                   patches=4, seed=3, edge_rate=0.5))
+    return build_index(root)["train"].reset_index(drop=True)
+
+
+def reference_composites(data, masks, dates, centroid, size=40, cover_max=0.5, prob_min=60):
+    """The monthly composites, written plainly on arrays read whole: NaN-padded window, cover over its
+    valid pixels, dates kept (or the fallback) in date order, float64 mean of each (year, month) cast to
+    float32, days before 15 May of the reference year in a 365-day calendar."""
+    t_all, n_bands, height, width = data.shape
+    padded = np.full((t_all, n_bands, height + 2 * size, width + 2 * size), np.nan)
+    padded[:, :, size:size + height, size:size + width] = data
+    top, left = centroid[0] - size // 2, centroid[1] - size // 2
+    window = padded[:, :, size + top:size + top + size, size + left:size + left + size]
+    clipped = masks[:, :, max(top, 0):top + size, max(left, 0):left + size]
+    cover = [(np.sum(clipped[t, 0] >= prob_min) + np.sum(clipped[t, 1] >= prob_min)) / clipped[t, 0].size
+             for t in range(t_all)]
+    order = sorted(range(t_all), key=lambda t: dates[t])
+    keep = [t for t in order if cover[t] < cover_max] or [t for t in order if cover[t] <= min(cover) + 0.1]
+    months = list(dict.fromkeys((dates[t].year, dates[t].month) for t in keep))
+    values = [np.mean(window[[t for t in keep if (dates[t].year, dates[t].month) == ym]], axis=0)
+              for ym in months]
+    ref_year = max(sorted({d.year for d in dates}), key=lambda y: sum(d.year == y for d in dates))
+    days = [(dt.date(2021, 5, 15) - dt.date(2021, m, 15)).days + 365 * (ref_year - y) for y, m in months]
+    return np.array(values).astype(np.float32), np.array(days)
+
+
+def test_monthly_composites_of_synthetic_files_match_a_plain_reference(edge_tree):
+    """s2_series through memory-mapped .npy files written by the synthetic generator: the composites
+    (NaN pads included) bit-identical to `reference_composites`, for the index's centroids, patches
+    moved to the super-area's corners, and without the cloud filter."""
+    from src.data.sentinel import open_zone
+
+    checked = months_of_several_dates = 0
+    for zone in edge_tree.groupby("s2_data"):
+        row = zone[1].iloc[0]
+        data, masks, products = open_zone(row["s2_data"], row["s2_masks"], row["s2_products"])
+        whole_data, whole_masks = np.load(row["s2_data"]), np.load(row["s2_masks"])
+        dates = [product_date(p) for p in products]
+        height, width = data.shape[-2:]
+        centroids = [(int(r), int(c)) for r, c in zip(zone[1]["s2_row"], zone[1]["s2_col"])]
+        for centroid in centroids + [(0, 0), (height - 1, width - 1), (3, width // 2)]:
+            want_x, want_days = reference_composites(whole_data, whole_masks, dates, centroid)
+            x, days = s2_series(data, masks, products, centroid)
+            np.testing.assert_array_equal(x, want_x)
+            np.testing.assert_array_equal(days, want_days)
+            checked += 1
+        everything, _ = reference_composites(whole_data, whole_masks, dates, centroids[0], cover_max=2.0)
+        x, _ = s2_series(data, masks, products, centroids[0], replace(BASELINE, filter_clouds=False))
+        np.testing.assert_array_equal(x, everything)
+        months_of_several_dates += len(dates) - x.shape[0]
+    assert checked >= 10 and months_of_several_dates > 0  # composites of one date and of several
+    assert (edge_tree["s2_row"] < 20).any()  # the index itself has windows leaving the super-area
+
+
+def test_cloud_cover_counts_like_count_nonzero():
+    rng = np.random.default_rng(11)
+    _, masks = super_area(rng, 9, height=37, width=41)
+    for window in (masks, masks[:, :1], masks[:, :, 3:30, 0:17]):
+        want = np.count_nonzero(window[:, :2] >= 60, axis=(1, 2, 3)) / float(np.prod(window.shape[2:]))
+        got = cloud_cover(window, 60)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)

@@ -80,11 +80,13 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100, **savefig_kwargs) 
     return Path(path)
 
 
-def read_tif(path: str | os.PathLike) -> np.ndarray:
+def read_tif(path: str | os.PathLike, out: np.ndarray | None = None) -> np.ndarray:
     """Raw array of the first page series, with a clear error naming the file.
 
     libtiff (imagecodecs.tiff_decode) decodes FLAIR's LZW files about 3x faster than tifffile's
-    reader (bench/metric_bench.py); tifffile is the fallback and the source of error messages.
+    reader (bench/metric_bench.py); tifffile is the fallback and the source of error messages. `out`: an
+    array of the image's exact shape and dtype to decode into (a batch row, src.data.dataset.BatchRows: no
+    copy); when it does not fit (e.g. a pixel-interleaved file), a new array is returned as without it.
     """
     try:
         with open(path, "rb") as fh:
@@ -93,6 +95,11 @@ def read_tif(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: file not found") from None
     except (OSError, MemoryError) as err:
         raise machine_limit(err, path) or DataError(f"{path}: unreadable ({err})") from None
+    if out is not None:
+        try:
+            return imagecodecs.tiff_decode(raw, out=out)
+        except Exception:
+            pass
     try:
         return imagecodecs.tiff_decode(raw)
     except Exception:
@@ -118,9 +125,10 @@ def to_chw(arr: np.ndarray, path: str | os.PathLike = "", bands: int | None = No
     return arr
 
 
-def read_image(path: str | os.PathLike, bands: int | None = 5) -> np.ndarray:
-    """Aerial image as (C, H, W), checking the band count when given."""
-    return to_chw(read_tif(path), path, bands)
+def read_image(path: str | os.PathLike, bands: int | None = 5, out: np.ndarray | None = None) -> np.ndarray:
+    """Aerial image as (C, H, W), checking the band count when given; decoded into `out` where it fits
+    (`read_tif`)."""
+    return to_chw(read_tif(path, out), path, bands)
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:

@@ -5,12 +5,15 @@ more than reading the pixel did; on a GPU it is a few kernels over the whole bat
 uint8 images and masks (4x and 8x smaller than float32/int64, docs/data-format.md, "Samples and
 batches") and the parameters they drew (src.data.augment, `aug`); `device_batch` then, on the device:
 1. copies the batch (non-blocking from pinned memory on CUDA);
-2. in training, applies `heavy`'s photometric transforms (per-band brightness/contrast/gamma lookup
-   table on spectral bands only, Gaussian noise, blur, coarse dropout; each result rounded and clipped to
-   0..255 as on uint8 images) and each sample's D4 element jointly to image, mask, S2 crop and S2
-   validity (one gather per tensor through 8 cached index tables built from the reference
-   `src.data.augment.d4`:
-   no host synchronisation, no per-group loop);
+2. in training, applies `heavy`'s zoom/rotation (`warp_batch`: each sample's source window resampled to
+   the crop through its map in `aug`, one affine_grid + grid_sample per tensor: bilinear image rounded to
+   uint8 as OpenCV's warp does, nearest mask filled with 12 outside, bilinear S2 whose validity follows
+   the CPU rule of src.data.augment.warp_s2), then its photometric transforms (per-band
+   brightness/contrast/gamma lookup table on spectral bands only, about the band means of the warped
+   image; Gaussian noise, blur, coarse dropout; each result rounded and clipped to 0..255 as on uint8
+   images) and each sample's D4 element jointly to image, mask, S2 crop and S2 validity (one gather per
+   tensor through 8 cached index tables built from the reference `src.data.augment.d4`: no host
+   synchronisation, no per-group loop);
 3. normalises the image through src.data.normalize (the one definition) in the model's dtype, and turns
    the mask into int64 class indices and S2 into float32.
 Validation and prediction take the same path without step 2."""
@@ -25,12 +28,13 @@ import torch.nn.functional as F
 
 from src.core.runtime import derive_seed
 from src.core.settings import Settings
-from src.data.augment import MAX_HOLES, Slot, d4
+from src.data.augment import MASK_FILL, MAX_HOLES, Slot, d4
 from src.data.normalize import normalize
 
 # Batch keys that carry pixels of the aerial grid or of the S2 grid: they turn with the D4 element.
 TURNED = ("mask", "s2", "s2_valid")
 BLUR_SIDE = 7  # largest blur kernel (MotionBlur 3..7)
+VALID_TOL = 1e-4  # an S2 neighbour with a bilinear weight below this does not count (warp_s2's snap)
 
 
 @functools.lru_cache(maxsize=16)
@@ -132,7 +136,7 @@ def photometric(image: torch.Tensor, p: torch.Tensor, host: torch.Tensor, spectr
     when some sample of the batch drew it (`host`: the parameters still on the CPU, read without waiting
     for the device). Returns float32 grey levels, or the uint8 image untouched when nothing was drawn."""
     drawn = [bool(host[:, s].any()) for s in (Slot.JITTER, Slot.NOISE_STD, Slot.BLUR)]
-    drawn.append(bool(host[:, Slot.HOLES:].any()))
+    drawn.append(bool(host[:, Slot.HOLES:Slot.HOLES + 4 * MAX_HOLES].any()))
     if not any(drawn):
         return image
     x = jitter(image, p, spectral) if drawn[0] else image.float()
@@ -143,13 +147,83 @@ def photometric(image: torch.Tensor, p: torch.Tensor, host: torch.Tensor, spectr
     return dropout(x, p) if drawn[3] else x
 
 
+def _theta(maps: torch.Tensor, in_hw: tuple[int, int], out: int) -> torch.Tensor:
+    """(B, 2, 3) affine_grid matrices (align_corners=False) of pixel-centre maps output -> input (B, 6),
+    composed in float64: pixel x <-> normalised (2x + 1) / size - 1 on both sides."""
+    g = maps.double().view(-1, 2, 3)
+    (h, w), b = in_hw, g.shape[0]
+    to_norm = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]], dtype=torch.float64)
+    from_norm = torch.tensor([[out / 2, 0, (out - 1) / 2], [0, out / 2, (out - 1) / 2], [0, 0, 1]],
+                             dtype=torch.float64)
+    square = torch.cat([g, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(b, 1, 3)], dim=1)
+    return (to_norm @ square @ from_norm)[:, :2].float()
+
+
+def _grid(theta: torch.Tensor, b: int, out: int, device: torch.device) -> torch.Tensor:
+    return F.affine_grid(theta.to(device), [b, 1, out, out], align_corners=False)
+
+
+def _sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """x (B, C, H, W) float at the grid's points, zeros outside."""
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def warp_s2_batch(s2: torch.Tensor, valid: torch.Tensor | None, theta: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """S2 (B, T, C, S, S) bilinear, and its validity: an output pixel is valid when the weights of its valid,
+    inside neighbours sum to 1 (every neighbour with non-zero weight usable: the rule of
+    src.data.augment.warp_s2); invalid pixels are 0."""
+    b, t, c, size = *s2.shape[:3], s2.shape[-1]
+    grid = _grid(theta, b, size, s2.device)
+    valid = torch.ones((b, size, size), dtype=torch.bool, device=s2.device) if valid is None else valid
+    ok = _sample(valid[:, None].float(), grid, "bilinear")[:, 0] > 1 - VALID_TOL
+    flat = _sample(s2.reshape(b, t * c, size, size).float(), grid, "bilinear")
+    return (flat * ok[:, None]).view(b, t, c, size, size).to(s2.dtype), ok
+
+
+def warp_batch(batch: dict[str, torch.Tensor], host: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`heavy`: each sample's source window resampled to the (OUT, OUT) crop through its map in `host`
+    (`Slot.GRID`, `Slot.S2_GRID`), on image (bilinear, 0 outside, rounded to uint8), mask (nearest, 12
+    outside) and S2 crop + validity (`warp_s2_batch`)."""
+    out, image = int(host[0, Slot.OUT]), batch["image"]
+    grid = _grid(_theta(host[:, Slot.GRID:Slot.GRID + 6], image.shape[-2:], out), image.shape[0], out,
+                 image.device)
+    done = dict(batch)
+    # bilinear weights are convex: values stay in 0..255 (to float error), rounding is enough before uint8
+    done["image"] = _sample(image.float(), grid, "bilinear").round_().to(torch.uint8)
+    if "mask" in batch:  # shifted by the fill so that grid_sample's zeros outside become MASK_FILL
+        shifted = batch["mask"][:, None].float() - MASK_FILL
+        done["mask"] = (_sample(shifted, grid, "nearest")[:, 0] + MASK_FILL).to(batch["mask"].dtype)
+    if "s2" in batch:
+        s2 = batch["s2"]
+        s2_theta = _theta(host[:, Slot.S2_GRID:Slot.S2_GRID + 6], s2.shape[-2:], s2.shape[-1])
+        done["s2"], done["s2_valid"] = warp_s2_batch(s2, batch.get("s2_valid"), s2_theta)
+    return done
+
+
+def with_band_means(p: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """`p` with Slot.MEAN set to each band's mean (0..1) over every 8th pixel of the image the jitter
+    will change: its pivot, taken after the warp."""
+    c = image.shape[1]
+    p = p.clone()
+    p[:, Slot.MEAN:Slot.MEAN + c] = image[:, :, ::8, ::8].float().mean(dim=(2, 3)) / 255
+    return p
+
+
 def augment_batch(batch: dict[str, torch.Tensor], host: torch.Tensor, cfg: Settings) -> dict[str,
                                                                                              torch.Tensor]:
     """The device half of the training augmentation on a batch already on the device (`host`: its "aug"
-    parameters on the CPU): photometric transforms, then each sample's D4 element on every gridded key."""
+    parameters on the CPU): heavy's warp, photometric transforms, then each sample's D4 element on every
+    gridded key."""
     p = host.to(batch["image"].device, non_blocking=True)
     out = dict(batch)
-    out["image"] = photometric(batch["image"], p, host, spectral_bands(cfg))
+    if bool(host[:, Slot.WARP].any()):
+        if not bool(host[:, Slot.WARP].all()):
+            raise ValueError("augment_batch: a batch mixes warped (heavy) and plain samples")
+        out = warp_batch(out, host)
+    if bool(host[:, Slot.JITTER].any()):
+        p = with_band_means(p, out["image"])
+    out["image"] = photometric(out["image"], p, host, spectral_bands(cfg))
     k = p[:, Slot.K]
     for key in ("image", *TURNED):
         if key in out:

@@ -13,19 +13,19 @@ batches each setting separately (docs/data-format.md, "Samples and batches")."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.core.errors import DataError, one_line
 from src.core.runtime import init_worker
 from src.core.settings import Settings
 from src.core.workers import loader_workers, single_thread_opencv
+from src.data.batches import batch_tensor, rows_of
 
 
 class EpochSampler(Sampler):
@@ -47,19 +47,12 @@ class EpochSampler(Sampler):
         return len(self.sampler)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a DataLoader worker, in shared memory, so that sending the batch to the
-    main process copies nothing (what torch's default_collate does)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    template = torch.empty(0, dtype=dtype)
-    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
-    return template.new(storage).view(shape)
-
-
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     first = tensors[0]
-    return torch.stack(tensors, out=_empty((len(tensors), *first.shape), first.dtype))
+    rows = rows_of(tensors)
+    if rows is not None:
+        return rows
+    return torch.stack(tensors, out=batch_tensor((len(tensors), *first.shape), first.dtype))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -67,7 +60,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     A sample {"id": ..., "bad": message} (an unreadable patch that must not be replaced by another one,
     e.g. in validation with skip_bad) is left out of the tensors and listed in batch["bad"] as
-    (id, message); a batch of only such samples is {"id": [], "bad": [...]}.
+    (id, message); a batch of only such samples is {"id": [], "bad": [...]}. Tensors that already are
+    the rows of one batch tensor, in order (FlairDataset.__getitems__), are that tensor
+    (src.data.batches.rows_of).
     """
     if not samples:
         raise ValueError("collate: empty batch")
@@ -91,11 +86,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [s["s2"].shape[0] for s in samples]
         t_max = max(lengths)
         first = samples[0]["s2"]
-        s2 = _empty((len(samples), t_max, *first.shape[1:]), first.dtype).zero_()
-        days = _empty((len(samples), t_max), torch.int64).zero_()
-        pad = _empty((len(samples), t_max), torch.bool).fill_(True)
+        s2 = batch_tensor((len(samples), t_max, *first.shape[1:]), first.dtype)
+        days = batch_tensor((len(samples), t_max), torch.int64).zero_()
+        pad = batch_tensor((len(samples), t_max), torch.bool).fill_(True)
         for b, (s, n) in enumerate(zip(samples, lengths)):
             s2[b, :n] = s["s2"]
+            s2[b, n:] = 0  # only the padding: the batch is written once
             days[b, :n] = s["s2_days"]
             pad[b, :n] = False
         batch["s2"], batch["s2_days"], batch["s2_pad"] = s2, days, pad
