@@ -108,9 +108,10 @@ def invalid_label_values(raw: np.ndarray) -> list[int]:
 
 
 def class_argmax(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class, top) of integer scores (C, ...) over their first axis: uint8 classes with ties to the lower
-    class (as np.argmax) and the largest score. A running maximum over the C planes: 1.9x faster than
-    np.argmax on (13, 512, 512) uint8 or uint16 (BENCHMARKS.md, "Real scale"), and the maximum comes free."""
+    """(class, top) of scores (C, ...) over their first axis (integers, or floats without NaN): uint8 classes
+    with ties to the lower class (as np.argmax) and the largest score. A running maximum over the C planes:
+    1.9x faster than np.argmax on (13, 512, 512) uint8 or uint16 (BENCHMARKS.md, "Real scale"), and the
+    maximum comes free."""
     top = scores[0].copy()
     cls = np.zeros(top.shape, dtype=np.uint8)
     better = np.empty(top.shape, dtype=bool)

@@ -48,7 +48,7 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 
 from src.core.errors import DataError
-from src.core.flair import BAND_NAMES, NUM_CLASSES, PALETTE
+from src.core.flair import BAND_NAMES, NUM_CLASSES, PALETTE, class_argmax
 
 BLOCK = 256    # output tile side, and the row granularity of writes
 NODATA = 255   # class value written where the input has no data
@@ -256,9 +256,11 @@ class Strip:
         self.wsum = np.zeros((window, width), np.float32)
 
     def add(self, probs: np.ndarray, x0: int) -> None:
-        """Add one window's (classes, window, window) probabilities whose left edge is at column x0."""
+        """Add one window's (classes, window, window) float32 probabilities whose left edge is at column x0
+        (weighted in place: `probs` is consumed)."""
         x1 = x0 + self.window
-        self.acc[:, :, x0:x1] += probs * self.weights
+        np.multiply(probs, self.weights, out=probs)  # in place: the window's probabilities are not kept
+        self.acc[:, :, x0:x1] += probs
         self.wsum[:, x0:x1] += self.weights
 
     def pop(self, rows: int, width: int, probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -267,7 +269,7 @@ class Strip:
         classes like the probabilities do (a pixel's weight sum is > 0), so no normalised copy of the strip
         is made unless the probabilities are asked for."""
         acc = self.acc[:, :rows, :width]
-        labels = acc.argmax(0).astype(np.uint8)
+        labels = class_argmax(acc)[0]
         out = acc / np.maximum(self.wsum[:rows, :width], np.finfo(np.float32).tiny) if probs else None
         keep = self.window - rows
         self.acc[:, :keep] = self.acc[:, rows:]

@@ -174,9 +174,12 @@ def predict_batch(models: Sequence[nn.Module], weights: Sequence[float] | None,
             for y in T.unstack_views(logits, group):
                 y = y.softmax(1) if ensemble == "probs" else y
                 acc = y if acc is None else acc + y
-        acc = acc / len(vs)
+        if len(vs) > 1:
+            acc = acc / len(vs)
         wk = wi if mix is None else mix.column(k, acc)
-        total = acc * wk if total is None else total + (acc * wk).to(total.device)
+        if len(models) > 1 or mix is not None:  # a lone model's weight is 1: no pass over its output
+            acc = acc * wk
+        total = acc if total is None else total + acc.to(total.device)
     if mix is not None:
         return mix.finish(total)
     return total if ensemble == "probs" else total.softmax(1)
