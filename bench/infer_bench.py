@@ -7,6 +7,7 @@ with figures from one run on one machine (these machines are shared and noisy: c
 infer` must keep memory flat on rasters of tens of thousands of pixels.
 
   python bench/infer_bench.py                          # 3000 x 3000 raster, 24 test patches, both engines
+  python bench/infer_bench.py --rounds 3               # each engine 3 times, alternated (shared machines)
   python bench/infer_bench.py --size 10000 --patches 0 # the memory figure on a big raster, no predict part
   python bench/infer_bench.py --engines torch --device cuda --tta d4
 
@@ -112,7 +113,7 @@ def raster_rows(tmp: Path, args: argparse.Namespace) -> list[str]:
     raster = synthetic_raster(tmp / "ortho.tif", args.size)
     n = len(grid(args.size, args.window, args.overlap)[0]) ** 2
     rows = []
-    for engine in args.engines:
+    for engine in args.engines * args.rounds:  # alternated: a neighbour's load hits both engines
         out_tif = str(tmp / f"landcover_{engine}.tif")
         wall, rss, out = child(["src.infer", "--runs", str(ckpt), "--src", str(raster), "--out", out_tif,
                                 "--window", str(args.window), "--overlap", str(args.overlap),
@@ -137,7 +138,7 @@ def patch_rows(tmp: Path, args: argparse.Namespace) -> list[str]:
     for name, over in (("U-Net R18", AERIAL), ("U-T&T (demo fusion)", {})):
         ckpt = demo_checkpoint(tmp / name.split()[0] / "best.pt", data_dir=str(tmp / "data"), **over)
         export_s = exported(ckpt, 512)
-        for engine in args.engines:
+        for engine in args.engines * args.rounds:
             out = tmp / f"pred_{engine}"
             wall, rss, _ = child(["src.predict", "--runs", str(ckpt), "--split", "test", "--out", str(out),
                                   *job_options(args, engine), f"data_dir={tmp / 'data'}"])
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--engines", default="torch,onnx", help="comma list of engines to time (torch, onnx)")
+    ap.add_argument("--rounds", type=int, default=1, help="times each engine runs, alternated (default 1)")
     ap.add_argument("--dir", help="working folder (default: a temporary one, deleted)")
     args = ap.parse_args()
     args.engines = args.engines.split(",")
