@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from src.prep.synth_scene import PHENOLOGIES
 from src.prep.synth_write import INTERLEAVES, LAYOUTS, SynthSpec, make_dataset
 
 
@@ -25,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interleave", choices=INTERLEAVES, default="planar",
                    help="storage order of the aerial images")
     p.add_argument("--no-test-labels", action="store_true", help="do not write the test labels")
+    p.add_argument("--phenology", choices=PHENOLOGIES, default="smooth",
+                   help="S2 signal: smooth (the default, the kit's figures before issue 28) or events (short "
+                        "dated events, a rare S2-only class, mowing, calendar shifts, cloudy months)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="parallel processes (zones are written independently)")
     return p
@@ -34,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     start = time.perf_counter()
     spec = SynthSpec(args.train_domains, args.test_domains, args.zones, args.patches, args.seed, args.layout,
-                     args.interleave, not args.no_test_labels)
+                     args.interleave, not args.no_test_labels, phenology=args.phenology)
     root = make_dataset(args.out, spec, workers=args.workers)
     n = (args.train_domains + args.test_domains) * args.zones * args.patches
-    print(f"synthetic FLAIR #2 ({args.layout} layout): {n} patches, "
+    print(f"synthetic FLAIR #2 ({args.layout} layout, {args.phenology} phenology): {n} patches, "
           f"{(args.train_domains + args.test_domains) * args.zones} zones -> {root} "
           f"({time.perf_counter() - start:.1f} s)")
     return 0

@@ -4,18 +4,33 @@ promises."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 
-from src import synth
+from src import index, synth
+from src.core.config import load_settings
 from src.core.files import read_image, read_label
-from src.prep.synth_scene import TEST_DOMAINS, ZoneTruth, plan_dataset
-from src.prep.synth_write import SynthSpec, make_dataset
+from src.data.dataset import FlairDataset
+from src.data.sentinel import BASELINE, encode_days, product_date, s2_series
+from src.prep.synth_scene import (
+    AGRI,
+    BARE,
+    EVENT_PAIRS,
+    PLOWED,
+    TEST_DOMAINS,
+    ZoneTruth,
+    event_windows,
+    hidden_dates,
+    plan_dataset,
+)
+from src.prep.synth_write import AERIAL_LOOK, SynthSpec, make_dataset
 
 # The session fixture synth_root is make_dataset(tmp, SynthSpec(3, 2, 2, 3, seed=0)): the same arguments give
 # the truth.
@@ -260,3 +275,163 @@ def test_parallel_workers_write_the_same_bytes(tmp_path):
     assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
     for rel in files:
         assert (serial / rel).read_bytes() == (parallel / rel).read_bytes(), rel
+
+
+# ------------------------------------------------------------------------------- phenology (issue 28)
+# `_tree_digest` of trees written by the code before issue 28 (commit ec2d5f9; TIFFs hashed by their pixels,
+# so a codec library's other compressed bytes do not count). If numpy's random streams ever change, recompute
+# them with that commit's code from a git worktree, never from the current code.
+SMOOTH_DIGESTS = [
+    (SynthSpec(1, 1, 1, 2, seed=3), "a23bacd7a42826eaf8415dc58fc7fd5371b78984799a646aefc635325ca91ea1"),
+    (SynthSpec(1, 0, 2, 1, seed=9, layout="toy", interleave="mixed", test_labels=False),
+     "7f67edc6caabf708751b99e9f0a58cf5ce41ae423b6515dbb4056c0442ee83b2"),
+]
+EVENTS_ARGS = dict(train_domains=3, test_domains=1, zones=2, patches=2, seed=0, phenology="events")
+
+
+def _tree_digest(root: Path) -> str:
+    """sha256 over every file, sorted: its relative path, then its pixels for a TIFF (decoded, with dtype and
+    shape: the compressed bytes may change with the codec library, the content must not), else its bytes."""
+    h = hashlib.sha256()
+    for path in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        if path.suffix == ".tif":
+            arr = tifffile.imread(path)
+            h.update(f"{arr.dtype}{arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        else:
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("case", range(len(SMOOTH_DIGESTS)))
+def test_smooth_phenology_writes_the_same_bytes_as_before(tmp_path, case):
+    """The default phenology keeps the old figures reproducible: every byte as before issue 28."""
+    spec, digest = SMOOTH_DIGESTS[case]
+    assert spec.phenology == "smooth"
+    assert _tree_digest(make_dataset(tmp_path / "s", spec)) == digest
+
+
+@pytest.fixture(scope="module")
+def events_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("events"), SynthSpec(**EVENTS_ARGS))
+
+
+@pytest.fixture(scope="module")
+def events_truth() -> list[ZoneTruth]:
+    return plan_dataset(**EVENTS_ARGS)
+
+
+def _ndvi(data: np.ndarray) -> np.ndarray:
+    nir, red = data[:, 6].astype(np.float32), data[:, 2].astype(np.float32)
+    return (nir - red) / (nir + red + 1)
+
+
+def test_events_tree_is_indexed_and_read(events_root, tmp_path):
+    assert index.main(["--root", str(events_root), "--out", str(tmp_path), "--check"]) == 0
+    df = pd.read_csv(tmp_path / "index_train.csv")
+    ds = FlairDataset(df, load_settings(None, {"use_s2": True}), train=False)
+    sample = ds[0]
+    assert sample["image"].shape[-2:] == (512, 512) and sample["s2"].shape[0] >= 1
+
+
+def test_events_pairs_look_the_same_from_the_air(events_root, events_truth):
+    """Each S2-only pair is drawn with one aerial look, and its pixels agree in mean and spread in every
+    band within a domain (the pair cannot be told apart from the aerial image alone)."""
+    assert AERIAL_LOOK["events"][PLOWED] == BARE and AERIAL_LOOK["smooth"][PLOWED] == PLOWED
+    checked = 0
+    for domain in sorted({zt.domain for zt in events_truth}):
+        pix = {k: [] for pair in EVENT_PAIRS for k in pair}
+        for zt in (z for z in events_truth if z.domain == domain):
+            for pid, _, _ in zt.patches:
+                img_path, msk_path, _ = _paths(events_root, zt, pid)
+                img, msk = read_image(img_path), read_label(msk_path)
+                for k in pix:
+                    pix[k].append(img[:, msk == k])
+        for pair in EVENT_PAIRS:
+            a, b = (np.concatenate(pix[k], axis=1).astype(np.float32) for k in pair)
+            if min(a.shape[1], b.shape[1]) < 3000:
+                continue
+            checked += 1
+            assert np.abs(a.mean(1) - b.mean(1)).max() < 3, (domain, pair)
+            assert np.abs(a.std(1) - b.std(1)).max() < 3, (domain, pair)
+    assert checked >= 3
+
+
+def _gaps(root: Path, zt: ZoneTruth, pair: tuple[int, int]):
+    """(days, |NDVI gap|) of a pair's pure pixels on the clear dates of a zone's written S2 (None if too
+    few pure pixels)."""
+    data, masks, _ = _s2(root, zt)
+    pure = [zt.fractions[k] > 0.99 for k in pair]
+    if min(p.sum() for p in pure) < 3:
+        return None
+    ndvi = _ndvi(data)
+    clear = [t for t in range(len(zt.days)) if all((masks[t].max(0)[p] < 15).all() for p in pure)]
+    gaps = np.array([abs(ndvi[t][pure[0]].mean() - ndvi[t][pure[1]].mean()) for t in clear])
+    return zt.days[clear], gaps
+
+
+def test_events_pairs_differ_in_s2_only_in_short_windows(events_root, events_truth):
+    """On the written S2 and the zones' labels, each pair's NDVI agrees outside its event windows (which
+    cover a few weeks of the year) and differs strongly inside them somewhere in the tree."""
+    inside_max = {pair[1]: 0.0 for pair in EVENT_PAIRS}
+    outside = 0
+    for zt in events_truth:
+        windows = event_windows(zt.style["events"])
+        for pair in EVENT_PAIRS:
+            assert sum(b - a for a, b in windows[pair[1]]) <= 80  # a short share of the year
+            measured = _gaps(events_root, zt, pair)
+            if measured is None:
+                continue
+            days, gaps = measured
+            inside = np.array([any(a <= d <= b for a, b in windows[pair[1]]) for d in days], bool)
+            assert (gaps[~inside] < 0.05).all(), (zt.zone, pair)
+            outside += int((~inside).sum())
+            if inside.any():
+                inside_max[pair[1]] = max(inside_max[pair[1]], float(gaps[inside].max()))
+    assert outside > 30
+    assert inside_max[AGRI] > 0.3 and inside_max[PLOWED] > 0.2, inside_max
+
+
+def test_events_calendar_shifts_per_domain(events_truth):
+    shifts = {zt.domain: zt.style["calendar_shift"] for zt in events_truth}
+    assert all(abs(s) <= 21 for s in shifts.values()) and np.ptp(list(shifts.values())) > 7
+    assert all(zt.style["events"]["mowing"] for zt in events_truth)  # herbaceous vegetation is mown
+
+
+def test_events_plowed_land_is_rare(events_root, events_truth):
+    counts = np.zeros(20)
+    for msk in events_root.rglob("MSK_*.tif"):
+        counts += np.bincount(read_label(msk).ravel(), minlength=20)
+    share = counts[PLOWED] / counts.sum()
+    assert 0 < share < 0.05
+    smooth = plan_dataset(**{**EVENTS_ARGS, "phenology": "smooth"})
+    assert sum(zt.fractions[PLOWED].sum() for zt in smooth) > 2 * sum(
+        zt.fractions[PLOWED].sum() for zt in events_truth)
+
+
+def test_events_cloudy_months_hide_events_on_some_zones(events_root, events_truth):
+    """On zones with a cloudy month, every date in it is fully cloudy in the masks, so the official
+    filter drops it from every patch's series; other zones keep their event dates."""
+    hidden = [zt for zt in events_truth if hidden_dates(zt)]
+    assert 0 < len(hidden) < len(events_truth)
+    opts = type(BASELINE)(BASELINE.size, True, BASELINE.cover_max, BASELINE.prob_min, False)
+    for zt in hidden:
+        data, masks, products = _s2(events_root, zt)
+        dates = sorted(hidden_dates(zt))
+        assert (masks[dates, 1] >= 60).all()
+        start, end = zt.style["events"]["hidden"]
+        assert end - start >= 28
+        _, r0, c0 = zt.patches[0]
+        _, days = s2_series(data, masks, products, ZoneTruth.centroid(r0, c0), opts)
+        encoded = encode_days([product_date(p) for p in products], zt.year)
+        assert len(days) > 0 and not set(days.tolist()) & {encoded[i] for i in dates}
+
+
+def test_phenology_setting_on_the_command_line(tmp_path, capsys):
+    assert synth.main(["--out", str(tmp_path / "cli"), "--train-domains", "1", "--test-domains", "0",
+                       "--zones", "1", "--patches", "1", "--phenology", "events"]) == 0
+    assert "events phenology" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="phenology"):
+        make_dataset(tmp_path / "x", SynthSpec(phenology="wavy"))
+    assert not (tmp_path / "x").exists()

@@ -5,7 +5,13 @@ disks); the 0.2 m aerial labels and the 10 m S2 super-area are both rendered fro
 so the S2 pixels under a patch (at its centroid) agree with the patch's labels. Domains draw their own class
 frequencies and radiometry; classes have their own S2 phenology; S2 dates vary per zone (T 8..50 in the domain
 year) and super-areas vary in size and are not square. `plan_dataset` draws all of it without
-writing a file, so tests can compare the written tree with its truth."""
+writing a file, so tests can compare the written tree with its truth.
+
+Two phenologies (`PHENOLOGIES`, SynthSpec.phenology): "smooth" (the default, the kit's figures up to issue
+28: every class a slow trapezoid over the year) and "events" (issue 28: S2-only pairs that differ by short,
+dated events, a rare S2-only class, mowing, per-domain calendar shifts and cloudy months hiding events on some
+zones; see `add_events`). "events" draws from its own generators, so a zone's geometry and labels are the
+same under both for the same seed, except for plowed land, which "events" makes rare."""
 from __future__ import annotations
 
 import datetime as dt
@@ -14,12 +20,20 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from src.core.flair import PATCH_SIZE, S2_WINDOW, s2_pixels_under
+from src.core.flair import NOMENCLATURE_19, PATCH_SIZE, S2_WINDOW, s2_pixels_under
 
 PATCH_S2 = s2_pixels_under(PATCH_SIZE)  # 10.24 S2 pixels under one patch
 SLOT = 11  # patches sit on an 11 S2-pixel grid (10.24 px + a gap), so they never overlap
 S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 NUM_MAIN = 12  # raw classes 1..12 come from the score fields; 13..19 are rare disks
+PHENOLOGIES = ("smooth", "events")  # SynthSpec.phenology: today's smooth curves, or short dated events
+
+_RAW = {name: value for value, name, _ in NOMENCLATURE_19}
+BARE, HERB, AGRI, PLOWED = (_RAW[n] for n in ("bare soil", "herbaceous vegetation", "agricultural land",
+                                             "plowed land"))
+# Under "events", the S2-only pairs (base class, event class): same aerial look, same S2 base curve and
+# strength; the second differs from the first only by its events (a harvest peak, a late green-up).
+EVENT_PAIRS = ((HERB, AGRI), (BARE, PLOWED))
 
 # Real FLAIR #2 test domains (docs/data-format.md, "Layout on disk"); train codes are real-looking and
 # disjoint from them.
@@ -163,6 +177,95 @@ def class_profiles(days: np.ndarray, shift: float = 0.0,
     return out
 
 
+# ---------------------------------------------------------------------------------------------- events
+# Event shapes under "events": (day offsets from the event's date, level) knots, interpolated linearly and
+# 0 outside; level +1 pulls the green fraction to the event's high value, -1 to its low value. Each is short
+# (2-6 weeks), as real crop events are, so a model that only reads slow trends misses them.
+HARVEST = ((-14, 0, 10, 20, 30), (0, 1, -1, -1, 0))  # ~4-week green peak, harvest, stubble, regrowth
+GREEN_UP = ((-12.5, 0, 12.5), (0, 1, 0))  # a late, narrow green-up of 25 days (sown or weedy plowed land)
+MOWING = ((0, 3, 17), (0, -1, 0))  # a cut, then two weeks of regrowth (drops that are not harvests)
+PLOWED_KEEP = 0.5  # share of plowed land's domain prior it keeps: rare (< 5 % of the pixels), as in real data
+CALENDAR_SHIFT = 21.0  # days: per-domain shift of every event (latitude, altitude, the year's weather)
+HIDDEN_RATE = 0.5  # chance that a cloudy month hides one of a zone's events
+
+
+def events_style(style: dict, rng: np.random.Generator) -> dict:
+    """A domain's style under "events": a calendar shift of up to three weeks (the same crop is cut earlier
+    in one domain than another, so the date of an event alone must not name the class), and plowed land made
+    rare, its prior mass given to bare soil so that the pair stays balanced against everything else."""
+    freq = np.exp(style["log_freq"].astype(np.float64))
+    moved = freq[PLOWED - 1] * (1 - PLOWED_KEEP)
+    freq[PLOWED - 1] -= moved
+    freq[BARE - 1] += moved
+    return dict(style, log_freq=np.log(freq).astype(np.float32), phenology="events",
+                calendar_shift=float(rng.uniform(-CALENDAR_SHIFT, CALENDAR_SHIFT)))
+
+
+def zone_calendar(rng: np.random.Generator, shift: float) -> dict:
+    """A zone's event dates (day of year, the domain's shift included): the harvest peak at a time of year
+    that varies per zone (crops differ), the late green-up, one or two mowings, and, on some zones, a
+    cloudy month (`hidden`: first and last day) centred on the harvest peak or the green-up, which hides
+    that event as clouds do in real series."""
+    shift += float(rng.uniform(-5, 5))
+    cal = {"harvest": float(rng.uniform(130, 200)) + shift, "green_up": float(rng.uniform(270, 300)) + shift,
+           "mowing": sorted((rng.uniform(120, 250, int(rng.integers(1, 3))) + shift).tolist()),
+           "hidden": None}
+    if rng.random() < HIDDEN_RATE:
+        centre = cal["harvest"] if rng.random() < 0.5 else cal["green_up"]
+        cal["hidden"] = (centre - 15.0, centre + 15.0)
+    return cal
+
+
+def event_windows(cal: dict) -> dict[int, list[tuple[float, float]]]:
+    """Per event class, the (first, last) days where it may differ in S2 from its base class: the harvest
+    and the mowings for agricultural land (herbaceous vegetation is mown, crops are not), the green-up for
+    plowed land. Outside these windows a pair's S2 profiles are identical."""
+    def span(day: float, knots: tuple) -> tuple[float, float]:
+        return day + knots[0][0], day + knots[0][-1]
+    return {AGRI: [span(cal["harvest"], HARVEST)] + [span(m, MOWING) for m in cal["mowing"]],
+            PLOWED: [span(cal["green_up"], GREEN_UP)]}
+
+
+def _event(doy: np.ndarray, day: float, knots: tuple) -> np.ndarray:
+    """Level (-1..1) of an event of shape `knots` dated `day`, on each day of year in `doy`."""
+    level = np.interp(doy, day + np.asarray(knots[0], np.float32), knots[1], left=0, right=0)
+    return level.astype(np.float32)
+
+
+def _toward(green: np.ndarray, level: np.ndarray, high: float, low: float) -> np.ndarray:
+    """Green fraction pulled toward `high` where the event level is positive, toward `low` where negative."""
+    return green + np.maximum(level, 0) * (high - green) + np.maximum(-level, 0) * (low - green)
+
+
+def add_events(zt: ZoneTruth, rng: np.random.Generator) -> None:
+    """Turn a zone's smooth truth into the "events" one: draw its calendar (`zone_calendar`, kept in
+    zt.style["events"]) and rewrite the S2 profiles of both S2-only pairs. Each pair shares one base curve
+    and one strength, so its members differ only inside `event_windows`."""
+    cal = zone_calendar(rng, zt.style["calendar_shift"])
+    doy = zt.days.astype(np.float32)
+    base = {k: _curve(doy - zt.style["calendar_shift"], *_PHENO[k][2]) for k in (HERB, BARE)}
+    herb = base[HERB]
+    for day in cal["mowing"]:
+        herb = _toward(herb, _event(doy, day, MOWING), 0.0, 0.25)
+    greens = {HERB: herb, AGRI: _toward(base[HERB], _event(doy, cal["harvest"], HARVEST), 0.97, 0.05),
+              BARE: base[BARE], PLOWED: _toward(base[BARE], _event(doy, cal["green_up"], GREEN_UP), 0.7, 0.0)}
+    for (k0, k1), gain in zip(EVENT_PAIRS, rng.uniform(0.9, 1.1, len(EVENT_PAIRS))):
+        bg, veg = SPECTRA[_PHENO[k0][0]], SPECTRA[_PHENO[k0][1]]
+        for k in (k0, k1):
+            green = np.clip(greens[k] * gain, 0, 1)[:, None]
+            zt.profiles[k] = (1 - green) * bg[None] + green * veg[None]
+    zt.style["events"] = cal
+
+
+def hidden_dates(zt: ZoneTruth) -> set[int]:
+    """Indices of the zone's dates inside its cloudy month (fully clouded when written; empty under
+    "smooth" and on zones without one)."""
+    hidden = zt.style.get("events", {}).get("hidden")
+    if hidden is None:
+        return set()
+    return {i for i, d in enumerate(zt.days) if hidden[0] <= d <= hidden[1]}
+
+
 # ------------------------------------------------------------------------------------------------ plan
 def _domain_names(n_train: int, n_test: int) -> list[tuple[str, str]]:
     """(split, domain) pairs: real-looking train codes, real test codes (then made-up ones if more asked)."""
@@ -268,8 +371,12 @@ def _tile(rng: np.random.Generator) -> str:
 
 
 def plan_dataset(train_domains: int = 3, test_domains: int = 2, zones: int = 2, patches: int = 4,
-                 seed: int = 0, edge_rate: float = 0.05) -> list[ZoneTruth]:
-    """The ground truth of the dataset `make_dataset` writes with the same arguments (no files written)."""
+                 seed: int = 0, edge_rate: float = 0.05, phenology: str = "smooth") -> list[ZoneTruth]:
+    """The ground truth of the dataset `make_dataset` writes with the same arguments (no files written).
+    "events" draws from generators of its own ([seed, domain, 0, 1], [seed, domain, zone + 1, 1]), so the
+    "smooth" draws, and their bytes, are untouched by its existence."""
+    if phenology not in PHENOLOGIES:
+        raise ValueError(f"phenology must be one of {', '.join(PHENOLOGIES)}, got {phenology!r}")
     pairs = _domain_names(train_domains, test_domains)
     n_total = len(pairs) * zones * patches
     id_rng = np.random.default_rng([seed, 7, 7])
@@ -279,8 +386,12 @@ def plan_dataset(train_domains: int = 3, test_domains: int = 2, zones: int = 2, 
     for di, (split, domain) in enumerate(pairs):
         drng = np.random.default_rng([seed, di, 0])
         style = _domain_style(drng, int(domain.split("_")[1]))
+        if phenology == "events":
+            style = events_style(style, np.random.default_rng([seed, di, 0, 1]))
         for zi, zone in enumerate(_zone_names(drng, zones)):
             zrng = np.random.default_rng([seed, di, zi + 1])
             out.append(_zone_truth(split, domain, zone, style, patches, zrng, ids[k:k + patches], edge_rate))
+            if phenology == "events":
+                add_events(out[-1], np.random.default_rng([seed, di, zi + 1, 1]))
             k += patches
     return out

@@ -7,8 +7,9 @@ with its snow/cloud masks and product names, and the GeoTIFF tags (docs/data-for
 
 Classes have their own aerial signature + texture (R, G, B, NIR, nDSM) under the domain's radiometric
 shift; herbaceous vegetation (raw 10) and agricultural land (raw 11) are identical in the aerial bands and
-differ only in the S2 time series (a model that uses S2 can win). Clouds and snow appear on random dates
-with their probability masks (some dates fully covered).
+differ only in the S2 time series (a model that uses S2 can win); under the "events" phenology plowed land
+(raw 12) also takes bare soil's aerial look (`AERIAL_LOOK`). Clouds and snow appear on random dates with their
+probability masks (some dates fully covered; under "events", every date of a zone's cloudy month).
 
 Write a synthetic FLAIR #2 tree in the exact on-disk layout and formats of the real one
 (docs/data-format.md, "Layout on disk", "Aerial images", "Labels and classes", "Sentinel-2 super-areas",
@@ -33,7 +34,18 @@ import numpy as np
 
 from src.core.files import atomic_write, write_json, write_text, write_tif
 from src.core.flair import AERIAL_GSD_M, AERIAL_PER_S2, PATCH_SIZE, S2_GSD_M
-from src.prep.synth_scene import NUM_MAIN, SPECTRA, ZoneTruth, labels_at, plan_dataset, smooth_noise
+from src.prep.synth_scene import (
+    BARE,
+    NUM_MAIN,
+    PHENOLOGIES,
+    PLOWED,
+    SPECTRA,
+    ZoneTruth,
+    hidden_dates,
+    labels_at,
+    plan_dataset,
+    smooth_noise,
+)
 
 # Aerial look per raw class 0..19 (row 0 unused): mean R, G, B, NIR; nDSM base and range; texture; amplitude.
 # Texture ids: 0 smooth, 1 grain, 2 clumps (tree crowns), 3 fine stripes, 4 wide stripes, 5 field,
@@ -67,6 +79,11 @@ ELEV_RANGE = np.zeros(20, np.float32)
 TEXTURE = np.zeros(20, np.int64)
 for _k, (_mean, _eb, _er, _tex, _amp) in _AERIAL.items():
     AERIAL_MEAN[_k], ELEV_BASE[_k], ELEV_RANGE[_k], TEXTURE[_k], AERIAL_AMP[_k] = _mean, _eb, _er, _tex, _amp
+# The class whose aerial look each raw class takes, per phenology. Under "events" plowed land looks like
+# bare soil (its furrows would give it away): like herbaceous vegetation and agricultural land, the pair
+# is drawn identically and only S2 tells it apart.
+AERIAL_LOOK = {name: np.arange(20) for name in PHENOLOGIES}
+AERIAL_LOOK["events"][PLOWED] = BARE
 # Per-band texture weight (NIR varies more for vegetation, blue less).
 _BAND_TEX = np.array([1.0, 1.0, 0.8, 1.3], np.float32)
 
@@ -106,7 +123,7 @@ def render_patch(zt: ZoneTruth, r0: int, c0: int, rng: np.random.Generator) -> t
     per_class = rng.uniform(0.5, 1.5, (NUM_MAIN, 1, 1)).astype(np.float32)
     labels = labels_at(zt, rows, cols, jitter[None] * per_class)
 
-    lab = labels.astype(np.intp)
+    lab = AERIAL_LOOK[zt.style.get("phenology", "smooth")][labels]  # the look class of each pixel
     present = np.flatnonzero(np.bincount(lab.ravel(), minlength=20))
     tex = _textures(rng, set(TEXTURE[present].tolist()))
     t = np.take_along_axis(tex, TEXTURE[lab][None], 0)[0]  # texture value of each pixel's class
@@ -133,7 +150,7 @@ def render_s2(zt: ZoneTruth, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     refl += rng.normal(0, 0.006, refl.shape).astype(np.float32)
     masks = np.zeros((t, 2, h, w), np.uint8)
     months = np.array([(dt.date(zt.year, 1, 1) + dt.timedelta(days=int(d) - 1)).month for d in zt.days])
-    full = set(rng.choice(t, size=max(1, t // 12), replace=False).tolist())
+    full = set(rng.choice(t, size=max(1, t // 12), replace=False).tolist()) | hidden_dates(zt)
     for i in range(t):
         speckle = rng.integers(0, 12, (2, h, w))
         masks[i] = speckle
@@ -260,7 +277,9 @@ class SynthSpec:
     seed of it all; the official layout or the toy zip's; "planar" (C,H,W pages), "contig"
     (pixel-interleaved) or "mixed" (alternating per patch) aerial images, so readers are tested on both
     storage orders; the test labels or not; the chance that a patch sits against the super-area border
-    (its 40x40 window needs padding)."""
+    (its 40x40 window needs padding); the S2 phenology, "smooth" (the default: the kit's figures before
+    issue 28, byte for byte) or "events" (short dated events, a rare S2-only class, mowing, calendar
+    shifts, cloudy months: src.prep.synth_scene.add_events)."""
 
     train_domains: int = 3
     test_domains: int = 2
@@ -271,6 +290,7 @@ class SynthSpec:
     interleave: str = "planar"
     test_labels: bool = True
     edge_rate: float = 0.05
+    phenology: str = "smooth"
 
 
 def make_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), workers: int = 1) -> Path:
@@ -286,10 +306,10 @@ def make_dataset(out: str | os.PathLike, spec: SynthSpec = SynthSpec(), workers:
         raise ValueError(f"interleave must be 'planar', 'contig' or 'mixed', got {interleave!r}")
     if min(zones, patches) < 1 or min(train_domains, test_domains) < 0:
         raise ValueError("need zones >= 1, patches >= 1 and non-negative domain counts")
+    plan = plan_dataset(train_domains, test_domains, zones, patches, seed, edge_rate, spec.phenology)
     root = Path(out)
     json_dir = root / "flair_2_toy_dataset" if layout == "toy" else root
     json_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_dataset(train_domains, test_domains, zones, patches, seed, edge_rate)
     jobs = [(zt, root, layout, seed, interleave, test_labels, i * patches) for i, zt in enumerate(plan)]
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (torch, cv2)
