@@ -35,7 +35,8 @@ from src.prediction.ensemble import Ensemble
 from src.prediction.onnx_file import export_checked, is_current, onnx_path, onnx_refusal, reference
 
 # Images (patches or windows, times TTA views) from which exporting a missing ONNX file pays on a CPU:
-# exporting and checking a U-Net R18 takes ~6 s on 2 cores, and onnxruntime saves ~0.2 s per 512 px window.
+# exporting and checking takes ~7 s (U-Net R18) to ~20 s (U-T&T) on 2 cores, and onnxruntime saves ~0.2 s per
+# 512 px window (BENCHMARKS.md, "Export and whole-orthophoto inference").
 EXPORT_PAYS = 64
 
 
