@@ -49,7 +49,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from sklearn.ensemble import RandomForestClassifier  # noqa: E402
 
-from src.core.config import load_settings  # noqa: E402
+from src.core.config import load_settings, parse_overrides  # noqa: E402
 from src.core.flair import CLASS_NAMES, NUM_SCORED  # noqa: E402
 from src.core.tables import fold_rows, load_index  # noqa: E402
 from src.data.dataset import FlairDataset  # noqa: E402
@@ -144,10 +144,13 @@ def pixel_features(sample: dict, features: str | None) -> np.ndarray:
     return np.concatenate(feats).T
 
 
-def load_samples(data: Path, fold: str, monthly: bool) -> tuple[list[dict], list[dict]]:
+def load_samples(data: Path, fold: str, monthly: bool, overrides: dict | None = None
+                 ) -> tuple[list[dict], list[dict]]:
     """(training samples of `fold`, test samples), read by the kit's dataset (S2 cloud filter included) with
-    monthly composites or with the clear dates themselves."""
-    cfg = load_settings(None, {"use_s2": True, "data_dir": str(data), "workers": 0, "s2_monthly": monthly})
+    monthly composites or with the clear dates themselves; `overrides`: other kit settings (e.g. a stricter
+    cloud filter, s2_cover_max)."""
+    cfg = load_settings(None, {"use_s2": True, "data_dir": str(data), "workers": 0, "s2_monthly": monthly,
+                               **(overrides or {})})
     train_rows, _ = fold_rows(data, fold)  # the rows `make train FOLD=<fold>` trains on
     train = FlairDataset(train_rows, cfg, train=False)
     test = FlairDataset(load_index(data / "index_test.csv"), cfg, train=False)
@@ -181,7 +184,8 @@ def fit_and_score(train_samples: list[dict], test_samples: list[dict], features:
 
 
 def run(data: Path, pixels: int, trees: int, seed: int | list[int], fold: str = "all",
-        features: tuple[str, ...] = ("monthly",)) -> dict[str, list[np.ndarray]]:
+        features: tuple[str, ...] = ("monthly",), overrides: dict | None = None
+        ) -> dict[str, list[np.ndarray]]:
     """{column: [test confusion of each seed]}: the forest on the aerial bands, then on aerial + each S2
     feature set of `features`."""
     seeds = [seed] if isinstance(seed, int) else list(seed)
@@ -190,7 +194,7 @@ def run(data: Path, pixels: int, trees: int, seed: int | list[int], fold: str = 
     for feat in (None, *features):
         monthly = feat in (None, "monthly")
         if monthly not in sets:
-            sets[monthly] = load_samples(data, fold, monthly)
+            sets[monthly] = load_samples(data, fold, monthly, overrides)
             print(f"fold {fold}: {len(sets[monthly][0])} training patches, {len(sets[monthly][1])} test "
                   f"patches (s2_monthly={monthly})", flush=True)
         name = "aerial" if feat is None else COLUMN[feat]
@@ -215,11 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phenology", choices=("smooth", "events"), default="smooth",
                         help="S2 phenology of the synthetic set written without --data")
     parser.add_argument("--patches", type=int, default=2, help="patches per zone of the synthetic set")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="kit settings for reading the S2 series (e.g. s2_cover_max=0.05)")
     parser.add_argument("--json", type=Path, help="also write {name: {miou, ious, confusion}} here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or make_data(Path(tmp), args.patches, args.phenology)
-        confs = run(data, args.pixels, args.trees, args.seed, args.fold, tuple(dict.fromkeys(args.features)))
+        confs = run(data, args.pixels, args.trees, args.seed, args.fold, tuple(dict.fromkeys(args.features)),
+                    parse_overrides(args.set))
     print()
     print(table(confs, many=len(args.seed) > 1))
     if args.json:

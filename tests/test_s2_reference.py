@@ -83,3 +83,12 @@ def test_pixel_features_put_each_set_under_the_aerial_pixels():
     assert ref.pixel_features(sample, "dates").shape == (64, 5 + 37)
     stats = ref.pixel_features(sample, "stats")
     assert stats.shape == (64, 5 + 5) and np.allclose(stats[:, 5], 0.5, atol=2e-3)
+
+
+def test_settings_given_to_the_reader_change_the_series_it_reads(synth_data_dir):
+    """`--set s2_cover_max=...` reaches the kit's cloud filter: a stricter filter keeps no more dates (and
+    fewer somewhere), on the real files of the synthetic tree."""
+    _, default = ref.load_samples(synth_data_dir, "all", False)
+    _, strict = ref.load_samples(synth_data_dir, "all", False, {"s2_cover_max": 0.0})
+    kept = [(len(a["s2_days"]), len(b["s2_days"])) for a, b in zip(default, strict)]
+    assert all(b <= a for a, b in kept) and any(b < a for a, b in kept), kept
