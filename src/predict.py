@@ -71,10 +71,11 @@ def predict_runs(args: argparse.Namespace, weights: list[float] | None, override
 
     ens = load_ensemble([str(r) for r in runs], place.device, weights=weights, overrides=overrides, mix=mix,
                         on_first=index_of, log=log)
-    tta = device_tta(args.tta or recipe.get("tta") or ens.cfg.tta, ens.device)
-    ens = use_engine(ens, len(found["index"]) * len(views(tta)), PATCH_SIZE, "predict", log)
+    tta = args.tta or recipe.get("tta")  # None: the settings' tta, or the time budget's choice
+    views_each = len(views(device_tta(tta or ens.cfg.tta, ens.device)))
+    ens = use_engine(ens, len(found["index"]) * views_each, PATCH_SIZE, "predict", log)
     target = Target(Path(args.out), Path(args.save_probs) if args.save_probs else None, args.overwrite)
-    report = run_prediction(ens, found["index"], target, tta=args.tta or recipe.get("tta"), log=log)
+    report = run_prediction(ens, found["index"], target, tta=tta, log=log)
     return report, found["index"]
 
 

@@ -34,6 +34,7 @@ from src.core.errors import DataError, PredictError, one_line
 from src.core.files import atomic_write, remove_stale_temps
 from src.core.flair import AERIAL_GSD_M, NUM_CLASSES
 from src.core.progress import progress
+from src.core.settings import Settings
 from src.deploy.orthophoto import NODATA, GeoWriter, Orthophoto, Strip, blend_weights, grid, io_env, output_ok
 from src.prediction.ensemble import Ensemble, device_tta, load_ensemble, place_prediction, quantise
 from src.prediction.onnx_engine import use_engine
@@ -115,7 +116,7 @@ def predict_tiles(ens: Ensemble, needed: list[str], tiles: np.ndarray, tta: str)
     return ens.predict(ens.feed(groups), tta).float().cpu().numpy()
 
 
-def count_windows(pairs: Sequence[tuple[Path, Path]], cfg: Any) -> int:
+def count_windows(pairs: Sequence[tuple[Path, Path]], cfg: Settings) -> int:
     """The windows of every raster to predict (0 for one that cannot be opened: its own error comes later)."""
     n = 0
     for path, _ in pairs:

@@ -38,6 +38,7 @@ from src.prediction.onnx_file import export_checked, is_current, onnx_path, onnx
 # exporting and checking takes ~7 s (U-Net R18) to ~20 s (U-T&T) on 2 cores, and onnxruntime saves ~0.2 s per
 # 512 px window (BENCHMARKS.md, "Export and whole-orthophoto inference").
 EXPORT_PAYS = 64
+NO_ONNXRUNTIME = "onnxruntime is not installed (pip install onnxruntime)"
 
 
 class OnnxRunner(nn.Module):
@@ -71,8 +72,6 @@ class OnnxRunner(nn.Module):
 
 def _shared_refusal(cfg: Settings, device: torch.device) -> str | None:
     """Why no model of this job can run in onnxruntime (None when they may)."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "onnxruntime is not installed (pip install onnxruntime)"
     if amp_dtype(cfg.precision, device) is not None:
         return f"precision={cfg.precision} runs in PyTorch (onnxruntime runs the fp32 export)"
     if cfg.bn_adapt == "domain":
@@ -125,10 +124,12 @@ def use_engine(ens: Ensemble, work: int, size: int, job: str, log: Callable[[str
     if device.type != "cpu":
         raise PredictError(f"engine=onnx runs onnxruntime on the CPU and this job runs on {device}: add "
                            "--device cpu, or engine=torch")
-    why = _shared_refusal(cfg, device) or (None if ens.paths else "models given without checkpoint files")
+    installed = importlib.util.find_spec("onnxruntime") is not None
+    if not installed and cfg.engine == "onnx":
+        raise PredictError(f"engine=onnx: {NO_ONNXRUNTIME}")
+    why = ((None if installed else NO_ONNXRUNTIME) or _shared_refusal(cfg, device)
+           or (None if ens.paths else "models given without checkpoint files"))
     if why:
-        if cfg.engine == "onnx" and "not installed" in why:
-            raise PredictError(f"engine=onnx: {why}")
         log(f"{job}: engine torch for every model: {why}")
         return ens
     choice = EngineChoice(ens, work, size, job, log)
