@@ -323,3 +323,73 @@ def test_cloud_cover_counts_like_count_nonzero():
         got = cloud_cover(window, 60)
         assert got.dtype == np.float64
         np.testing.assert_array_equal(got, want)
+
+
+def reference_filled(data, masks, dates, centroid, size, monthly, prob_min=60, cover_max=0.5):
+    """s2_cloud_pixels=fill written plainly, pixel by pixel: the kept dates (as the official filter keeps
+    them), each pixel's mean over its clear kept dates of each month (or its clear dates), the steps where it
+    has none interpolated in time between its clear ones (np.interp: nearest at the ends), a pixel never
+    clear left as the plain series."""
+    plain, days = s2_series(data, masks, [product_name(d) for d in dates], centroid,
+                            replace(BASELINE, size=size, cover_max=cover_max, monthly=monthly))
+    half = size // 2
+    r, c = centroid
+    sub = data[:, :, r - half:r + half, c - half:c + half].astype(np.float64)
+    msk = masks[:, :, r - half:r + half, c - half:c + half]
+    cover = [((msk[t, 0] >= prob_min).sum() + (msk[t, 1] >= prob_min).sum()) / size**2
+             for t in range(len(dates))]
+    keep = [t for t in np.argsort([d.toordinal() for d in dates], kind="stable") if cover[t] < cover_max]
+    step = (lambda t: (dates[t].year, dates[t].month)) if monthly else (lambda t: t)
+    steps = list(dict.fromkeys(step(t) for t in keep))
+    out = plain.astype(np.float64)
+    for i in range(size):
+        for j in range(size):
+            values, when = [], []
+            for k, s in enumerate(steps):
+                clear = [t for t in keep
+                         if step(t) == s and msk[t, 0, i, j] < prob_min and msk[t, 1, i, j] < prob_min]
+                if clear:
+                    values.append(sub[clear, :, i, j].mean(axis=0))
+                    when.append(k)
+            if not values:
+                continue
+            ordinal = [dt.date(*s, 15).toordinal() if monthly else dates[s].toordinal() for s in steps]
+            for b in range(sub.shape[1]):
+                out[:, b, i, j] = np.interp(ordinal, [ordinal[k] for k in when], [v[b] for v in values])
+    return out, days
+
+
+@pytest.mark.parametrize("monthly", [True, False])
+def test_cloud_pixels_fill_matches_a_per_pixel_reference(monthly):
+    """s2_cloud_pixels=fill: each cloudy or snowy pixel of a kept date replaced from the same pixel's clear
+    dates (monthly means of clear dates, linear in time between them), against a loop over pixels; the dates
+    kept and their encoding unchanged."""
+    rng = np.random.default_rng(5)
+    dates = random_dates(rng, 30, dt.date(2021, 1, 3))
+    data, masks = super_area(rng, len(dates), height=30, width=30)
+    masks[4, 1, :, :] = 0  # one date clear everywhere, one never clear at one pixel below
+    masks[:, 1, 12, 13] = 100
+    opts = replace(BASELINE, size=12, monthly=monthly, cover_max=0.9, fill_clouds=True)
+    x, days = s2_series(data, masks, [product_name(d) for d in dates], (15, 15), opts)
+    want, want_days = reference_filled(data, masks, dates, (15, 15), 12, monthly, cover_max=0.9)
+    np.testing.assert_array_equal(days, want_days)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=0.05)
+    products = [product_name(d) for d in dates]
+    plain, _ = s2_series(data, masks, products, (15, 15), replace(opts, fill_clouds=False))
+    assert (x != plain).mean() > 0.1  # something was filled
+    np.testing.assert_array_equal(x[:, :, 3, 4], plain[:, :, 3, 4])  # (12, 13) is never clear: plain
+
+
+def test_cloud_pixels_fill_reads_real_files_with_pads(edge_tree):
+    """fill on memory-mapped synthetic super-areas, windows leaving the super-area included: the same NaN
+    pads as the plain series and the same months."""
+    from src.data.sentinel import open_zone
+
+    for _, zone in edge_tree.groupby("s2_data"):
+        row = zone.iloc[0]
+        data, masks, products = open_zone(row["s2_data"], row["s2_masks"], row["s2_products"])
+        for centroid in [(int(r), int(c)) for r, c in zip(zone["s2_row"], zone["s2_col"])] + [(0, 0)]:
+            plain, days = s2_series(data, masks, products, centroid)
+            x, fill_days = s2_series(data, masks, products, centroid, replace(BASELINE, fill_clouds=True))
+            np.testing.assert_array_equal(days, fill_days)
+            np.testing.assert_array_equal(np.isnan(x), np.isnan(plain))

@@ -21,6 +21,7 @@ from src.core.flair import BAND_NAMES, PATCH_SIZE, S2_WINDOW
 
 NORMS = ("mean_std", "scale", "s2_stats")
 AUGMENTS = ("none", "light", "heavy")
+CLOUD_PIXELS = ("keep", "fill")  # s2_cloud_pixels (src.data.sentinel.fill_cloudy)
 FUSIONS = ("none", "utt")
 S2_EARLY = ("none", "ndvi", "bands")
 EXTRA_INIT = ("mean", "copy", "random")
@@ -84,6 +85,8 @@ class Settings:
                                jobs=MODEL,
                                low=0, high=100)
     s2_monthly: bool = setting(True, "average the kept S2 dates into monthly composites", jobs=MODEL)
+    s2_cloud_pixels: str = setting("keep", "cloudy/snowy pixels of kept S2 dates: keep them (official) or "
+                                   "fill them from the pixel's clear dates", jobs=MODEL, choices=CLOUD_PIXELS)
     s2_date_dropout: float = setting(0.0, "probability of dropping each S2 date at train time", low=0, high=1)
     use_metadata: bool = setting(False, "feed the aerial metadata vector (position, date, camera)",
                                  jobs=MODEL)

@@ -123,7 +123,7 @@ def build_loader(ds: Dataset, cfg: Settings, *, train: bool, sampler: Any = None
 
 # Settings that change what a model is fed: models differing in any of them get separate inputs.
 DATA_KEYS = ("bands", "norm", "use_s2", "s2_size", "s2_filter_clouds", "s2_cover_max", "s2_prob_min",
-             "s2_monthly", "use_metadata")
+             "s2_monthly", "s2_cloud_pixels", "use_metadata")
 
 
 def input_signature(cfg: Settings) -> str:

@@ -198,7 +198,7 @@ def series_and_stats(data: np.ndarray, masks: np.ndarray, products: list[str], c
     clear = clear_dates(plan.window_masks)
     need = np.union1d(plan.keep, clear)
     crop = np.asarray(data[need, :, r0:r1, c0:c1])
-    x, days = series_of_crop(crop[np.searchsorted(need, plan.keep)], plan.dates, plan.keep, plan.spans, opts)
+    x, days = series_of_crop(crop[np.searchsorted(need, plan.keep)], plan, opts)
     return x, days, window_stats(crop, np.searchsorted(need, clear), plan.spans, opts.size)
 
 
