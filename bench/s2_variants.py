@@ -12,6 +12,13 @@ A name may end in @N to train that variant with seed=N instead of the preset's (
 `--only utt@1,utt+ndvi@1`: one run this short moves like a change of seed, so a decision needs several;
 `--mean` prints one column per variant, the mean over the seeds listed.
 
+`--phenology events` (issue 28): the same on the events set (src.synth --phenology events, 4 patches per
+zone: short spring peaks and harvests, a late green-up of plowed land, hidden cloudy months; 48 training
+patches in fold 0) at the research budget (RESEARCH: crop 256, 30 epochs, S2 head weight 0.5), ~15 min per
+training on one core; its forest columns are 3 seeds of 50 trees (monthly NDVI and NDVI statistics), and
+any OUT/forest_fold0_<reading>.json (a forest on another S2 reading, `s2_reference.py --set ... --json`)
+is shown beside them.
+
 The last row, herbaceous/agricultural separation, isolates what S2 decides: among the pixels that are one
 of the two classes (identical in the synthetic aerial bands) and predicted as one of the two, the share
 told apart rightly.
@@ -56,6 +63,20 @@ VARIANTS = {  # name: settings on top of configs/demo.yaml (explicit, so they ou
     "utt+ndvi+inv-x10": ["s2_early=ndvi", "class_weights=inverse", "epochs=140", "val_every=140"],
     "utt-x10": ["s2_early=none", "epochs=140", "val_every=140"],
 }
+# Issue 28: the events set (phenology=events, 4 patches per zone) at the research budget: crop 256, 30 epochs,
+# validation once at the end, S2 head weight 0.5 (the demo's 2.0 is for 84 steps).
+RESEARCH = ["crop_size=256", "epochs=30", "val_every=30", "s2_aux_weight=0.5"]
+EVENT_VARIANTS = {name: RESEARCH + extra for name, extra in {
+    "aerial": ["fusion=none", "use_s2=false"],
+    "utt+ndvi": ["s2_early=ndvi"],                                    # the demo's model, official S2 reading
+    "utt+ndvi+strict": ["s2_early=ndvi", "s2_cover_max=0.05"],        # only dates with < 5% of cover
+    "utt+ndvi+fill": ["s2_early=ndvi", "s2_cloud_pixels=fill"],       # cloudy pixels filled per pixel
+    "utt+ndvi+fill-all": ["s2_early=ndvi", "s2_cloud_pixels=fill", "s2_cover_max=1.0"],  # every date, filled
+    "utt+ndvi+fill+plowed": ["s2_early=ndvi", "s2_cloud_pixels=fill", PLOWED_TOO],
+    "utt+ndvi+fill+isqrt": ["s2_early=ndvi", "s2_cloud_pixels=fill", "class_weights=inverse_sqrt"],
+    "utt+fill": ["s2_early=none", "s2_cloud_pixels=fill"],
+    "utt+fill+dates": ["s2_early=none", "s2_cloud_pixels=fill", "s2_monthly=false"],
+}.items()}
 S2_ONLY = (9, 10)  # herbaceous vegetation, agricultural land: identical in the synthetic aerial bands
 FOCUS = (3, 8, 9, 10, 11)  # bare soil, vineyard, herbaceous, agricultural, plowed: what S2 should help
 
@@ -76,7 +97,7 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def score_variant(name: str, out: Path, data: Path) -> dict:
+def score_variant(name: str, out: Path, data: Path, variants: dict[str, list[str]]) -> dict:
     """Train `name` on fold 0, predict the test split, score it; the scores JSON (cached on disk)."""
     scores = out / "pred" / f"{name}_scores.json"
     if scores.exists():
@@ -85,7 +106,7 @@ def score_variant(name: str, out: Path, data: Path) -> dict:
     pred.parent.mkdir(parents=True, exist_ok=True)
     tag = name.replace("+", "_").replace("@", "_seed")
     base, _, seed = name.partition("@")
-    settings = VARIANTS[base] + ([f"seed={seed}"] if seed else [])
+    settings = variants[base] + ([f"seed={seed}"] if seed else [])
     t_train = run([python(), "-m", "src.train", "--config", "configs/demo.yaml", "--fold", "0",
                    "--resume", "0", f"data_dir={data}", f"name={tag}", f"runs_dir={runs}", *settings],
                   out / f"train_{tag}.log")
@@ -147,30 +168,40 @@ def table(results: dict[str, dict], forest: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "data" / "s2bench")
-    parser.add_argument("--only", default=",".join(list(VARIANTS)[:4]),
-                        help=f"comma-separated variants among {', '.join(VARIANTS)}")
+    parser.add_argument("--out", type=Path, help="default: data/s2bench (smooth), data/s2events_bench")
+    parser.add_argument("--phenology", choices=("smooth", "events"), default="smooth",
+                        help="smooth: the demo's set and budget; events: issue 28's set and research budget")
+    parser.add_argument("--only", help=f"comma-separated variants; smooth: {', '.join(VARIANTS)}; "
+                                       f"events: {', '.join(EVENT_VARIANTS)}")
     parser.add_argument("--mean", action="store_true",
                         help="one column per variant: the mean over the seeds listed (name@N) of each figure")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.update(HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")
-    out, data = args.out.resolve(), args.out.resolve() / "data"
+    events = args.phenology == "events"
+    variants = EVENT_VARIANTS if events else VARIANTS
+    out = (args.out or ROOT / "data" / ("s2events_bench" if events else "s2bench")).resolve()
+    data = out / "data"
     if not (data / "folds.csv").exists():
         import s2_reference
-        s2_reference.make_data(out)
+        s2_reference.make_data(out, *((4, "events") if events else ()))
     forest_json = out / "forest_fold0.json"
-    if not forest_json.exists():
-        run([python(), "bench/s2_reference.py", "--data", str(data), "--fold", "0",
+    if not forest_json.exists():  # events: 3 seeds of 50 trees, monthly NDVI and NDVI statistics
+        more = ["--features", "monthly", "stats", "--seed", "0", "1", "2", "--trees", "50"] if events else []
+        run([python(), "bench/s2_reference.py", "--data", str(data), "--fold", "0", *more,
              "--json", str(forest_json)], out / "forest_fold0.log")
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n.partition("@")[0] not in VARIANTS
+    names = [n.strip() for n in (args.only or ",".join(list(variants)[:4])).split(",") if n.strip()]
+    unknown = [n for n in names if n.partition("@")[0] not in variants
                or ("@" in n and not n.partition("@")[2].isdigit())]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    results = {n: score_variant(n, out, data) for n in names}
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(variants)}")
+    results = {n: score_variant(n, out, data, variants) for n in names}
+    forests = {}  # forest_fold0.json, then forest_fold0_<reading>.json (the forest on another S2 reading)
+    for path in sorted(out.glob("forest_fold0*.json")):
+        tag = path.stem.removeprefix("forest_fold0").lstrip("_")
+        forests.update({f"{n} {tag}".strip(): r for n, r in json.loads(path.read_text()).items()})
     print()
-    print(table(seed_means(results) if args.mean else results, json.loads(forest_json.read_text())))
+    print(table(seed_means(results) if args.mean else results, forests))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from src.core.files import read_label
 from src.core.flair import NUM_CLASSES, NUM_RAW, OTHER, remap
 from src.core.settings import Settings
 from src.core.tables import fold_rows
+from src.data.loader import WeightedDraw
 from src.models.flair_model import build_model, load_for_inference
 from src.models.losses import Criterion
 from src.training import loop as L
-from src.training.prepare import inverse_frequency_weights, resolve_knobs
+from src.training.prepare import fold_inputs, inverse_frequency_weights, rare_patch_weights, resolve_knobs
 from src.training.state import (
     RESUME_ONLY,
     Progress,
@@ -41,7 +42,7 @@ from src.training.state import (
 TINY = ["encoder=tu-test_resnet", "encoder_weights=none", "crop_size=64", "batch_size=4", "workers=0",
         "lr=0.001", "warmup_epochs=0.5", "ema=0.9", "channels_last=false", "precision=fp32", "log_every=1",
         "tensorboard=false", "oof=false", "max_train_batches=2", "max_val_batches=1"]
-KNOBS = ["epochs=3", "encoder_lr_ratio=0.1", "avg_last=2", "class_weights=inverse_sqrt"]
+KNOBS = ["epochs=3", "encoder_lr_ratio=0.1", "avg_last=2", "class_weights=inverse_sqrt", "sample_rare=0.5"]
 STEPS_PER_EPOCH = 2  # max_train_batches, accum_steps=1
 
 
@@ -170,9 +171,12 @@ def test_resume_with_knobs_is_bit_identical(runs):
 # ----------------------------------------------------------------------------- class_weights=inverse*
 def hand_counts(data: Path, fold: str = "0") -> np.ndarray:
     """Pixel counts of classes 0..12 over a fold's training masks, read and remapped here."""
-    train_df, _ = fold_rows(data, fold)
+    return hand_counts_of(fold_rows(data, fold)[0]["msk_path"])
+
+
+def hand_counts_of(mask_paths) -> np.ndarray:
     counts = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for path in train_df["msk_path"]:
+    for path in mask_paths:
         raw = read_label(path).ravel()
         raw = raw[(raw >= 1) & (raw <= NUM_RAW)]
         counts += np.bincount(remap(raw).astype(np.int64), minlength=NUM_CLASSES)
@@ -221,6 +225,45 @@ def test_setting_errors_come_before_the_data_is_read(tmp_path, capsys, bad, mess
                 f"runs_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and "index_train.csv" not in err
+
+
+# ----------------------------------------------------------------------------- sample_rare
+def test_rare_patch_weights_match_the_masks_counted_by_hand(data_dir):
+    """sample_rare=p: patch i weighs sum_c share_ic * f_c ** -p over the scored classes (masks read here),
+    mean 1; the patches richest in the rarest class weigh most; fold_inputs adds them, p=0 adds nothing."""
+    train_df, _ = fold_rows(data_dir, "0")
+    per_patch = np.stack([hand_counts_of([p]) for p in train_df["msk_path"]]).astype(np.float64)
+    per_patch[:, OTHER] = 0
+    freq = per_patch.sum(0) / per_patch.sum()
+    rarity = np.where(freq > 0, freq, 1.0) ** -0.5
+    want = (per_patch @ rarity) / per_patch.sum(1)
+    cfg = load_settings(None, {"sample_rare": 0.5, "data_dir": str(data_dir)})
+    got = rare_patch_weights(cfg, train_df)
+    np.testing.assert_allclose(got, want / want.mean(), rtol=1e-9)
+    rarest = int(np.argmin(np.where(freq > 0, freq, np.inf)))
+    assert got[np.argmax(per_patch[:, rarest] / per_patch.sum(1))] > 1.0
+    assert fold_inputs(cfg, "0")[1]["draw_weight"].tolist() == pytest.approx(got.tolist())
+    assert "draw_weight" not in fold_inputs(cfg.with_values(sample_rare=0.0), "0")[1]
+
+
+def test_weighted_draw_is_a_function_of_seed_and_epoch_shared_by_ranks():
+    weights = [1.0, 0.0, 3.0, 6.0]
+    ranks = [WeightedDraw(weights, 2, r, seed=7) for r in (0, 1)]
+    first = [list(d) for d in ranks]
+    assert all(len(f) == len(d) == 2 for f, d in zip(first, ranks))
+    assert first == [list(d) for d in ranks]  # the same epoch: the same draws
+    for d in ranks:
+        d.set_epoch(1)
+    assert [list(d) for d in ranks] != first
+    counts = np.zeros(4)
+    for epoch in range(2000):  # the shares follow the weights; index 1 (weight 0) never drawn
+        for d in ranks:
+            d.set_epoch(epoch)
+            np.add.at(counts, list(d), 1)
+    assert counts[1] == 0
+    np.testing.assert_allclose(counts / counts.sum(), [0.1, 0.0, 0.3, 0.6], atol=0.02)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        WeightedDraw([0.0, 0.0], 1, 0, seed=0)
 
 
 def test_run_saves_the_resolved_weights(runs, data_dir):

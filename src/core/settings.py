@@ -140,6 +140,9 @@ class Settings:
     class_weights: str | tuple[float, ...] = setting(
         "default", "default (0 for 'other') | none | inverse | inverse_sqrt | num_classes numbers",
         choices=CLASS_WEIGHT_WORDS, low=0)
+    sample_rare: float = setting(0.0, "draw training patches with weight sum_c share_c / f_c ** this "
+                                 "(f_c: class c's share of the training pixels; 0: uniform, no replacement)",
+                                 low=0, high=1)
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", low=0, below=1)
     ema: float = setting(0.999, "EMA decay of the saved weights (0: off)", low=0, below=1)
     bn_recalibrate: int = setting(32, "training batches whose BatchNorm statistics replace the lagging "

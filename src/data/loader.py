@@ -47,6 +47,33 @@ class EpochSampler(Sampler):
         return len(self.sampler)
 
 
+class WeightedDraw:
+    """A DistributedSampler-like sampler (`set_epoch`, one shard per rank) that draws ceil(N / world) * world
+    indices with replacement, index i with probability weights[i] / sum: sample_rare's patch order. The
+    draws are a function of (seed, epoch) only, so a resumed run replays an epoch and every rank shares one
+    draw (rank r takes draws r, r + world, ...)."""
+
+    def __init__(self, weights: Sequence[float], num_replicas: int, rank: int, seed: int):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights.ndim != 1 or not len(self.weights) or not (self.weights >= 0).all() \
+                or not self.weights.sum() > 0:
+            raise ValueError("WeightedDraw: weights must be >= 0 with a positive sum")
+        self.world, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.per_rank = -(-len(self.weights) // num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator()
+        gen.manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.weights, self.per_rank * self.world, replacement=True, generator=gen)
+        return iter(draws[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     first = tensors[0]
     rows = rows_of(tensors)

@@ -19,7 +19,7 @@ from src.core.errors import ConfigError, DataError
 from src.core.runtime import Placement, derive_seed, seed_everything
 from src.core.settings import Settings
 from src.data.dataset import FlairDataset
-from src.data.loader import EpochSampler, build_loader
+from src.data.loader import EpochSampler, WeightedDraw, build_loader
 from src.training.validation import Domains
 
 
@@ -54,8 +54,11 @@ def build_data(cfg: Settings, train_df: pd.DataFrame, val_df: pd.DataFrame | Non
     rank, world = place.rank, place.world
     with as_setting_error():
         train_ds = FlairDataset(train_df, cfg, train=True, bad_log=bad_log)
-    sampler = EpochSampler(DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                              seed=cfg.seed))
+    if "draw_weight" in train_df:  # sample_rare (src.training.prepare.rare_patch_weights)
+        draw = WeightedDraw(train_df["draw_weight"].to_numpy(), world, rank, cfg.seed)
+    else:
+        draw = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler = EpochSampler(draw)
     gen = torch.Generator()
     gen.manual_seed(derive_seed(cfg.seed, rank, 1))  # worker seeds (nothing in a sample depends on them)
     train_loader = build_loader(train_ds, cfg, train=True, sampler=sampler, generator=gen, persistent=True)

@@ -39,6 +39,8 @@ def fold_inputs(cfg: Settings, fold: str) -> tuple[Settings, pd.DataFrame, pd.Da
                           "index a tree with its sen folders")
     # class_weights=inverse|inverse_sqrt -> 13 numbers from the training masks, before config.yaml is written
     cfg = resolve_knobs(cfg, train_df)
+    if cfg.sample_rare:  # before the pseudo-labelled rows: their masks are not in the histogram cache
+        train_df = train_df.assign(draw_weight=rare_patch_weights(cfg, train_df))
     train_df = add_pseudo_rows(cfg, fold, train_df, val_df)  # pseudo_dir: test patches, training rows only
     missing = missing_files(pd.concat([train_df, val_df]) if val_df is not None else train_df, cfg.use_s2)
     if missing:
@@ -96,6 +98,25 @@ def training_pixel_counts(data_dir: str | os.PathLike, train_df: pd.DataFrame, s
     hist = class_histograms(index, Path(data_dir) / CACHE_NAME)
     rows = hist[hist["id"].isin(set(train_df["id"].astype(str)))]
     return rows[HIST_COLS].to_numpy(dtype=np.int64).sum(0)
+
+
+def rare_patch_weights(cfg: Settings, train_df: pd.DataFrame) -> np.ndarray:
+    """sample_rare=p: each training patch's draw weight sum_c share_ic * f_c ** -p (share_ic: class c's share
+    of patch i's scored pixels, f_c: of the training split's), normalised to mean 1; the patch mostly made of
+    a class 10x rarer than another is drawn 10**p times as often. Why: a rare class (plowed land, ~3% of the
+    pixels) otherwise appears in a few crops per epoch, whatever its loss weight (BENCHMARKS.md, "Short
+    events")."""
+    hist = class_histograms(train_index(cfg.data_dir), Path(cfg.data_dir) / CACHE_NAME).set_index("id")
+    counts = np.nan_to_num(hist.reindex(train_df["id"].astype(str))[HIST_COLS].to_numpy(dtype=np.float64))
+    scored = np.arange(NUM_CLASSES) != OTHER
+    counts[:, ~scored] = 0
+    totals = counts.sum(axis=0)
+    share = totals / max(totals.sum(), 1)
+    rarity = np.where(totals > 0, np.where(totals > 0, share, 1.0) ** -cfg.sample_rare, 0.0)
+    pixels = counts.sum(axis=1)
+    weights = np.divide(counts @ rarity, pixels, out=np.zeros(len(counts)), where=pixels > 0)
+    weights[~(weights > 0)] = weights[weights > 0].mean() if (weights > 0).any() else 1.0
+    return weights / weights.mean()
 
 
 def resolve_knobs(cfg: Settings, train_df: pd.DataFrame) -> Settings:
