@@ -74,6 +74,7 @@ EVENT_VARIANTS = {name: RESEARCH + extra for name, extra in {
     "utt+ndvi+fill-all": ["s2_early=ndvi", "s2_cloud_pixels=fill", "s2_cover_max=1.0"],  # every date, filled
     "utt+ndvi+fill+plowed": ["s2_early=ndvi", "s2_cloud_pixels=fill", PLOWED_TOO],
     "utt+ndvi+fill+isqrt": ["s2_early=ndvi", "s2_cloud_pixels=fill", "class_weights=inverse_sqrt"],
+    "utt+ndvi+fill+rare": ["s2_early=ndvi", "s2_cloud_pixels=fill", "sample_rare=0.5"],  # patches by rarity
     "utt+fill": ["s2_early=none", "s2_cloud_pixels=fill"],
     "utt+fill+dates": ["s2_early=none", "s2_cloud_pixels=fill", "s2_monthly=false"],
 }.items()}
