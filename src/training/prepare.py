@@ -42,6 +42,8 @@ def fold_inputs(cfg: Settings, fold: str) -> tuple[Settings, pd.DataFrame, pd.Da
     if cfg.sample_rare:  # before the pseudo-labelled rows: their masks are not in the histogram cache
         train_df = train_df.assign(draw_weight=rare_patch_weights(cfg, train_df))
     train_df = add_pseudo_rows(cfg, fold, train_df, val_df)  # pseudo_dir: test patches, training rows only
+    if "draw_weight" in train_df:  # pseudo-labelled rows are drawn at the mean weight
+        train_df["draw_weight"] = train_df["draw_weight"].fillna(1.0)
     missing = missing_files(pd.concat([train_df, val_df]) if val_df is not None else train_df, cfg.use_s2)
     if missing:
         msg = (f"{len(missing)} files listed in {Path(cfg.data_dir) / 'index_train.csv'} are missing "
@@ -92,12 +94,17 @@ def training_pixel_counts(data_dir: str | os.PathLike, train_df: pd.DataFrame, s
     so asking for one fold would throw away the others'); the training rows are then summed. With skip_bad,
     rows whose mask file is missing are left out, as training skips them.
     """
+    return patch_counts(data_dir, train_df, skip_bad).to_numpy(dtype=np.int64).sum(0)
+
+
+def patch_counts(data_dir: str | os.PathLike, train_df: pd.DataFrame, skip_bad: bool) -> pd.DataFrame:
+    """Pixel counts of classes 0..12 (columns HIST_COLS) of each row of `train_df`, in its order, through
+    DATA/class_hist.csv (0 for a row it lacks: a mask skip_bad leaves out)."""
     index = train_index(data_dir)
     if skip_bad:
         index = index[[Path(p).is_file() for p in index["msk_path"].astype(str)]]
-    hist = class_histograms(index, Path(data_dir) / CACHE_NAME)
-    rows = hist[hist["id"].isin(set(train_df["id"].astype(str)))]
-    return rows[HIST_COLS].to_numpy(dtype=np.int64).sum(0)
+    hist = class_histograms(index, Path(data_dir) / CACHE_NAME).set_index("id")
+    return hist.reindex(train_df["id"].astype(str))[HIST_COLS].fillna(0)
 
 
 def rare_patch_weights(cfg: Settings, train_df: pd.DataFrame) -> np.ndarray:
@@ -106,8 +113,7 @@ def rare_patch_weights(cfg: Settings, train_df: pd.DataFrame) -> np.ndarray:
     a class 10x rarer than another is drawn 10**p times as often. Why: a rare class (plowed land, ~3% of the
     pixels) otherwise appears in a few crops per epoch, whatever its loss weight (BENCHMARKS.md, "Short
     events")."""
-    hist = class_histograms(train_index(cfg.data_dir), Path(cfg.data_dir) / CACHE_NAME).set_index("id")
-    counts = np.nan_to_num(hist.reindex(train_df["id"].astype(str))[HIST_COLS].to_numpy(dtype=np.float64))
+    counts = patch_counts(cfg.data_dir, train_df, cfg.skip_bad).to_numpy(dtype=np.float64, copy=True)
     scored = np.arange(NUM_CLASSES) != OTHER
     counts[:, ~scored] = 0
     totals = counts.sum(axis=0)
