@@ -38,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,8 @@ def fit_and_score(train_samples: list[dict], test_samples: list[dict], features:
     for s, pick in zip(train_samples, pixel_picks(train_samples, pixels, seed, features is not None)):
         xs.append(pixel_features(s, features)[pick])
         ys.append(s["mask"].numpy().reshape(-1)[pick])
+    # one warning per tree where the installed joblib and scikit-learn disagree on versions: harmless
+    warnings.filterwarnings("ignore", message=".*sklearn.utils.parallel.delayed.*")
     forest = RandomForestClassifier(n_estimators=trees, min_samples_leaf=2, n_jobs=-1, random_state=seed)
     forest.fit(np.concatenate(xs), np.concatenate(ys))
     conf = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), np.int64)

@@ -393,3 +393,10 @@ def test_cloud_pixels_fill_reads_real_files_with_pads(edge_tree):
             x, fill_days = s2_series(data, masks, products, centroid, replace(BASELINE, fill_clouds=True))
             np.testing.assert_array_equal(days, fill_days)
             np.testing.assert_array_equal(np.isnan(x), np.isnan(plain))
+
+
+def test_series_options_follow_the_settings():
+    from src.core.settings import Settings
+    from src.data.sentinel import SeriesOptions
+
+    assert not BASELINE.fill_clouds and SeriesOptions.of(Settings(s2_cloud_pixels="fill")).fill_clouds

@@ -378,21 +378,25 @@ def fill_cloudy(values: np.ndarray, clear: np.ndarray, days: np.ndarray) -> None
 
     Why (s2_cloud_pixels=fill, BENCHMARKS.md "Short events"): a kept date still holds the cloudy pixels of
     a window under the filter's cover limit; their NDVI falls to about 0 and fakes a harvest drop or a dip,
-    which hides the short events that tell agricultural land and plowed land apart."""
-    if clear.all():
+    which hides the short events that tell agricultural land and plowed land apart. Only the entries to fill
+    are computed (a few percent of a window's)."""
+    n = clear.shape[0]
+    flat = clear.reshape(n, -1)
+    t = np.arange(n)[:, None]
+    prev = np.maximum.accumulate(np.where(flat, t, -1), axis=0)
+    nxt = np.minimum.accumulate(np.where(flat, t, n)[::-1], axis=0)[::-1]
+    steps, pixels = np.nonzero(~flat & (prev[-1] >= 0))  # cloudy entries of pixels clear at least once
+    if not steps.size:
         return
-    t = np.arange(clear.shape[0])[:, None, None]
-    prev = np.maximum.accumulate(np.where(clear, t, -1), axis=0)
-    nxt = np.minimum.accumulate(np.where(clear, t, clear.shape[0])[::-1], axis=0)[::-1]
-    none = prev.max(axis=0) < 0  # never clear: keep as is
-    lo = np.where(prev < 0, nxt, prev)
-    hi = np.where(nxt >= clear.shape[0], lo, nxt)
-    lo[:, none], hi[:, none] = t[:, 0], t[:, 0]  # broadcast below keeps those pixels' own values
+    lo, hi = prev[steps, pixels], nxt[steps, pixels]
+    lo, hi = np.where(lo < 0, hi, lo), np.where(hi >= n, np.where(lo < 0, hi, lo), hi)
     span = days[hi] - days[lo]
-    w = np.divide(days[:, None, None] - days[lo], span, out=np.zeros(span.shape), where=span > 0)
-    a = np.take_along_axis(values, lo[:, None], axis=0)
-    b = np.take_along_axis(values, hi[:, None], axis=0)
-    values[...] = a + (b - a) * w[:, None].astype(np.float32)
+    w = np.divide(days[steps] - days[lo], span, out=np.zeros(span.shape), where=span > 0).astype(np.float32)
+    if not values.flags.c_contiguous:  # the reshape below must be a view to write in place
+        raise ValueError("fill_cloudy: values must be C-contiguous")
+    v = values.reshape(n, values.shape[1], -1)
+    a, b = v[lo, :, pixels], v[hi, :, pixels]  # (K, C)
+    v[steps, :, pixels] = a + (b - a) * w[:, None]
 
 
 def monthly_means(crop: np.ndarray | KeptWindows, month_key: np.ndarray, clear: np.ndarray | None = None
@@ -428,10 +432,16 @@ def clear_means(crop: np.ndarray | KeptWindows, groups: Iterable[tuple[np.ndarra
     which pixels had a clear date in each group."""
     found = []
     for acc, a, b in groups:
+        if clear[a:b].all():  # the usual case: the plain mean, as without `clear`
+            acc[...] = crop[a]
+            for t in range(a + 1, b):
+                np.add(acc, crop[t], out=acc, dtype=np.float32)
+            acc /= np.float32(b - a)
+            found.append(clear[a])
+            continue
         weights = clear[a:b].astype(np.float32)
         count = weights.sum(axis=0)
-        block = np.asarray(crop[a] if b - a == 1 else np.stack([crop[t] for t in range(a, b)]), np.float32)
-        block = block.reshape(b - a, *acc.shape)
+        block = np.stack([np.asarray(crop[t], np.float32) for t in range(a, b)])
         plain = block.mean(axis=0)
         acc[...] = np.divide((block * weights[:, None]).sum(axis=0), count, out=plain, where=count > 0)
         found.append(count > 0)
