@@ -66,17 +66,17 @@ VARIANTS = {  # name: settings on top of configs/demo.yaml (explicit, so they ou
 # Issue 28: the events set (phenology=events, 4 patches per zone) at the research budget: crop 256, 30 epochs,
 # validation once at the end, S2 head weight 0.5 (the demo's 2.0 is for 84 steps).
 RESEARCH = ["crop_size=256", "epochs=30", "val_every=30", "s2_aux_weight=0.5"]
+FILL20 = ["s2_cloud_pixels=fill", "s2_prob_min=20"]
 EVENT_VARIANTS = {name: RESEARCH + extra for name, extra in {
     "aerial": ["fusion=none", "use_s2=false"],
     "utt+ndvi": ["s2_early=ndvi"],                                    # the demo's model, official S2 reading
+    # FILL20: cloudy pixels (probability >= 20, which also counts for the date filter) filled per pixel
+    "utt+ndvi+fill20": ["s2_early=ndvi", *FILL20],
+    "utt+ndvi+fill20+isqrt": ["s2_early=ndvi", *FILL20, "class_weights=inverse_sqrt"],  # both heads
+    "utt+ndvi+fill20+rare": ["s2_early=ndvi", *FILL20, "sample_rare=0.5"],  # patches drawn by rarity
     "utt+ndvi+strict": ["s2_early=ndvi", "s2_cover_max=0.05"],        # only dates with < 5% of cover
-    "utt+ndvi+fill": ["s2_early=ndvi", "s2_cloud_pixels=fill"],       # cloudy pixels filled per pixel
-    "utt+ndvi+fill-all": ["s2_early=ndvi", "s2_cloud_pixels=fill", "s2_cover_max=1.0"],  # every date, filled
-    "utt+ndvi+fill+plowed": ["s2_early=ndvi", "s2_cloud_pixels=fill", PLOWED_TOO],
-    "utt+ndvi+fill+isqrt": ["s2_early=ndvi", "s2_cloud_pixels=fill", "class_weights=inverse_sqrt"],
-    "utt+ndvi+fill+rare": ["s2_early=ndvi", "s2_cloud_pixels=fill", "sample_rare=0.5"],  # patches by rarity
-    "utt+fill": ["s2_early=none", "s2_cloud_pixels=fill"],
-    "utt+fill+dates": ["s2_early=none", "s2_cloud_pixels=fill", "s2_monthly=false"],
+    "utt+ndvi+fill20+plowed": ["s2_early=ndvi", *FILL20, PLOWED_TOO],
+    "utt+fill20+dates": ["s2_early=none", *FILL20, "s2_monthly=false"],
 }.items()}
 S2_ONLY = (9, 10)  # herbaceous vegetation, agricultural land: identical in the synthetic aerial bands
 FOCUS = (3, 8, 9, 10, 11)  # bare soil, vineyard, herbaceous, agricultural, plowed: what S2 should help
