@@ -15,7 +15,6 @@ import datetime as dt
 import functools
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -350,7 +349,7 @@ def series_of_crop(crop: np.ndarray | KeptWindows, plan: SeriesPlan, opts: Serie
         values, starts, clear = monthly_means(crop, month_key, clear)
         out_dates = [dt.date(int(k) // 12, int(k) % 12 + 1, 15) for k in month_key[starts]]
     else:
-        values = np.asarray(crop).astype(np.float32, copy=True if clear is not None else False)
+        values = np.asarray(crop).astype(np.float32, copy=clear is not None)  # filled in place below
         out_dates = kept_dates
     if clear is not None:
         fill_cloudy(values, clear, np.array([d.toordinal() for d in out_dates], dtype=np.float64))
@@ -389,7 +388,8 @@ def fill_cloudy(values: np.ndarray, clear: np.ndarray, days: np.ndarray) -> None
     if not steps.size:
         return
     lo, hi = prev[steps, pixels], nxt[steps, pixels]
-    lo, hi = np.where(lo < 0, hi, lo), np.where(hi >= n, np.where(lo < 0, hi, lo), hi)
+    lo = np.where(lo < 0, hi, lo)  # before the first clear step: the first
+    hi = np.where(hi >= n, lo, hi)  # after the last: the last
     span = days[hi] - days[lo]
     w = np.divide(days[steps] - days[lo], span, out=np.zeros(span.shape), where=span > 0).astype(np.float32)
     if not values.flags.c_contiguous:  # the reshape below must be a view to write in place
@@ -414,38 +414,31 @@ def monthly_means(crop: np.ndarray | KeptWindows, month_key: np.ndarray, clear: 
     bounds = (np.flatnonzero(month_key[1:] != month_key[:-1]) + 1).tolist()
     starts, ends = np.array([0, *bounds]), [*bounds, month_key.size]
     out = np.empty((starts.size, *crop[0].shape), dtype=np.float32)
-    if clear is not None:
-        return out, starts, clear_means(crop, zip(out, starts, ends), clear)
+    found = []
     for acc, a, b in zip(out, starts, ends):
-        acc[...] = crop[a]
+        if clear is not None and not clear[a:b].all():
+            found.append(clear_mean(acc, crop, a, b, clear[a:b]))
+            continue
+        acc[...] = crop[a]  # every pixel clear (the usual case) or no `clear`: the plain mean
         for t in range(a + 1, b):
             np.add(acc, crop[t], out=acc, dtype=np.float32)
         if b - a > 1:
             acc /= np.float32(b - a)
-    return out, starts, None
-
-
-def clear_means(crop: np.ndarray | KeptWindows, groups: Iterable[tuple[np.ndarray, int, int]],
-                clear: np.ndarray) -> np.ndarray:
-    """Fill each (accumulator (C, h, w), first, stop) of `groups` with the per-pixel mean of crop[first:stop]
-    over the dates where the pixel is `clear` (the plain mean where it is clear on none); (M, h, w) bool:
-    which pixels had a clear date in each group."""
-    found = []
-    for acc, a, b in groups:
-        if clear[a:b].all():  # the usual case: the plain mean, as without `clear`
-            acc[...] = crop[a]
-            for t in range(a + 1, b):
-                np.add(acc, crop[t], out=acc, dtype=np.float32)
-            acc /= np.float32(b - a)
+        if clear is not None:
             found.append(clear[a])
-            continue
-        weights = clear[a:b].astype(np.float32)
-        count = weights.sum(axis=0)
-        block = np.stack([np.asarray(crop[t], np.float32) for t in range(a, b)])
-        plain = block.mean(axis=0)
-        acc[...] = np.divide((block * weights[:, None]).sum(axis=0), count, out=plain, where=count > 0)
-        found.append(count > 0)
-    return np.stack(found)
+    return out, starts, np.stack(found) if clear is not None else None
+
+
+def clear_mean(acc: np.ndarray, crop: np.ndarray | KeptWindows, a: int, b: int, clear: np.ndarray
+               ) -> np.ndarray:
+    """Write into `acc` (C, h, w) the per-pixel mean of crop[a:b] over the dates where the pixel is `clear`
+    (b - a, h, w), the plain mean where it is clear on none; (h, w) bool: which pixels had a clear date."""
+    weights = clear.astype(np.float32)
+    count = weights.sum(axis=0)
+    block = np.stack([np.asarray(crop[t], np.float32) for t in range(a, b)])
+    plain = block.mean(axis=0)
+    acc[...] = np.divide((block * weights[:, None]).sum(axis=0), count, out=plain, where=count > 0)
+    return count > 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -114,14 +114,13 @@ def rare_patch_weights(cfg: Settings, train_df: pd.DataFrame) -> np.ndarray:
     pixels) otherwise appears in a few crops per epoch, whatever its loss weight (BENCHMARKS.md, "Short
     events")."""
     counts = patch_counts(cfg.data_dir, train_df, cfg.skip_bad).to_numpy(dtype=np.float64, copy=True)
-    scored = np.arange(NUM_CLASSES) != OTHER
-    counts[:, ~scored] = 0
-    totals = counts.sum(axis=0)
-    share = totals / max(totals.sum(), 1)
-    rarity = np.where(totals > 0, np.where(totals > 0, share, 1.0) ** -cfg.sample_rare, 0.0)
+    counts[:, OTHER] = 0
+    if not counts.any():
+        return np.ones(len(counts))
+    rarity = np.asarray(inverse_frequency_weights(counts.sum(axis=0), cfg.sample_rare))  # f_c ** -p
     pixels = counts.sum(axis=1)
     weights = np.divide(counts @ rarity, pixels, out=np.zeros(len(counts)), where=pixels > 0)
-    weights[~(weights > 0)] = weights[weights > 0].mean() if (weights > 0).any() else 1.0
+    weights[~(weights > 0)] = weights[weights > 0].mean()
     return weights / weights.mean()
 
 
